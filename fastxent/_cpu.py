@@ -1,0 +1,225 @@
+"""The CPU backend: brings NumPy arrays to the kernels' row form and back.
+
+Each function takes a checked spec from ``_validate`` and the caller's
+arrays, runs a kernel from ``_cpu_kernels`` and returns NumPy results. The
+functions of ``_cuda`` have the same names and signatures.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _cpu_kernels as K
+from ._validate import (BCESpec, ClassProblem, CrossEntropySpec, check_targets,
+                        finish_loss)
+
+# Row forms: ROWS is (rows, C), a view when the class axis can be moved
+# last without copying; SLABS is (outer, C, inner), a view of any C-ordered
+# array, used for PyTorch's (N, C, d1, ...) layout.
+ROWS, SLABS = 2, 3
+
+
+def _try_view(a, shape):
+    """``a`` reshaped without copying, or None where that needs a copy."""
+    view = a.view()
+    try:
+        view.shape = shape
+    except AttributeError:
+        return None
+    return view
+
+
+def _form_shape(problem: ClassProblem, form: int) -> tuple:
+    if form == ROWS:
+        return (problem.n_rows, problem.n_classes)
+    return (problem.outer, problem.n_classes, problem.inner)
+
+
+def _as_form(a, problem: ClassProblem, form: int):
+    """A view of ``a`` in the given row form, or None."""
+    if form == ROWS:
+        return _try_view(np.moveaxis(a, problem.axis, -1), _form_shape(problem, ROWS))
+    return _try_view(a, _form_shape(problem, SLABS))
+
+
+def _from_form(rows, problem: ClassProblem, form: int):
+    """The caller's view (the input's shape) of an array in row form."""
+    if form == SLABS:
+        return rows.reshape(problem.shape)
+    moved = problem.batch_shape + (problem.n_classes,)
+    return np.moveaxis(rows.reshape(moved), -1, problem.axis)
+
+
+def rows_of(a, problem: ClassProblem, form: int | None = None):
+    """(array in row form, form): a view where possible, else a copy.
+
+    Strided 2-D views (slices, transposes) are read in place: the kernels
+    take strides, and contiguous rows take the vectorized path.
+    """
+    forms = (ROWS, SLABS) if form is None else (form,)
+    for f in forms:
+        view = _as_form(a, problem, f)
+        if view is not None:
+            return view, f
+    f = forms[0]
+    if f == ROWS:
+        return np.ascontiguousarray(np.moveaxis(a, problem.axis, -1)).reshape(
+            _form_shape(problem, ROWS)), f
+    return np.ascontiguousarray(a).reshape(_form_shape(problem, SLABS)), f
+
+
+def _same_view(a, b) -> bool:
+    return (a.shape == b.shape and a.strides == b.strides
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
+
+
+class _Output:
+    """Where a kernel writes a result the size of the input.
+
+    ``dest`` None: a new array. Otherwise the caller's array (``out=`` or the
+    logits for ``inplace=True``): written directly when it has the row form
+    and overlaps no input, else through a temporary copied in at the end, so
+    a result never overwrites an input it still has to read.
+    """
+
+    def __init__(self, dest, x_rows, problem, form, inputs):
+        self.dest, self.problem, self.form = dest, problem, form
+        self.inplace = False
+        self.rows = None
+        if dest is not None:
+            view = _as_form(dest, problem, form)
+            if view is not None and _same_view(view, x_rows):
+                self.rows, self.inplace = view, True
+            elif view is not None and not any(np.may_share_memory(dest, a) for a in inputs
+                                              if isinstance(a, np.ndarray)):
+                self.rows = view
+        self.copy_back = dest is not None and self.rows is None
+        if self.rows is None:
+            self.rows = np.empty(_form_shape(problem, form), dtype=problem.dtype)
+
+    def result(self):
+        if self.dest is None:
+            return _from_form(self.rows, self.problem, self.form)
+        if self.copy_back:
+            np.copyto(self.dest, _from_form(self.rows, self.problem, self.form))
+        return self.dest
+
+
+def _hard_targets(spec: CrossEntropySpec, target, w):
+    """Targets as a flat int64 array, checked; and the mean's denominator."""
+    y = np.ascontiguousarray(target, dtype=np.int64).reshape(-1)
+    bad, denominator = K.scan_hard_targets(y, spec.problem.n_classes, spec.ignore_index, w)
+    check_targets(bad, y, spec.problem, spec.ignore_index)
+    return y, denominator
+
+
+def _weight(weight, dtype):
+    return None if weight is None else np.ascontiguousarray(weight, dtype=dtype)
+
+
+def _reduce(losses, denominator, spec_reduction, problem: ClassProblem):
+    if spec_reduction == "none":
+        return losses.astype(problem.dtype).reshape(problem.batch_shape)
+    # numpy's pairwise sum of the row losses: a fixed order, whatever the
+    # number of threads that computed them.
+    return finish_loss(losses.sum(), denominator, spec_reduction, problem.dtype)
+
+
+def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
+    """Loss, and the gradient when ``grad`` is not None.
+
+    ``grad``: None (loss only), ``"new"`` (a new array), or an array to
+    write the gradient into (``out=``, or the logits themselves).
+    """
+    problem = spec.problem
+    x = np.asarray(logits, dtype=problem.dtype)
+    x_rows, form = rows_of(x, problem)
+    w = _weight(weight, problem.dtype)
+    wsum = float(problem.n_classes) if w is None else float(w.sum(dtype=np.float64))
+    if spec.soft:
+        q_rows, _ = rows_of(np.asarray(target, dtype=problem.dtype), problem, form)
+        denominator = float(problem.n_rows)
+    else:
+        y, denominator = _hard_targets(spec, target, w)
+    scale = 1.0 / denominator if spec.reduction == "mean" and denominator != 0 else 1.0
+    out = None
+    g_rows, inplace = None, False
+    if grad is not None:
+        out = _Output(None if isinstance(grad, str) else grad, x_rows, problem, form,
+                      (x, target, weight))
+        g_rows, inplace = out.rows, out.inplace
+    losses = np.empty(problem.n_rows)
+    inner = problem.inner if form == SLABS else 1
+    if spec.soft:
+        K.ce_soft(x_rows, q_rows, w, spec.smoothing, scale, g_rows, inplace, losses, inner)
+    else:
+        K.ce_hard(x_rows, y, w, wsum, spec.ignore_index, spec.smoothing, scale, g_rows, inplace,
+                  losses, inner)
+    loss = _reduce(losses, denominator, spec.reduction, problem)
+    return loss, (None if out is None else out.result())
+
+
+def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
+    problem = spec.problem
+    lp = np.asarray(log_probs, dtype=problem.dtype)
+    lp_rows, form = rows_of(lp, problem)
+    w = _weight(weight, problem.dtype)
+    y, denominator = _hard_targets(spec, target, w)
+    losses = np.empty(problem.n_rows)
+    K.nll(lp_rows, y, w, spec.ignore_index, losses, problem.inner if form == SLABS else 1)
+    return _reduce(losses, denominator, spec.reduction, problem)
+
+
+def softmax(problem: ClassProblem, x, out, log: bool):
+    x = np.asarray(x, dtype=problem.dtype)
+    x_rows, form = rows_of(x, problem)
+    result = _Output(out, x_rows, problem, form, (x,))
+    K.softmax(x_rows, result.rows, result.inplace, problem.n_rows,
+              problem.inner if form == SLABS else 1, log)
+    return result.result()
+
+
+def logsumexp(problem: ClassProblem, x):
+    x = np.asarray(x, dtype=problem.dtype)
+    if problem.n_classes == 0:
+        return np.full(problem.batch_shape, -np.inf, dtype=problem.dtype)
+    x_rows, form = rows_of(x, problem)
+    out = np.empty(problem.n_rows, dtype=problem.dtype)
+    K.logsumexp(x_rows, out, problem.inner if form == SLABS else 1)
+    return out.reshape(problem.batch_shape)
+
+
+def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
+    """Elementwise BCE, seen as rows of the last axis; gradient as in
+    ``cross_entropy`` (``grad`` None, ``"new"`` or an array)."""
+    shape, dtype = spec.shape, spec.dtype
+    # A 0-d input is one row of one element.
+    problem = ClassProblem(shape or (1,), len(shape or (1,)) - 1, dtype)
+    x = np.asarray(logits, dtype=dtype).reshape(problem.shape)
+    x2, _ = rows_of(x, problem, ROWS)
+
+    def operand(a):
+        if a is None:
+            return None
+        a = np.broadcast_to(np.asarray(a, dtype=dtype), shape).reshape(problem.shape)
+        return rows_of(a, problem, ROWS)[0]
+
+    t2, w2, pw2 = operand(target), operand(weight), operand(pos_weight)
+    n = x2.size
+    scale = 1.0 / n if spec.reduction == "mean" and n else 1.0
+    out = None
+    g2 = None
+    if grad is not None:
+        dest = None if isinstance(grad, str) else grad.reshape(problem.shape)
+        out = _Output(dest, x2, problem, ROWS, (x, target, weight, pos_weight))
+        g2 = out.rows
+    elements = np.empty(x2.shape, dtype=dtype) if spec.reduction == "none" else None
+    losses = np.empty(x2.shape[0])
+    K.bce(x2, t2, w2, pw2, scale, g2, elements, out is not None and out.inplace, losses)
+    if spec.reduction == "none":
+        loss = elements.reshape(shape)
+    else:
+        loss = finish_loss(losses.sum(), n, spec.reduction, dtype)
+    if out is None:
+        return loss, None
+    return loss, (grad if not isinstance(grad, str) else out.result().reshape(shape))

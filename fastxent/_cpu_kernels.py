@@ -1,0 +1,481 @@
+"""CPU kernels: Numba loops over rows, one fused pass per row.
+
+Every kernel works on the canonical problem built by ``_validate``: the
+logits as a 2-D array ``(rows, C)`` (the class axis is the last one) or a 3-D
+array ``(A, C, B)`` (the class axis is in the middle, as in PyTorch's
+``(N, C, d1, ...)`` layout; row ``r`` is ``x[r // B, :, r % B]``). ``_row``
+hides the difference, so each kernel is written once.
+
+A row routine computes, for one row, the max shift, the log-sum-exp, the loss
+and (when given somewhere to write it) the gradient. The exponentials are
+computed once: they are written into the gradient row, which stays in cache,
+and scaled there in a second sweep. Gradients may be written over the logits
+(``g is x``): each element is read before it is written.
+
+Losses of the rows are returned in float64 and summed by the caller in a
+fixed order, so results do not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import types as pytypes
+
+import numba
+import numpy as np
+from numba import prange, types
+from numba.extending import overload
+
+from ._fastmath import FASTMATH, fast_exp, fast_log, maximum
+
+_JIT_OPTIONS = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
+
+
+def _jit(fn):
+    """Compile a helper with the project's options (inlined into kernels)."""
+    return numba.njit(**_JIT_OPTIONS)(fn)
+
+
+def _row(a, r, inner):
+    """Row ``r`` of a canonical 2-D ``(rows, C)`` or 3-D ``(A, C, B)`` array."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_row, jit_options=_JIT_OPTIONS)
+def _row_impl(a, r, inner):
+    if isinstance(a, types.Array) and a.ndim == 2:
+        return lambda a, r, inner: a[r]
+    if isinstance(a, types.Array) and a.ndim == 3:
+        return lambda a, r, inner: a[r // inner, :, r % inner]
+    return None
+
+
+def _cast_like(value, like):
+    """``value`` converted to the float type of ``like`` (an array or a scalar)."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_cast_like, jit_options=_JIT_OPTIONS)
+def _cast_like_impl(value, like):
+    if getattr(like, "dtype", like) == types.float32:
+        return lambda value, like: np.float32(value)
+    return lambda value, like: np.float64(value)
+
+
+# --------------------------------------------------------------------------
+# Row routines
+
+
+# Loop shapes that LLVM vectorizes: every loop counts from 0 over one row
+# (or a slice of it); a loop that reads one argument and writes another is
+# not used when both may be the same buffer (LLVM's overlap check would fail
+# and run it one element at a time), so rows are first copied into the
+# gradient and then worked on in place. Sums are kept in the row's float
+# type within blocks of _BLOCK elements (vector lanes of at most a few dozen
+# terms) and in float64 across blocks: float64 lanes all along would halve
+# the vector width of the exp loop.
+_BLOCK = 512
+
+
+@_jit
+def _row_max(x):
+    """Maximum of a row; NaN if the row holds a NaN."""
+    m = x[0]
+    for c in range(1, x.shape[0]):
+        m = maximum(m, x[c])
+    return m
+
+
+@_jit
+def _copy_row_max(x, g):
+    """``_row_max`` that also copies the row into ``g``."""
+    m = x[0]
+    for c in range(x.shape[0]):
+        xc = x[c]
+        g[c] = xc
+        m = maximum(m, xc)
+    return m
+
+
+@_jit
+def _dot(x, w):
+    """sum(w * x) in float64, or sum(x) when ``w`` is None."""
+    total = 0.0
+    n = x.shape[0]
+    for b0 in range(0, n, _BLOCK):
+        xb = x[b0:b0 + _BLOCK]
+        part = _cast_like(0.0, x)
+        if w is None:
+            for c in range(xb.shape[0]):
+                part += xb[c]
+        else:
+            wb = w[b0:b0 + _BLOCK]
+            for c in range(xb.shape[0]):
+                part += wb[c] * xb[c]
+        total += part
+    return total
+
+
+@_jit
+def _exp_sum(x, m):
+    """sum(exp(x - m)) in float64; ``x`` is not written."""
+    total = 0.0
+    n = x.shape[0]
+    for b0 in range(0, n, _BLOCK):
+        xb = x[b0:b0 + _BLOCK]
+        part = _cast_like(0.0, x)
+        for c in range(xb.shape[0]):
+            part += fast_exp(xb[c] - m)
+        total += part
+    return total
+
+
+@_jit
+def _exp_sum_inplace(g, m):
+    """g <- exp(g - m); returns the sum in float64."""
+    total = 0.0
+    n = g.shape[0]
+    for b0 in range(0, n, _BLOCK):
+        gb = g[b0:b0 + _BLOCK]
+        part = _cast_like(0.0, g)
+        for c in range(gb.shape[0]):
+            e = fast_exp(gb[c] - m)
+            gb[c] = e
+            part += e
+        total += part
+    return total
+
+
+@_jit
+def _exp_pass(x, g, inplace):
+    """(max, sum of exp(x - max)) of a row; exponentials left in ``g``.
+
+    ``g`` None: forward only, nothing is written. ``inplace``: ``g`` is ``x``.
+    Otherwise the row is copied into ``g`` during the max sweep.
+    """
+    if g is None:
+        m = _row_max(x)
+        return m, _exp_sum(x, m)
+    if inplace:
+        m = _row_max(g)
+    else:
+        m = _copy_row_max(x, g)
+    return m, _exp_sum_inplace(g, m)
+
+
+@_jit
+def _scale_minus(g, k1, k2, w):
+    """g <- g * k1 - k2 * w  (``- k2`` when ``w`` is None)."""
+    if w is None:
+        for c in range(g.shape[0]):
+            g[c] = g[c] * k1 - k2
+    else:
+        for c in range(g.shape[0]):
+            g[c] = g[c] * k1 - k2 * w[c]
+
+
+@_jit
+def _ce_hard_row(x, g, inplace, t, w, wsum, smooth, scale):
+    """Cross-entropy of one row against class ``t``; gradient into ``g``.
+
+    loss = (1-eps) w_t (lse - x_t) + eps/C (W lse - sum_c w_c x_c)
+    grad = scale * (p_c ((1-eps) w_t + eps W/C) - eps w_c/C - (1-eps) w_t [c=t])
+    with W = sum of the weights (C without weights), as in PyTorch.
+    """
+    C = x.shape[0]
+    xt = np.float64(x[t])
+    # Read before the gradient overwrites the row (in place).
+    sx = _dot(x, w) if smooth > 0.0 else 0.0
+    m, s = _exp_pass(x, g, inplace)
+    lse = m + np.log(s)
+    wt = 1.0 if w is None else np.float64(w[t])
+    loss = (1.0 - smooth) * wt * (lse - xt)
+    if smooth > 0.0:
+        loss += smooth / C * (wsum * lse - sx)
+    if g is not None:
+        k1 = _cast_like(scale * ((1.0 - smooth) * wt + smooth * wsum / C) / s, g)
+        k2 = _cast_like(scale * smooth / C, g)
+        _scale_minus(g, k1, k2, w)
+        g[t] = g[t] - scale * (1.0 - smooth) * wt
+    return loss
+
+
+@_jit
+def _soft_sums(x, q, w, keep, uniform):
+    """(sum q'_c, sum q'_c x_c) with q' = keep * q + uniform (times w)."""
+    total = 0.0
+    qx = 0.0
+    n = x.shape[0]
+    for b0 in range(0, n, _BLOCK):
+        xb = x[b0:b0 + _BLOCK]
+        qb = q[b0:b0 + _BLOCK]
+        part_q = _cast_like(0.0, x)
+        part_qx = _cast_like(0.0, x)
+        if w is None:
+            for c in range(xb.shape[0]):
+                qc = keep * qb[c] + uniform
+                part_q += qc
+                part_qx += qc * xb[c]
+        else:
+            wb = w[b0:b0 + _BLOCK]
+            for c in range(xb.shape[0]):
+                qc = (keep * qb[c] + uniform) * wb[c]
+                part_q += qc
+                part_qx += qc * xb[c]
+        total += part_q
+        qx += part_qx
+    return total, qx
+
+
+@_jit
+def _ce_soft_row(x, g, inplace, q, w, smooth, scale):
+    """Cross-entropy of one row against class probabilities ``q``.
+
+    With q'_c = (1-eps) q_c + eps/C (times w_c with weights) and S = sum q'_c:
+    loss = S lse - sum_c q'_c x_c,  grad = scale * (S p_c - q'_c).
+    """
+    C = x.shape[0]
+    keep = _cast_like(1.0 - smooth, x)
+    uniform = _cast_like(smooth / C, x)
+    total, qx = _soft_sums(x, q, w, keep, uniform)
+    m, s = _exp_pass(x, g, inplace)
+    lse = m + np.log(s)
+    if g is not None:
+        k1 = _cast_like(scale * total / s, g)
+        keep_s = _cast_like(scale * (1.0 - smooth), g)
+        uniform_s = _cast_like(scale * smooth / C, g)
+        if w is None:
+            for c in range(C):
+                g[c] = g[c] * k1 - (keep_s * q[c] + uniform_s)
+        else:
+            for c in range(C):
+                g[c] = g[c] * k1 - (keep_s * q[c] + uniform_s) * w[c]
+    return total * lse - qx
+
+
+# --------------------------------------------------------------------------
+# Kernels over rows. Each is compiled twice (parallel and serial, see
+# ``_Kernel``); ``prange`` is a plain ``range`` in the serial one.
+
+
+def _ce_hard(x, y, w, wsum, ignore_index, smooth, scale, g, inplace, losses, inner):
+    for r in prange(losses.shape[0]):
+        t = y[r]
+        if t == ignore_index:
+            losses[r] = 0.0
+            if g is not None:
+                gr = _row(g, r, inner)
+                for c in range(gr.shape[0]):
+                    gr[c] = 0.0
+        elif g is None:
+            losses[r] = _ce_hard_row(_row(x, r, inner), None, False, t, w, wsum, smooth,
+                                     scale)
+        else:
+            losses[r] = _ce_hard_row(_row(x, r, inner), _row(g, r, inner), inplace, t, w,
+                                     wsum, smooth, scale)
+
+
+def _ce_soft(x, q, w, smooth, scale, g, inplace, losses, inner):
+    for r in prange(losses.shape[0]):
+        if g is None:
+            losses[r] = _ce_soft_row(_row(x, r, inner), None, False, _row(q, r, inner), w,
+                                     smooth, scale)
+        else:
+            losses[r] = _ce_soft_row(_row(x, r, inner), _row(g, r, inner), inplace,
+                                     _row(q, r, inner), w, smooth, scale)
+
+
+def _nll(lp, y, w, ignore_index, losses, inner):
+    for r in prange(losses.shape[0]):
+        t = y[r]
+        if t == ignore_index:
+            losses[r] = 0.0
+        elif w is None:
+            losses[r] = -np.float64(_row(lp, r, inner)[t])
+        else:
+            losses[r] = -np.float64(w[t]) * _row(lp, r, inner)[t]
+
+
+def _softmax(x, out, inplace, n_rows, inner, log):
+    for r in prange(n_rows):
+        o = _row(out, r, inner)
+        if log:
+            # o <- (x - m) - log(sum exp(x - m)), as torch.log_softmax
+            xr = o if inplace else _row(x, r, inner)
+            m = _row_max(xr)
+            log_s = _cast_like(np.log(_exp_sum(xr, m)), o)
+            if inplace:
+                for c in range(o.shape[0]):
+                    o[c] = (o[c] - m) - log_s
+            else:
+                for c in range(o.shape[0]):
+                    o[c] = (xr[c] - m) - log_s
+        else:
+            m, s = _exp_pass(_row(x, r, inner), o, inplace)
+            inv_s = _cast_like(1.0 / s, o)
+            for c in range(o.shape[0]):
+                o[c] = o[c] * inv_s
+
+
+def _logsumexp(x, out, inner):
+    for r in prange(out.shape[0]):
+        xr = _row(x, r, inner)
+        m = _row_max(xr)
+        # As torch.logsumexp: an infinite max is not subtracted, so that rows
+        # of -inf give -inf and rows holding +inf give +inf (not NaN).
+        if np.isinf(m):
+            m = _cast_like(0.0, xr)
+        out[r] = m + np.log(_exp_sum(xr, m))
+
+
+@_jit
+def _bce_element(xc, tc, w, pw, c):
+    """(loss, gradient) of binary cross-entropy with logits for one element.
+
+    loss = (1 - t) x - l log_sigmoid(x),  l = 1 + (pos_weight - 1) t,
+    grad = l sigmoid(x) - l + 1 - t, both times the weight (PyTorch's
+    formula). Constants in the logits' type keep float32 math in float32.
+    """
+    zero = _cast_like(0.0, tc)
+    one = _cast_like(1.0, tc)
+    e = fast_exp(-np.abs(xc))
+    u = one + e
+    # log1p(e) from log(1 + e): the factor corrects the rounding of 1 + e
+    # (and is exact where u == 1).
+    log1p_e = e if u == one else fast_log(u) * (e / (u - one))
+    log_sigmoid = (xc if xc < zero else zero) - log1p_e
+    lw = one
+    if pw is not None:
+        lw = one + (pw[c] - one) * tc
+    loss = (one - tc) * xc - lw * log_sigmoid
+    sig = one / u if xc >= zero else e / u
+    grad = lw * sig - lw + one - tc
+    if w is not None:
+        loss = loss * w[c]
+        grad = grad * w[c]
+    return loss, grad
+
+
+@_jit
+def _bce_block(x, t, w, pw, scale, g, out):
+    """BCE over one block; returns the loss sum in the logits' type."""
+    part = _cast_like(0.0, t)
+    for c in range(t.shape[0]):
+        loss, grad = _bce_element(x[c], t[c], w, pw, c)
+        if out is not None:
+            out[c] = loss
+        part += loss
+        if g is not None:
+            g[c] = grad * scale
+    return part
+
+
+@_jit
+def _bce_block_inplace(g, t, w, pw, scale, out):
+    """``_bce_block`` with the gradient written over the logits in ``g``.
+
+    Reading and writing one array keeps the loop vectorizable, where two
+    arguments that happen to be the same buffer would not be.
+    """
+    part = _cast_like(0.0, t)
+    for c in range(t.shape[0]):
+        loss, grad = _bce_element(g[c], t[c], w, pw, c)
+        if out is not None:
+            out[c] = loss
+        part += loss
+        g[c] = grad * scale
+    return part
+
+
+@_jit
+def _bce_row(x, t, w, pw, scale, g, out, inplace, r):
+    """Row ``r`` of BCE, in blocks summed in float64."""
+    acc = 0.0
+    n = t.shape[1]
+    scale = _cast_like(scale, t)
+    for b0 in range(0, n, _BLOCK):
+        b1 = b0 + _BLOCK
+        tb = t[r, b0:b1]
+        wb = None
+        if w is not None:
+            wb = w[r, b0:b1]
+        pwb = None
+        if pw is not None:
+            pwb = pw[r, b0:b1]
+        ob = None
+        if out is not None:
+            ob = out[r, b0:b1]
+        if g is None:
+            acc += _bce_block(x[r, b0:b1], tb, wb, pwb, scale, None, ob)
+        elif inplace:
+            acc += _bce_block_inplace(g[r, b0:b1], tb, wb, pwb, scale, ob)
+        else:
+            acc += _bce_block(x[r, b0:b1], tb, wb, pwb, scale, g[r, b0:b1], ob)
+    return acc
+
+
+def _bce(x, t, w, pw, scale, g, out, inplace, losses):
+    for r in prange(t.shape[0]):
+        losses[r] = _bce_row(x, t, w, pw, scale, g, out, inplace, r)
+
+
+@_jit
+def scan_hard_targets(y, n_classes, ignore_index, w):
+    """Check class indices; return (first bad position or -1, sum of weights).
+
+    The sum of ``w[t]`` over targets that are not ignored (their count without
+    weights) is the denominator of PyTorch's mean reduction.
+    """
+    total = 0.0
+    for r in range(y.shape[0]):
+        t = y[r]
+        if t == ignore_index:
+            continue
+        if t < 0 or t >= n_classes:
+            return r, total
+        if w is None:
+            total += 1.0
+        else:
+            total += w[t]
+    return -1, total
+
+
+# --------------------------------------------------------------------------
+# Parallel and serial variants
+
+
+class _Kernel:
+    """A kernel compiled parallel and serial; calls pick one safely.
+
+    Numba's default ``workqueue`` threading layer aborts the process when two
+    Python threads run parallel regions at once. One parallel call runs at a
+    time; a call that arrives meanwhile (another Python thread) runs the
+    serial variant, which releases the GIL and gives the same bits.
+    """
+
+    _lock = threading.Lock()
+
+    def __init__(self, fn):
+        self.parallel = numba.njit(parallel=True, **_JIT_OPTIONS)(fn)
+        # A distinct function object keeps the serial variant's cache entry
+        # apart from the parallel one's (Numba keys its cache by name).
+        serial_fn = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                         fn.__defaults__, fn.__closure__)
+        serial_fn.__qualname__ = fn.__qualname__ + "_serial"
+        self.serial = numba.njit(**_JIT_OPTIONS)(serial_fn)
+
+    def __call__(self, *args):
+        if numba.get_num_threads() > 1 and _Kernel._lock.acquire(blocking=False):
+            try:
+                return self.parallel(*args)
+            finally:
+                _Kernel._lock.release()
+        return self.serial(*args)
+
+
+ce_hard = _Kernel(_ce_hard)
+ce_soft = _Kernel(_ce_soft)
+nll = _Kernel(_nll)
+softmax = _Kernel(_softmax)
+logsumexp = _Kernel(_logsumexp)
+bce = _Kernel(_bce)
