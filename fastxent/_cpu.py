@@ -13,6 +13,10 @@ from . import _cpu_kernels as K
 from ._validate import (BCESpec, ClassProblem, CrossEntropySpec, check_targets,
                         finish_loss)
 
+#: Rows of at most this many classes take the buffered kernels (see
+#: ``_cpu_kernels``): per-row overheads dominate short rows.
+SHORT_ROW = 128
+
 # Row forms: ROWS is (rows, C), a view when the class axis can be moved
 # last without copying; SLABS is (outer, C, inner), a view of any C-ordered
 # array, used for PyTorch's (N, C, d1, ...) layout.
@@ -66,6 +70,12 @@ def rows_of(a, problem: ClassProblem, form: int | None = None):
         return np.ascontiguousarray(np.moveaxis(a, problem.axis, -1)).reshape(
             _form_shape(problem, ROWS)), f
     return np.ascontiguousarray(a).reshape(_form_shape(problem, SLABS)), f
+
+
+def _direct(x_rows, form) -> bool:
+    """Whether the direct kernels apply: long rows, contiguous along the classes."""
+    return (form == ROWS and x_rows.shape[1] > SHORT_ROW
+            and x_rows.strides[1] == x_rows.itemsize)
 
 
 def _same_view(a, b) -> bool:
@@ -150,11 +160,16 @@ def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
         g_rows, inplace = out.rows, out.inplace
     losses = np.empty(problem.n_rows)
     inner = problem.inner if form == SLABS else 1
-    if spec.soft:
+    if spec.soft and _direct(x_rows, form):
         K.ce_soft(x_rows, q_rows, w, spec.smoothing, scale, g_rows, inplace, losses, inner)
-    else:
+    elif spec.soft:
+        K.ce_soft_buffered(x_rows, q_rows, w, spec.smoothing, scale, g_rows, losses, inner)
+    elif _direct(x_rows, form):
         K.ce_hard(x_rows, y, w, wsum, spec.ignore_index, spec.smoothing, scale, g_rows, inplace,
                   losses, inner)
+    else:
+        K.ce_hard_buffered(x_rows, y, w, wsum, spec.ignore_index, spec.smoothing, scale, g_rows,
+                           losses, inner)
     loss = _reduce(losses, denominator, spec.reduction, problem)
     return loss, (None if out is None else out.result())
 
@@ -174,8 +189,11 @@ def softmax(problem: ClassProblem, x, out, log: bool):
     x = np.asarray(x, dtype=problem.dtype)
     x_rows, form = rows_of(x, problem)
     result = _Output(out, x_rows, problem, form, (x,))
-    K.softmax(x_rows, result.rows, result.inplace, problem.n_rows,
-              problem.inner if form == SLABS else 1, log)
+    inner = problem.inner if form == SLABS else 1
+    if _direct(x_rows, form):
+        K.softmax(x_rows, result.rows, result.inplace, problem.n_rows, inner, log)
+    else:
+        K.softmax_buffered(x_rows, result.rows, problem.n_rows, inner, log)
     return result.result()
 
 

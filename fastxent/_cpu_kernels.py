@@ -76,6 +76,9 @@ def _cast_like_impl(value, like):
 # the vector width of the exp loop.
 _BLOCK = 512
 
+#: Elements of the scratch buffer of the buffered kernels (fits in L1).
+_BUFFER = 4096
+
 
 @_jit
 def _row_max(x):
@@ -100,8 +103,17 @@ def _copy_row_max(x, g):
 @_jit
 def _dot(x, w):
     """sum(w * x) in float64, or sum(x) when ``w`` is None."""
-    total = 0.0
     n = x.shape[0]
+    if n <= _BLOCK:  # one block: no slicing
+        part = _cast_like(0.0, x)
+        if w is None:
+            for c in range(n):
+                part += x[c]
+        else:
+            for c in range(n):
+                part += w[c] * x[c]
+        return np.float64(part)
+    total = 0.0
     for b0 in range(0, n, _BLOCK):
         xb = x[b0:b0 + _BLOCK]
         part = _cast_like(0.0, x)
@@ -164,6 +176,12 @@ def _exp_pass(x, g, inplace):
 
 
 @_jit
+def _zero(g):
+    for c in range(g.shape[0]):
+        g[c] = 0.0
+
+
+@_jit
 def _scale_minus(g, k1, k2, w):
     """g <- g * k1 - k2 * w  (``- k2`` when ``w`` is None)."""
     if w is None:
@@ -175,28 +193,50 @@ def _scale_minus(g, k1, k2, w):
 
 
 @_jit
-def _ce_hard_row(x, g, inplace, t, w, wsum, smooth, scale):
-    """Cross-entropy of one row against class ``t``; gradient into ``g``.
+def _scale_minus_from(e, g, k1, k2, w):
+    """g <- e * k1 - k2 * w  (``- k2`` when ``w`` is None); ``e`` is not ``g``."""
+    if w is None:
+        for c in range(g.shape[0]):
+            g[c] = e[c] * k1 - k2
+    else:
+        for c in range(g.shape[0]):
+            g[c] = e[c] * k1 - k2 * w[c]
+
+
+@_jit
+def _hard_coeffs(lse, s, xt, t, w, wsum, sx, smooth, scale, C):
+    """Loss of a row and its gradient's coefficients, for class target ``t``.
 
     loss = (1-eps) w_t (lse - x_t) + eps/C (W lse - sum_c w_c x_c)
     grad = scale * (p_c ((1-eps) w_t + eps W/C) - eps w_c/C - (1-eps) w_t [c=t])
-    with W = sum of the weights (C without weights), as in PyTorch.
+         = e_c * k1 - k2 * w_c - kt [c=t],   with p_c = e_c / s,
+    W the sum of the weights (C without weights), as in PyTorch.
+    """
+    wt = 1.0 if w is None else np.float64(w[t])
+    loss = (1.0 - smooth) * wt * (lse - xt)
+    if smooth > 0.0:
+        loss += smooth / C * (wsum * lse - sx)
+    k1 = scale * ((1.0 - smooth) * wt + smooth * wsum / C) / s
+    k2 = scale * smooth / C
+    kt = scale * (1.0 - smooth) * wt
+    return loss, k1, k2, kt
+
+
+@_jit
+def _ce_hard_row(x, g, inplace, t, w, wsum, smooth, scale):
+    """Cross-entropy of one contiguous row against class ``t``; gradient into ``g``.
+
+    The exponentials are kept in ``g`` itself between the two sweeps.
     """
     C = x.shape[0]
     xt = np.float64(x[t])
     # Read before the gradient overwrites the row (in place).
     sx = _dot(x, w) if smooth > 0.0 else 0.0
     m, s = _exp_pass(x, g, inplace)
-    lse = m + np.log(s)
-    wt = 1.0 if w is None else np.float64(w[t])
-    loss = (1.0 - smooth) * wt * (lse - xt)
-    if smooth > 0.0:
-        loss += smooth / C * (wsum * lse - sx)
+    loss, k1, k2, kt = _hard_coeffs(m + np.log(s), s, xt, t, w, wsum, sx, smooth, scale, C)
     if g is not None:
-        k1 = _cast_like(scale * ((1.0 - smooth) * wt + smooth * wsum / C) / s, g)
-        k2 = _cast_like(scale * smooth / C, g)
-        _scale_minus(g, k1, k2, w)
-        g[t] = g[t] - scale * (1.0 - smooth) * wt
+        _scale_minus(g, _cast_like(k1, g), _cast_like(k2, g), w)
+        g[t] = g[t] - kt
     return loss
 
 
@@ -228,104 +268,319 @@ def _soft_sums(x, q, w, keep, uniform):
 
 
 @_jit
-def _ce_soft_row(x, g, inplace, q, w, smooth, scale):
-    """Cross-entropy of one row against class probabilities ``q``.
+def _soft_grad(e, g, q, w, k1, keep_s, uniform_s):
+    """g <- e * k1 - (keep_s * q + uniform_s) * w; ``e`` may be ``g`` only when
+    passed as None (then the exponentials are read from ``g``)."""
+    for c in range(g.shape[0]):
+        qc = keep_s * q[c] + uniform_s
+        if w is not None:
+            qc = qc * w[c]
+        if e is None:
+            g[c] = g[c] * k1 - qc
+        else:
+            g[c] = e[c] * k1 - qc
+
+
+@_jit
+def _ce_soft_finish(x, e, lse, s, q, w, smooth, scale, g):
+    """Loss of a row against probabilities ``q``; gradient into ``g``.
 
     With q'_c = (1-eps) q_c + eps/C (times w_c with weights) and S = sum q'_c:
     loss = S lse - sum_c q'_c x_c,  grad = scale * (S p_c - q'_c).
+    ``x`` must still hold the logits (the sums are read first). ``e`` holds
+    exp(x - max), or is None when they are in ``g``; ``s`` is their sum and
+    ``lse`` the row's log-sum-exp.
     """
     C = x.shape[0]
     keep = _cast_like(1.0 - smooth, x)
     uniform = _cast_like(smooth / C, x)
     total, qx = _soft_sums(x, q, w, keep, uniform)
-    m, s = _exp_pass(x, g, inplace)
-    lse = m + np.log(s)
+    loss = total * lse - qx
     if g is not None:
-        k1 = _cast_like(scale * total / s, g)
-        keep_s = _cast_like(scale * (1.0 - smooth), g)
-        uniform_s = _cast_like(scale * smooth / C, g)
-        if w is None:
+        _soft_grad(e, g, q, w, _cast_like(scale * total / s, g),
+                   _cast_like(scale * (1.0 - smooth), g), _cast_like(scale * smooth / C, g))
+    return loss
+
+
+@_jit
+def _ce_soft_row(x, g, inplace, q, w, smooth, scale):
+    """Cross-entropy of one contiguous row against probabilities ``q``."""
+    if g is None:
+        m, s = _exp_pass(x, None, False)
+        return _ce_soft_finish(x, None, m + np.log(s), s, q, w, smooth, scale, None)
+    if not inplace:
+        m, s = _exp_pass(x, g, False)
+        return _ce_soft_finish(x, None, m + np.log(s), s, q, w, smooth, scale, g)
+    # In place: the sums need the logits, which the exponentials replace.
+    C = x.shape[0]
+    keep = _cast_like(1.0 - smooth, x)
+    uniform = _cast_like(smooth / C, x)
+    total, qx = _soft_sums(x, q, w, keep, uniform)
+    m, s = _exp_pass(x, g, True)
+    _soft_grad(None, g, q, w, _cast_like(scale * total / s, g),
+               _cast_like(scale * (1.0 - smooth), g), _cast_like(scale * smooth / C, g))
+    return total * (m + np.log(s)) - qx
+
+
+#: Rows of at most this many classes are exponentiated across rows (see
+#: ``_exp_block``).
+_NARROW = 16
+
+
+@_jit
+def _exp_block(x, r0, n, inner, finite_shift):
+    """Exponentials of a block of ``n`` rows from ``r0``, in a new buffer.
+
+    Returns (e, m, s, lse): e[i, c] = exp(x[r0+i, c] - m[i]) as a contiguous
+    (n, C) array, the rows' max m, sums s (float64) and log-sum-exp lse.
+    ``finite_shift``: an infinite max is not subtracted (torch.logsumexp).
+
+    The work is laid out so that every sweep is one vectorized loop: rows
+    are copied shifted into the buffer and exponentiated in one flat sweep;
+    rows of at most _NARROW classes are handled transposed, a vector lane
+    per row, since their own loops are too short to vectorize. Everything
+    is inline: per-row calls cost more than the arithmetic of a short row.
+    """
+    C = x.shape[1]
+    e = np.empty((n, C), x.dtype)
+    m = np.empty(n, x.dtype)
+    s = np.empty(n)
+    if C <= _NARROW:
+        e_t = np.empty((C, n), x.dtype)
+        for i in range(n):
+            xr = _row(x, r0 + i, inner)
             for c in range(C):
-                g[c] = g[c] * k1 - (keep_s * q[c] + uniform_s)
-        else:
+                e_t[c, i] = xr[c]
+        m[:] = e_t[0]
+        for c in range(1, C):
+            ec = e_t[c]
+            for i in range(n):
+                m[i] = maximum(m[i], ec[i])
+        if finite_shift:
+            for i in range(n):
+                if np.isinf(m[i]):
+                    m[i] = 0.0
+        s_part = np.zeros(n, x.dtype)
+        for c in range(C):
+            ec = e_t[c]
+            for i in range(n):
+                v = fast_exp(ec[i] - m[i])
+                ec[i] = v
+                s_part[i] += v
+        for i in range(n):
+            s[i] = s_part[i]
+            er = e[i]
             for c in range(C):
-                g[c] = g[c] * k1 - (keep_s * q[c] + uniform_s) * w[c]
-    return total * lse - qx
+                er[c] = e_t[c, i]
+    else:
+        for i in range(n):
+            xr = _row(x, r0 + i, inner)
+            mi = xr[0]
+            for c in range(1, C):
+                mi = maximum(mi, xr[c])
+            if finite_shift and np.isinf(mi):
+                mi = 0.0
+            m[i] = mi
+            er = e[i]
+            for c in range(C):
+                er[c] = xr[c] - mi
+        flat = e.reshape(n * C)
+        for k in range(n * C):
+            flat[k] = fast_exp(flat[k])
+        for i in range(n):
+            s[i] = _dot(e[i], None)
+    lse = np.empty(n)
+    for i in range(n):  # one vectorized log for the block
+        lse[i] = m[i] + fast_log(s[i])
+    return e, m, s, lse
+
+
+@_jit
+def _rows_per_block(C):
+    """Rows per block of the buffered kernels: about _BUFFER elements."""
+    return max(1, _BUFFER // C)
 
 
 # --------------------------------------------------------------------------
-# Kernels over rows. Each is compiled twice (parallel and serial, see
-# ``_Kernel``); ``prange`` is a plain ``range`` in the serial one.
+# Rows and blocks of rows. A kernel's prange body calls exactly one of these
+# and stores what it returns into an argument array: Numba's parfor pass may
+# drop writes through array views made inside the loop body itself.
+#
+# Two shapes of each: "direct" routines take one contiguous row of many
+# classes and keep the exponentials in the gradient row itself; "block"
+# routines take blocks of rows of any length and layout and compute the
+# exponentials in a scratch buffer (see ``_exp_block``). ``_cpu.py`` picks.
 
 
-def _ce_hard(x, y, w, wsum, ignore_index, smooth, scale, g, inplace, losses, inner):
-    for r in prange(losses.shape[0]):
+@_jit
+def _ce_hard_direct(x, y, w, wsum, ignore_index, smooth, scale, g, inplace, inner, r):
+    t = y[r]
+    if t == ignore_index:
+        if g is not None:
+            _zero(_row(g, r, inner))
+        return 0.0
+    if g is None:
+        return _ce_hard_row(_row(x, r, inner), None, False, t, w, wsum, smooth, scale)
+    return _ce_hard_row(_row(x, r, inner), _row(g, r, inner), inplace, t, w, wsum, smooth,
+                        scale)
+
+
+@_jit
+def _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n):
+    C = x.shape[1]
+    e, m, s, lse = _exp_block(x, r0, n, inner, False)
+    for i in range(n):
+        r = r0 + i
         t = y[r]
         if t == ignore_index:
             losses[r] = 0.0
             if g is not None:
-                gr = _row(g, r, inner)
-                for c in range(gr.shape[0]):
-                    gr[c] = 0.0
-        elif g is None:
-            losses[r] = _ce_hard_row(_row(x, r, inner), None, False, t, w, wsum, smooth,
-                                     scale)
+                _zero(_row(g, r, inner))
+            continue
+        xr = _row(x, r, inner)
+        sx = _dot(xr, w) if smooth > 0.0 else 0.0
+        loss, k1, k2, kt = _hard_coeffs(lse[i], s[i], np.float64(xr[t]), t, w, wsum, sx,
+                                        smooth, scale, C)
+        losses[r] = loss
+        if g is not None:
+            gr = _row(g, r, inner)
+            _scale_minus_from(e[i], gr, _cast_like(k1, gr), _cast_like(k2, gr), w)
+            gr[t] = gr[t] - kt
+
+
+@_jit
+def _ce_soft_direct(x, q, w, smooth, scale, g, inplace, inner, r):
+    if g is None:
+        return _ce_soft_row(_row(x, r, inner), None, False, _row(q, r, inner), w, smooth,
+                            scale)
+    return _ce_soft_row(_row(x, r, inner), _row(g, r, inner), inplace, _row(q, r, inner), w,
+                        smooth, scale)
+
+
+@_jit
+def _ce_soft_block(x, q, w, smooth, scale, g, losses, inner, r0, n):
+    e, m, s, lse = _exp_block(x, r0, n, inner, False)
+    for i in range(n):
+        r = r0 + i
+        if g is None:
+            losses[r] = _ce_soft_finish(_row(x, r, inner), e[i], lse[i], s[i], _row(q, r, inner),
+                                        w, smooth, scale, None)
         else:
-            losses[r] = _ce_hard_row(_row(x, r, inner), _row(g, r, inner), inplace, t, w,
-                                     wsum, smooth, scale)
+            losses[r] = _ce_soft_finish(_row(x, r, inner), e[i], lse[i], s[i], _row(q, r, inner),
+                                        w, smooth, scale, _row(g, r, inner))
+
+
+@_jit
+def _nll_row(lp, y, w, ignore_index, inner, r):
+    t = y[r]
+    if t == ignore_index:
+        return 0.0
+    v = np.float64(_row(lp, r, inner)[t])
+    return -v if w is None else -np.float64(w[t]) * v
+
+
+@_jit
+def _softmax_direct(x, out, inplace, inner, log, r):
+    o = _row(out, r, inner)
+    if log:
+        # o <- (x - m) - log(sum exp(x - m)), rounded as torch.log_softmax
+        if inplace:
+            m = _row_max(o)
+            log_s = _cast_like(np.log(_exp_sum(o, m)), o)
+            for c in range(o.shape[0]):
+                o[c] = (o[c] - m) - log_s
+        else:
+            xr = _row(x, r, inner)
+            m = _row_max(xr)
+            log_s = _cast_like(np.log(_exp_sum(xr, m)), o)
+            for c in range(o.shape[0]):
+                o[c] = (xr[c] - m) - log_s
+    else:
+        m, s = _exp_pass(_row(x, r, inner), o, inplace)
+        inv_s = _cast_like(1.0 / s, o)
+        for c in range(o.shape[0]):
+            o[c] = o[c] * inv_s
+
+
+@_jit
+def _softmax_block(x, out, inner, log, r0, n):
+    C = x.shape[1]
+    e, m, s, lse = _exp_block(x, r0, n, inner, False)
+    for i in range(n):
+        o = _row(out, r0 + i, inner)
+        if log:
+            xr = _row(x, r0 + i, inner)
+            mi = m[i]
+            log_s = _cast_like(lse[i] - mi, o)
+            for c in range(C):
+                o[c] = (xr[c] - mi) - log_s
+        else:
+            er = e[i]
+            inv_s = _cast_like(1.0 / s[i], o)
+            for c in range(C):
+                o[c] = er[c] * inv_s
+
+
+@_jit
+def _logsumexp_block(x, out, inner, r0, n):
+    # As torch.logsumexp: an infinite max is not subtracted, so that rows of
+    # -inf give -inf and rows holding +inf give +inf (not NaN).
+    e, m, s, lse = _exp_block(x, r0, n, inner, True)
+    for i in range(n):
+        out[r0 + i] = lse[i]
+
+
+# --------------------------------------------------------------------------
+# Kernels. Each is compiled twice (parallel and serial, see ``_Kernel``);
+# ``prange`` is a plain ``range`` in the serial one. Block kernels cut the
+# rows into blocks of ``_rows_per_block(C)`` rows.
+
+
+def _ce_hard(x, y, w, wsum, ignore_index, smooth, scale, g, inplace, losses, inner):
+    for r in prange(losses.shape[0]):
+        losses[r] = _ce_hard_direct(x, y, w, wsum, ignore_index, smooth, scale, g, inplace,
+                                    inner, r)
+
+
+def _ce_hard_buffered(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner):
+    n_rows, per = losses.shape[0], _rows_per_block(x.shape[1])
+    for b in prange((n_rows + per - 1) // per):
+        _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, b * per,
+                       min(per, n_rows - b * per))
 
 
 def _ce_soft(x, q, w, smooth, scale, g, inplace, losses, inner):
     for r in prange(losses.shape[0]):
-        if g is None:
-            losses[r] = _ce_soft_row(_row(x, r, inner), None, False, _row(q, r, inner), w,
-                                     smooth, scale)
-        else:
-            losses[r] = _ce_soft_row(_row(x, r, inner), _row(g, r, inner), inplace,
-                                     _row(q, r, inner), w, smooth, scale)
+        losses[r] = _ce_soft_direct(x, q, w, smooth, scale, g, inplace, inner, r)
+
+
+def _ce_soft_buffered(x, q, w, smooth, scale, g, losses, inner):
+    n_rows, per = losses.shape[0], _rows_per_block(x.shape[1])
+    for b in prange((n_rows + per - 1) // per):
+        _ce_soft_block(x, q, w, smooth, scale, g, losses, inner, b * per,
+                       min(per, n_rows - b * per))
 
 
 def _nll(lp, y, w, ignore_index, losses, inner):
     for r in prange(losses.shape[0]):
-        t = y[r]
-        if t == ignore_index:
-            losses[r] = 0.0
-        elif w is None:
-            losses[r] = -np.float64(_row(lp, r, inner)[t])
-        else:
-            losses[r] = -np.float64(w[t]) * _row(lp, r, inner)[t]
+        losses[r] = _nll_row(lp, y, w, ignore_index, inner, r)
 
 
 def _softmax(x, out, inplace, n_rows, inner, log):
     for r in prange(n_rows):
-        o = _row(out, r, inner)
-        if log:
-            # o <- (x - m) - log(sum exp(x - m)), as torch.log_softmax
-            xr = o if inplace else _row(x, r, inner)
-            m = _row_max(xr)
-            log_s = _cast_like(np.log(_exp_sum(xr, m)), o)
-            if inplace:
-                for c in range(o.shape[0]):
-                    o[c] = (o[c] - m) - log_s
-            else:
-                for c in range(o.shape[0]):
-                    o[c] = (xr[c] - m) - log_s
-        else:
-            m, s = _exp_pass(_row(x, r, inner), o, inplace)
-            inv_s = _cast_like(1.0 / s, o)
-            for c in range(o.shape[0]):
-                o[c] = o[c] * inv_s
+        _softmax_direct(x, out, inplace, inner, log, r)
+
+
+def _softmax_buffered(x, out, n_rows, inner, log):
+    per = _rows_per_block(x.shape[1])
+    for b in prange((n_rows + per - 1) // per):
+        _softmax_block(x, out, inner, log, b * per, min(per, n_rows - b * per))
 
 
 def _logsumexp(x, out, inner):
-    for r in prange(out.shape[0]):
-        xr = _row(x, r, inner)
-        m = _row_max(xr)
-        # As torch.logsumexp: an infinite max is not subtracted, so that rows
-        # of -inf give -inf and rows holding +inf give +inf (not NaN).
-        if np.isinf(m):
-            m = _cast_like(0.0, xr)
-        out[r] = m + np.log(_exp_sum(xr, m))
+    n_rows, per = out.shape[0], _rows_per_block(x.shape[1])
+    for b in prange((n_rows + per - 1) // per):
+        _logsumexp_block(x, out, inner, b * per, min(per, n_rows - b * per))
 
 
 @_jit
@@ -474,8 +729,11 @@ class _Kernel:
 
 
 ce_hard = _Kernel(_ce_hard)
+ce_hard_buffered = _Kernel(_ce_hard_buffered)
 ce_soft = _Kernel(_ce_soft)
+ce_soft_buffered = _Kernel(_ce_soft_buffered)
 nll = _Kernel(_nll)
 softmax = _Kernel(_softmax)
+softmax_buffered = _Kernel(_softmax_buffered)
 logsumexp = _Kernel(_logsumexp)
 bce = _Kernel(_bce)
