@@ -298,16 +298,25 @@ def main(quick: bool = False, rounds: Optional[int] = None,
     if dtype not in (np.float32, np.float64):
         raise SystemExit(f"--dtype must be float32 or float64, not {dtype}")
     if threads is not None:
+        if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+            raise SystemExit(f"--threads must be between 1 and "
+                             f"{numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS)")
         numba.set_num_threads(threads)
         try:
             _peers._torch()[0].set_num_threads(threads)
         except _peers.PeerUnavailable:
             pass
     if shapes:
-        shape_list = [_peers.parse_shape(s) for s in shapes]
+        try:
+            shape_list = [_peers.parse_shape(s) for s in shapes]
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     else:
         shape_list = list(_peers.QUICK_SHAPES if quick else _peers.MAIN_SHAPES)
-    rounds = rounds or (QUICK_ROUNDS if quick else DEFAULT_ROUNDS)
+    if rounds is None:
+        rounds = QUICK_ROUNDS if quick else DEFAULT_ROUNDS
+    if rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, not {rounds}")
     sample_seconds = QUICK_SAMPLE_SECONDS if quick else SAMPLE_SECONDS
 
     progress = ProgressBar(len(shape_list) * len(COLUMNS) * (rounds + 1))
