@@ -96,7 +96,15 @@ def main(argv=None) -> int:
     p_demo.add_argument("--seed", type=int, default=0)
     p_bench = sub.add_parser("bench", help="time fastxent against np.copyto and installed peers")
     p_bench.add_argument("--quick", action="store_true", help="small shapes, few rounds")
-    p_bench.add_argument("--rounds", type=int, default=None)
+    p_bench.add_argument("--rounds", type=int, default=None,
+                         help="interleaved rounds to take the median of")
+    p_bench.add_argument("--shapes", nargs="+", metavar="NxC", default=None,
+                         help="shapes to time, e.g. 8192x32000 4096x1000")
+    p_bench.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p_bench.add_argument("--float64", dest="dtype", action="store_const", const="float64",
+                         help="same as --dtype float64")
+    p_bench.add_argument("--threads", type=int, default=None,
+                         help="threads for Numba and PyTorch (default: theirs)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
@@ -104,7 +112,8 @@ def main(argv=None) -> int:
         return demo(args.epochs, args.seed)
     from fastxent import _bench
 
-    return _bench.main(quick=args.quick, rounds=args.rounds)
+    return _bench.main(quick=args.quick, rounds=args.rounds, shapes=args.shapes,
+                       dtype=args.dtype, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,548 @@
+"""The benchmark table: each fastxent kernel, its peers, and its memory limit.
+
+One table serves ``python -m fastxent bench`` and the asv suite in
+``asv_bench/``, so the peer code exists once. Each :class:`Comparison` names a
+fastxent kernel with fixed options and builds, from the same inputs, a
+:class:`Runner` for fastxent and for each peer:
+
+``numpy``
+    the textbook NumPy formulation (stable log-softmax, gather, softmax minus
+    one-hot), always available;
+``torch``
+    PyTorch CPU (forward, and ``backward()`` for the ``*_with_grad`` kernels);
+``jax``
+    a jitted function (``jax.value_and_grad`` for the gradient kernels), the
+    way optax writes these losses;
+``np.copyto`` / ``x.sum``
+    the memory limit: a copy reads and writes the array once (what an
+    in-place loss-and-gradient must at least do), a sum reads it once (what a
+    forward-only loss must at least do).
+
+PyTorch and JAX are imported lazily, only when their runner is built, and a
+missing one raises :class:`PeerUnavailable`: neither is a dependency of
+fastxent. Nothing here times anything; :mod:`fastxent._bench` and the asv
+suite do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+
+import fastxent
+
+#: Implementations in the order tables list them.
+IMPLEMENTATIONS = ("fastxent", "torch", "numpy", "jax")
+PEERS = ("torch", "numpy", "jax")
+MEMORY_LIMITS = ("np.copyto", "x.sum")
+
+#: The (N, C) shapes of the issue: LLM vocabularies (Llama 2, Llama 3), a
+#: classifier, and a small class count with many rows.
+MAIN_SHAPES = ((8192, 32000), (2048, 128256), (4096, 1000), (65536, 10))
+#: Same class counts, few rows: seconds, not minutes (``--quick``, CI).
+QUICK_SHAPES = ((256, 32000), (64, 128256), (1024, 1000), (8192, 10))
+
+#: Share of hard targets set to ``ignore_index`` in the ignore_index variant.
+IGNORED_SHARE = 0.1
+LABEL_SMOOTHING = 0.1
+
+
+class PeerUnavailable(RuntimeError):
+    """The library a peer runs on (PyTorch, JAX) is not installed."""
+
+
+@dataclass
+class Runner:
+    """One implementation, ready to time on one set of inputs.
+
+    Attributes
+    ----------
+    run : callable
+        The timed call. It returns its results so that lazy peers (JAX) have
+        finished their work when the timer stops.
+    reset : callable or None
+        Untimed: restores the inputs a previous ``run`` overwrote (the
+        in-place kernels write the gradient over the logits). Call it before
+        every timed ``run``.
+    """
+
+    run: Callable[[], Any]
+    reset: Optional[Callable[[], None]] = None
+
+    def prepare(self) -> None:
+        """Run ``reset`` if there is one (outside any timed region)."""
+        if self.reset is not None:
+            self.reset()
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A fastxent kernel with fixed options, its peers and its memory limit.
+
+    Attributes
+    ----------
+    name : str
+        Key in :data:`COMPARISONS` (and the asv benchmark's name).
+    description : str
+        What is computed, for tables and docs.
+    make_inputs : callable
+        ``make_inputs(n, c, dtype, rng) -> dict`` of NumPy arrays; ``"x"`` is
+        the (N, C) array the kernel reads (logits, log-probabilities).
+    builders : dict
+        Implementation name -> ``builder(inputs) -> Runner``. A builder raises
+        :class:`PeerUnavailable` when its library is missing.
+    limit : str
+        The memory limit this kernel is held against: ``"np.copyto"`` for
+        kernels that write an (N, C) array, ``"x.sum"`` for reductions.
+    """
+
+    name: str
+    description: str
+    make_inputs: Callable[..., Dict[str, np.ndarray]]
+    builders: Dict[str, Callable[[Dict[str, np.ndarray]], Runner]] = field(repr=False)
+    limit: str = "np.copyto"
+
+    def runner(self, implementation: str, inputs: Dict[str, np.ndarray]) -> Runner:
+        """Build the :class:`Runner` of ``implementation`` (a peer or a memory limit).
+
+        Raises
+        ------
+        PeerUnavailable
+            The peer's library is not installed.
+        KeyError
+            No such implementation for this comparison.
+        """
+        if implementation in MEMORY_LIMITS:
+            return memory_limit_runner(implementation, inputs)
+        return self.builders[implementation](inputs)
+
+
+# --------------------------------------------------------------------------
+# Inputs
+
+
+def _logits(n, c, dtype, rng):
+    # Standard normal logits: a typical spread, and no row dominated by one class.
+    return rng.standard_normal((n, c), dtype=np.float32).astype(dtype, copy=False)
+
+
+def hard_target_inputs(n, c, dtype, rng, ignored_share=0.0, weighted=False):
+    """Logits and int64 class targets; optionally some ignored, optionally class weights."""
+    target = rng.integers(0, c, n, dtype=np.int64)
+    if ignored_share:
+        target[rng.random(n) < ignored_share] = -100
+    inputs = {"x": _logits(n, c, dtype, rng), "target": target}
+    if weighted:
+        inputs["weight"] = rng.uniform(0.5, 2.0, c).astype(dtype)
+    return inputs
+
+
+def soft_target_inputs(n, c, dtype, rng):
+    """Logits and class probabilities of the same shape (rows sum to 1)."""
+    target = rng.random((n, c), dtype=np.float32).astype(dtype, copy=False)
+    target /= target.sum(axis=-1, keepdims=True)
+    return {"x": _logits(n, c, dtype, rng), "target": target}
+
+
+def log_prob_inputs(n, c, dtype, rng):
+    """Log-probabilities (rows of log-softmax) and class targets, for nll_loss."""
+    inputs = hard_target_inputs(n, c, dtype, rng)
+    inputs["x"] = fastxent.log_softmax(inputs["x"])
+    return inputs
+
+
+def plain_inputs(n, c, dtype, rng):
+    """Just the (N, C) array, for softmax, log_softmax and logsumexp."""
+    return {"x": _logits(n, c, dtype, rng)}
+
+
+def binary_inputs(n, c, dtype, rng):
+    """Logits and independent targets in [0, 1] of the same shape (multi-label)."""
+    return {"x": _logits(n, c, dtype, rng),
+            "target": rng.random((n, c), dtype=np.float32).astype(dtype, copy=False)}
+
+
+def work_buffer(inputs):
+    """A scratch array like ``inputs["x"]``, shared by the runners of these inputs.
+
+    In-place runners and ``np.copyto`` restore it before each call, so one
+    buffer serves them all: on the LLM shapes that saves a gigabyte per runner.
+    """
+    if "_work" not in inputs:
+        inputs["_work"] = np.empty_like(inputs["x"])
+    return inputs["_work"]
+
+
+def memory_limit_runner(kind, inputs):
+    """``np.copyto`` of the logits into a buffer, or ``x.sum(axis=-1)``."""
+    x = inputs["x"]
+    if kind == "np.copyto":
+        dst = work_buffer(inputs)
+        return Runner(lambda: np.copyto(dst, x))
+    if kind == "x.sum":
+        return Runner(lambda: x.sum(axis=-1))
+    raise KeyError(kind)
+
+
+# --------------------------------------------------------------------------
+# fastxent
+
+
+def _fastxent_in_place(function, **options):
+    """Builder of ``function(work, target, inplace=True)`` on a restored copy of the logits."""
+
+    def build(inputs):
+        x, target = inputs["x"], inputs["target"]
+        work = work_buffer(inputs)
+        weight = {"weight": inputs["weight"]} if "weight" in inputs else {}
+        return Runner(lambda: function(work, target, inplace=True, **weight, **options),
+                      reset=lambda: np.copyto(work, x))
+
+    return build
+
+
+def _fastxent_call(function, *names, **options):
+    """Builder of ``function(*inputs[names], **options)`` on read-only inputs."""
+
+    def build(inputs):
+        args = [inputs[name] for name in names]
+        return Runner(lambda: function(*args, **options))
+
+    return build
+
+
+# --------------------------------------------------------------------------
+# NumPy: the textbook formulations, allocating every intermediate
+
+
+def numpy_log_softmax(x):
+    """Stable log-softmax: ``x - max - log(sum(exp(x - max)))``."""
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def numpy_logsumexp(x):
+    """Stable logsumexp along the last axis."""
+    m = x.max(axis=-1, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+def numpy_cross_entropy(x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
+                        with_grad=False):
+    """Mean cross-entropy of class targets (PyTorch's semantics), and its gradient.
+
+    The textbook route: log-softmax, gather the targets' log-probabilities,
+    and for the gradient ``softmax - (smoothed, weighted) one-hot`` divided by
+    the sum of the weights of the targets not ignored.
+    """
+    n, c = x.shape
+    logp = numpy_log_softmax(x)
+    rows = np.arange(n)
+    kept = target != ignore_index
+    safe_target = np.where(kept, target, 0)
+    w = np.ones(c, x.dtype) if weight is None else weight
+    w_target = np.where(kept, w[safe_target], 0).astype(x.dtype)
+    eps = label_smoothing
+    losses = -(1 - eps) * w_target * logp[rows, safe_target]
+    if eps:
+        losses -= (eps / c) * kept * (logp * w).sum(axis=-1)
+    denominator = w_target.sum()
+    loss = losses.sum() / denominator
+    if not with_grad:
+        return loss
+    # d loss_i / d x_j = p_j * ((1 - eps) w_t + eps/C sum(w)) - (1 - eps) w_t [j = t] - eps/C w_j
+    grad = np.exp(logp)
+    grad *= ((1 - eps) * w_target + (eps / c) * w.sum() * kept)[:, None]
+    grad[rows, safe_target] -= (1 - eps) * w_target
+    if eps:
+        grad -= (eps / c) * kept[:, None] * w
+    grad /= denominator
+    return loss, grad
+
+
+def numpy_soft_cross_entropy(x, target, with_grad=False):
+    """Mean cross-entropy of class probabilities, and its gradient ``(p * sum(t) - t) / N``."""
+    logp = numpy_log_softmax(x)
+    n = x.shape[0]
+    loss = -(target * logp).sum() / n
+    if not with_grad:
+        return loss
+    grad = np.exp(logp) * target.sum(axis=-1, keepdims=True)
+    grad -= target
+    grad /= n
+    return loss, grad
+
+
+def numpy_bce_with_logits(x, target, with_grad=False):
+    """Mean binary cross-entropy on logits, stable form, and its gradient ``(sigmoid - t) / size``."""
+    loss = (np.maximum(x, 0) - x * target + np.log1p(np.exp(-np.abs(x)))).mean()
+    if not with_grad:
+        return loss
+    grad = 1 / (1 + np.exp(-x))
+    grad -= target
+    grad /= x.size
+    return loss, grad
+
+
+def _numpy_builder(function, *names, **options):
+    def build(inputs):
+        args = [inputs[name] for name in names]
+        kwargs = dict(options)
+        if "weight" in inputs:
+            kwargs["weight"] = inputs["weight"]
+        return Runner(lambda: function(*args, **kwargs))
+
+    return build
+
+
+# --------------------------------------------------------------------------
+# PyTorch
+
+
+def _torch():
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError as error:
+        raise PeerUnavailable("PyTorch is not installed") from error
+    return torch, F
+
+
+def _torch_builder(make_call, with_grad, *names):
+    """Builder of a PyTorch call on tensors sharing the inputs' memory.
+
+    ``make_call(torch, F, inputs)`` returns ``loss_fn(x, *others)``. With
+    ``with_grad`` each call takes a fresh leaf of the logits, so ``backward()``
+    allocates and fills the gradient as in a training step.
+    """
+
+    def build(inputs):
+        torch, F = _torch()
+        tensors = [torch.from_numpy(inputs[name]) for name in names]
+        loss_fn = make_call(torch, F, inputs)
+        if not with_grad:
+            def run():
+                with torch.no_grad():
+                    return loss_fn(*tensors)
+            return Runner(run)
+
+        x, others = tensors[0], tensors[1:]
+
+        def run_with_grad():
+            leaf = x.detach().requires_grad_(True)
+            loss = loss_fn(leaf, *others)
+            loss.backward()
+            return loss, leaf.grad
+
+        return Runner(run_with_grad)
+
+    return build
+
+
+def _torch_cross_entropy(**options):
+    def make_call(torch, F, inputs):
+        weight = torch.from_numpy(inputs["weight"]) if "weight" in inputs else None
+        return lambda x, t: F.cross_entropy(x, t, weight=weight, **options)
+    return make_call
+
+
+# --------------------------------------------------------------------------
+# JAX
+
+
+def _jax():
+    try:
+        import jax
+    except ImportError as error:
+        raise PeerUnavailable("JAX is not installed") from error
+    # float64 inputs must stay float64 (JAX truncates to float32 otherwise).
+    jax.config.update("jax_enable_x64", True)
+    return jax, jax.numpy
+
+
+def jax_cross_entropy(jnp, jax, x, target, weight, ignore_index, label_smoothing):
+    """Mean cross-entropy with PyTorch's semantics, written as optax users write it."""
+    c = x.shape[-1]
+    logp = jax.nn.log_softmax(x, axis=-1)
+    kept = target != ignore_index
+    safe_target = jnp.where(kept, target, 0)
+    w = jnp.ones(c, x.dtype) if weight is None else weight
+    w_target = jnp.where(kept, w[safe_target], 0)
+    picked = jnp.take_along_axis(logp, safe_target[:, None], axis=-1)[:, 0]
+    losses = -(1 - label_smoothing) * w_target * picked
+    if label_smoothing:
+        losses -= (label_smoothing / c) * kept * (logp * w).sum(axis=-1)
+    return losses.sum() / w_target.sum()
+
+
+def _jax_builder(make_loss, with_grad, *names):
+    """Builder of ``jax.jit(loss)`` (or of its ``value_and_grad``) on device copies.
+
+    The inputs are put on the device once, outside the timed region, and each
+    call waits for its results (JAX dispatches asynchronously).
+    """
+
+    def build(inputs):
+        jax, jnp = _jax()
+        arrays = [jnp.asarray(inputs[name]) for name in names]
+        loss = make_loss(jax, jnp, inputs)
+        fn = jax.jit(jax.value_and_grad(loss) if with_grad else loss)
+        return Runner(lambda: jax.block_until_ready(fn(*arrays)))
+
+    return build
+
+
+def _jax_cross_entropy(ignore_index=-100, label_smoothing=0.0):
+    def make_loss(jax, jnp, inputs):
+        weight = jnp.asarray(inputs["weight"]) if "weight" in inputs else None
+        return lambda x, t: jax_cross_entropy(jnp, jax, x, t, weight, ignore_index,
+                                              label_smoothing)
+    return make_loss
+
+
+def _jax_soft_cross_entropy(jax, jnp, inputs):
+    return lambda x, t: -(t * jax.nn.log_softmax(x, axis=-1)).sum() / x.shape[0]
+
+
+def _jax_bce(jax, jnp, inputs):
+    # optax.sigmoid_binary_cross_entropy's formulation, averaged.
+    return lambda x, t: -(t * jax.nn.log_sigmoid(x) + (1 - t) * jax.nn.log_sigmoid(-x)).mean()
+
+
+# --------------------------------------------------------------------------
+# The table
+
+
+def _cross_entropy_variant(name, description, make_inputs, **options):
+    """The in-place loss-and-gradient comparison of one cross_entropy option set."""
+    return Comparison(
+        name, description, make_inputs,
+        {"fastxent": _fastxent_in_place(fastxent.cross_entropy_with_grad, **options),
+         "numpy": _numpy_builder(numpy_cross_entropy, "x", "target", with_grad=True, **options),
+         "torch": _torch_builder(_torch_cross_entropy(**options), True, "x", "target"),
+         "jax": _jax_builder(_jax_cross_entropy(**options), True, "x", "target")})
+
+
+def _ignoring(n, c, dtype, rng):
+    return hard_target_inputs(n, c, dtype, rng, ignored_share=IGNORED_SHARE)
+
+
+def _weighted(n, c, dtype, rng):
+    return hard_target_inputs(n, c, dtype, rng, weighted=True)
+
+
+_COMPARISONS = [
+    Comparison(
+        "cross_entropy", "mean cross-entropy of class targets, forward only",
+        hard_target_inputs,
+        {"fastxent": _fastxent_call(fastxent.cross_entropy, "x", "target"),
+         "numpy": _numpy_builder(numpy_cross_entropy, "x", "target"),
+         "torch": _torch_builder(_torch_cross_entropy(), False, "x", "target"),
+         "jax": _jax_builder(_jax_cross_entropy(), False, "x", "target")},
+        limit="x.sum"),
+    _cross_entropy_variant("cross_entropy_with_grad",
+                           "cross-entropy and its gradient, written over the logits",
+                           hard_target_inputs),
+    Comparison(
+        "cross_entropy_soft_targets",
+        "cross-entropy of class probabilities and its gradient, in place",
+        soft_target_inputs,
+        {"fastxent": _fastxent_in_place(fastxent.cross_entropy_with_grad),
+         "numpy": _numpy_builder(numpy_soft_cross_entropy, "x", "target", with_grad=True),
+         "torch": _torch_builder(_torch_cross_entropy(), True, "x", "target"),
+         "jax": _jax_builder(_jax_soft_cross_entropy, True, "x", "target")}),
+    _cross_entropy_variant("cross_entropy_weighted",
+                           "cross-entropy with class weights and its gradient, in place",
+                           _weighted),
+    _cross_entropy_variant("cross_entropy_ignore_index",
+                           f"cross-entropy with {IGNORED_SHARE:.0%} targets ignored and its "
+                           "gradient, in place", _ignoring, ignore_index=-100),
+    _cross_entropy_variant("cross_entropy_label_smoothing",
+                           f"cross-entropy with label_smoothing={LABEL_SMOOTHING} and its "
+                           "gradient, in place", hard_target_inputs,
+                           label_smoothing=LABEL_SMOOTHING),
+    Comparison(
+        "nll_loss", "negative log-likelihood of log-probabilities",
+        log_prob_inputs,
+        {"fastxent": _fastxent_call(fastxent.nll_loss, "x", "target"),
+         "numpy": _numpy_builder(lambda lp, t: -lp[np.arange(len(t)), t].mean(), "x", "target"),
+         "torch": _torch_builder(lambda torch, F, inputs: F.nll_loss, False, "x", "target"),
+         "jax": _jax_builder(
+             lambda jax, jnp, inputs: lambda lp, t: -jnp.take_along_axis(
+                 lp, t[:, None], axis=-1).mean(), False, "x", "target")},
+        limit="x.sum"),
+    Comparison(
+        "log_softmax", "log-softmax into a new array",
+        plain_inputs,
+        {"fastxent": _fastxent_call(fastxent.log_softmax, "x"),
+         "numpy": _numpy_builder(numpy_log_softmax, "x"),
+         "torch": _torch_builder(lambda torch, F, inputs: lambda x: torch.log_softmax(x, -1),
+                                 False, "x"),
+         "jax": _jax_builder(lambda jax, jnp, inputs: lambda x: jax.nn.log_softmax(x, axis=-1),
+                             False, "x")}),
+    Comparison(
+        "softmax", "softmax into a new array",
+        plain_inputs,
+        {"fastxent": _fastxent_call(fastxent.softmax, "x"),
+         "numpy": _numpy_builder(lambda x: np.exp(numpy_log_softmax(x)), "x"),
+         "torch": _torch_builder(lambda torch, F, inputs: lambda x: torch.softmax(x, -1),
+                                 False, "x"),
+         "jax": _jax_builder(lambda jax, jnp, inputs: lambda x: jax.nn.softmax(x, axis=-1),
+                             False, "x")}),
+    Comparison(
+        "logsumexp", "logsumexp of each row",
+        plain_inputs,
+        {"fastxent": _fastxent_call(fastxent.logsumexp, "x"),
+         "numpy": _numpy_builder(numpy_logsumexp, "x"),
+         "torch": _torch_builder(lambda torch, F, inputs: lambda x: torch.logsumexp(x, -1),
+                                 False, "x"),
+         "jax": _jax_builder(
+             lambda jax, jnp, inputs: lambda x: jax.scipy.special.logsumexp(x, axis=-1),
+             False, "x")},
+        limit="x.sum"),
+    Comparison(
+        "bce_with_logits", "mean binary cross-entropy on logits, forward only",
+        binary_inputs,
+        {"fastxent": _fastxent_call(fastxent.binary_cross_entropy_with_logits, "x", "target"),
+         "numpy": _numpy_builder(numpy_bce_with_logits, "x", "target"),
+         "torch": _torch_builder(
+             lambda torch, F, inputs: F.binary_cross_entropy_with_logits, False, "x", "target"),
+         "jax": _jax_builder(_jax_bce, False, "x", "target")},
+        limit="x.sum"),
+    Comparison(
+        "bce_with_logits_with_grad",
+        "binary cross-entropy on logits and its gradient, written over the logits",
+        binary_inputs,
+        {"fastxent": _fastxent_in_place(fastxent.binary_cross_entropy_with_logits_with_grad),
+         "numpy": _numpy_builder(numpy_bce_with_logits, "x", "target", with_grad=True),
+         "torch": _torch_builder(
+             lambda torch, F, inputs: F.binary_cross_entropy_with_logits, True, "x", "target"),
+         "jax": _jax_builder(_jax_bce, True, "x", "target")}),
+]
+
+#: Comparison name -> :class:`Comparison`, in the order of the tables.
+COMPARISONS: Dict[str, Comparison] = {c.name: c for c in _COMPARISONS}
+
+
+def parse_shape(text: str) -> tuple:
+    """``"8192x32000"`` -> ``(8192, 32000)``."""
+    try:
+        n, c = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a shape is NxC, e.g. 8192x32000; got {text!r}") from None
+    if n < 1 or c < 1:
+        raise ValueError(f"shape {text!r} must be positive")
+    return n, c
+
+
+def format_shape(shape) -> str:
+    """``(8192, 32000)`` -> ``"8192x32000"``."""
+    return "x".join(str(d) for d in shape)
+
+
+def small_shapes_requested() -> bool:
+    """Whether ``FASTXENT_BENCH_SMALL`` asks for the small shapes (CI)."""
+    return os.environ.get("FASTXENT_BENCH_SMALL", "").strip() not in ("", "0")

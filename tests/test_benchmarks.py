@@ -1,0 +1,180 @@
+"""The benchmark machinery loads and runs: the asv suite and ``python -m fastxent bench``.
+
+These tests never judge a timing (CI machines are noisy and shared); they
+check that every benchmark is discoverable, that a quick asv run records
+results, that the CLI prints its table, and that every peer computes what
+fastxent computes (a peer that solves another problem makes its ratio
+meaningless).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastxent import _bench, _peers
+
+ROOT = Path(__file__).resolve().parents[1]
+ASV_DIR = ROOT / "asv_bench"
+SMALL_SHAPE, DTYPE = "64x1000", "float32"  # one of the FASTXENT_BENCH_SMALL shapes
+
+
+def _subprocess_env(home):
+    env = dict(os.environ)
+    env["FASTXENT_BENCH_SMALL"] = "1"
+    # asv keeps its machine description in ~/.asv-machine.json: a private
+    # HOME keeps the developer's own file out of the tests.
+    env["HOME"] = str(home)
+    return env
+
+
+def _run(args, env, timeout=300):
+    result = subprocess.run(args, cwd=ASV_DIR, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def asv_config(tmp_path_factory):
+    """asv.conf.json with absolute paths and results, html and envs in a temporary dir."""
+    pytest.importorskip("asv")
+    from asv import util
+
+    tmp = tmp_path_factory.mktemp("asv")
+    conf = util.load_json(str(ASV_DIR / "asv.conf.json"), js_comments=True)
+    conf.update(repo=str(ROOT), benchmark_dir=str(ASV_DIR / "benchmarks"),
+                results_dir=str(tmp / "results"), html_dir=str(tmp / "html"),
+                env_dir=str(tmp / "env"))
+    path = tmp / "asv.conf.json"
+    path.write_text(json.dumps(conf))
+    return path
+
+
+def test_asv_check_finds_no_problems(asv_config, tmp_path):
+    result = _run([sys.executable, "-m", "asv", "check", "--python=same",
+                   "--config", str(asv_config)], _subprocess_env(tmp_path))
+    assert "No problems found" in result.stdout + result.stderr
+
+
+def test_asv_quick_run_records_results(asv_config, tmp_path):
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("asv --set-commit-hash needs the git checkout")
+    env = _subprocess_env(tmp_path)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    _run([sys.executable, "-m", "asv", "machine", "--yes", "--machine", "ci",
+          "--config", str(asv_config)], env)
+    # Every kernel's fastxent benchmark, every implementation of one kernel,
+    # and one ratio, on one small shape: each parameter set costs asv a
+    # process, so the whole grid would take minutes here.
+    selection = [
+        rf"time_kernel\('{SMALL_SHAPE}', '{DTYPE}', 'fastxent'\)",
+        rf"CrossEntropyWithGrad\.time_kernel\('{SMALL_SHAPE}', '{DTYPE}'",
+        rf"track_fastxent_over_copyto\('cross_entropy_with_grad', '{SMALL_SHAPE}', '{DTYPE}'\)",
+    ]
+    args = [sys.executable, "-m", "asv", "run", "--python=same", "--quick", "--show-stderr",
+            "--machine", "ci", "--set-commit-hash", commit, "--config", str(asv_config)]
+    for regex in selection:
+        args += ["--bench", regex]
+    _run(args, env)
+
+    results_dir = json.loads(asv_config.read_text())["results_dir"]
+    files = [p for p in Path(results_dir, "ci").glob("*.json") if p.name != "machine.json"]
+    assert len(files) == 1
+    results = json.loads(files[0].read_text())
+    columns = results["result_columns"]
+    recorded = {name: dict(zip(columns, row)) for name, row in results["results"].items()}
+
+    kernel_classes = {name for name in recorded if name.endswith(".time_kernel")}
+    assert len(kernel_classes) == len(_peers.COMPARISONS)
+    for name in kernel_classes:
+        params = recorded[name]["params"]
+        values = recorded[name]["result"]
+        combos = [(s, d, i) for s in params[0] for d in params[1] for i in params[2]]
+        measured = dict(zip(combos, values))
+        key = (repr(SMALL_SHAPE), repr(DTYPE), repr("fastxent"))
+        assert measured[key] is not None and measured[key] > 0, name
+
+    with_grad = recorded["kernels.CrossEntropyWithGrad.time_kernel"]
+    params = with_grad["params"]
+    combos = [(s, d, i) for s in params[0] for d in params[1] for i in params[2]]
+    measured = dict(zip(combos, with_grad["result"]))
+    for implementation in ("fastxent", "np.copyto", "numpy"):  # always installed
+        key = (repr(SMALL_SHAPE), repr(DTYPE), repr(implementation))
+        assert measured[key] is not None, implementation
+
+    ratio = recorded["kernels.MemoryLimitRatio.track_fastxent_over_copyto"]
+    assert any(value is not None and value > 0 for value in ratio["result"])
+
+
+def test_cli_bench_quick_prints_its_table():
+    result = subprocess.run([sys.executable, "-m", "fastxent", "bench", "--quick"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "cpu " in out and "numba threads" in out
+    for label, _, _ in _bench.RATIOS:
+        assert label in out
+    for shape in _peers.QUICK_SHAPES:
+        assert _peers.format_shape(shape) in out
+    assert "/" in result.stderr and "[" in result.stderr  # the progress bar
+
+
+def test_cli_bench_options(capsys):
+    import numba
+
+    numba_threads = numba.get_num_threads()
+    torch = sys.modules.get("torch")
+    torch_threads = torch.get_num_threads() if torch else None
+    try:
+        assert _bench.main(quick=True, rounds=1, shapes=["16x7"], dtype="float64",
+                           threads=1) == 0
+    finally:  # --threads resizes process-wide pools: give the other tests theirs back
+        numba.set_num_threads(numba_threads)
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(torch_threads or torch.get_num_threads())
+    out = capsys.readouterr().out
+    assert "16x7" in out and "float64" in out and "numba threads    1" in out
+
+
+def test_parse_shape():
+    assert _peers.parse_shape("8192x32000") == (8192, 32000)
+    assert _peers.format_shape((8192, 32000)) == "8192x32000"
+    with pytest.raises(ValueError):
+        _peers.parse_shape("8192")
+
+
+def _as_float64(value):
+    if hasattr(value, "detach"):  # torch
+        value = value.detach()
+    return np.asarray(value, dtype=np.float64)
+
+
+@pytest.mark.parametrize("name", list(_peers.COMPARISONS))
+def test_peers_compute_what_fastxent_computes(name):
+    comparison = _peers.COMPARISONS[name]
+    inputs = comparison.make_inputs(16, 7, np.dtype(np.float64), np.random.default_rng(1))
+    outputs = {}
+    for implementation in _peers.IMPLEMENTATIONS:
+        try:
+            runner = comparison.runner(implementation, inputs)
+        except _peers.PeerUnavailable:
+            continue
+        runner.prepare()
+        result = runner.run()
+        result = result if isinstance(result, tuple) else (result,)
+        # Copies: in-place runners share one buffer, which the next reset overwrites.
+        outputs[implementation] = [_as_float64(r).copy() for r in result]
+    assert "numpy" in outputs
+    for implementation, result in outputs.items():
+        assert len(result) == len(outputs["fastxent"]), implementation
+        for ours, theirs in zip(outputs["fastxent"], result):
+            np.testing.assert_allclose(theirs, ours, rtol=1e-9, atol=1e-12,
+                                       err_msg=f"{name}: {implementation}")
