@@ -183,6 +183,9 @@ def _shared_type(ft):
     return np.dtype(ft) if SIMULATED else ft
 
 
+_F64_SHARED = _shared_type(np.float64)
+
+
 @lru_cache(maxsize=None)
 def ce_py(dtype, cached):
     """Fused cross-entropy: loss per row and, when ``g`` is given, gradient.
@@ -458,7 +461,7 @@ def nll_py(lp, y, w, losses, n_rows, n_classes, inner, ignore_index):
 
 def sum_py(values, out):
     """``out[0]`` <- sum of ``values`` (float64), one block, fixed order."""
-    scratch = cuda.shared.array(SCRATCH, _shared_type(np.float64))
+    scratch = cuda.shared.array(SCRATCH, _F64_SHARED)
     tid = cuda.threadIdx.x
     acc = 0.0
     for i in range(tid, values.shape[0], cuda.blockDim.x):
