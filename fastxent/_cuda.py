@@ -69,7 +69,8 @@ def _to_device(a):
                              f"with strides {d.strides}: make a contiguous copy first")
         return d
     host = np.asarray(a)
-    d = cuda.to_device(np.ascontiguousarray(host))
+    # copy(order="C"), not ascontiguousarray, which turns 0-d into 1-d
+    d = cuda.to_device(host if host.flags.c_contiguous else host.copy(order="C"))
     setattr(d, _ORIGIN, a)
     return d
 

@@ -226,3 +226,42 @@ def test_device_selection():
         fastxent.cross_entropy(xd, yd, device="cpu")
     with pytest.raises(ValueError, match="device must be"):
         fastxent.cross_entropy(x, y, device="gpu")
+
+
+def test_conversions_and_edge_shapes():
+    rng = np.random.default_rng(2)
+    # integer logits compute in float64; float64 probabilities for float32
+    # logits are converted on the device (as on the CPU)
+    xi = rng.integers(-3, 3, (4, 5))
+    y = np.array([0, 4, 2, 1])
+    np.testing.assert_allclose(
+        fastxent.cross_entropy(cuda.to_device(xi), cuda.to_device(y)),
+        F.cross_entropy(torch.tensor(xi, dtype=torch.float64), torch.tensor(y)).item(),
+        rtol=1e-12)
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    q = rng.random((4, 5))
+    q /= q.sum(1, keepdims=True)
+    cpu = fastxent.cross_entropy(x, q)
+    gpu = fastxent.cross_entropy(cuda.to_device(x), cuda.to_device(q))
+    assert gpu.dtype == np.float32
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-6)
+    # a single row (1-D logits): a 0-d result for reduction="none"
+    one = fastxent.cross_entropy(x[0], np.int64(2), reduction="none", device="cuda")
+    np.testing.assert_allclose(one, F.cross_entropy(torch.tensor(x[0]), torch.tensor(2)).item(),
+                               rtol=1e-6)
+    # no rows: mean is NaN, sum is 0, as in PyTorch
+    empty = cuda.to_device(np.zeros((0, 5)))
+    no_y = cuda.to_device(np.zeros(0, dtype=np.int64))
+    assert np.isnan(fastxent.cross_entropy(empty, no_y))
+    assert fastxent.cross_entropy(empty, no_y, reduction="sum") == 0.0
+    # logsumexp over an empty axis is -inf
+    lse = fastxent.logsumexp(cuda.to_device(np.zeros((3, 0))))
+    np.testing.assert_array_equal(lse.copy_to_host(), np.full(3, -np.inf))
+    # 0-d BCE
+    loss, grad = fastxent.binary_cross_entropy_with_logits_with_grad(
+        np.float64(0.3), np.float64(1.0), reduction="none", device="cuda")
+    xt = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    ref = F.binary_cross_entropy_with_logits(xt, torch.tensor(1.0, dtype=torch.float64))
+    ref.backward()
+    assert loss.shape == () and grad.shape == ()
+    np.testing.assert_allclose([loss, grad], [ref.item(), xt.grad.item()], rtol=1e-12)
