@@ -89,9 +89,8 @@ def test_cross_entropy_large_rows_cached_or_not_in_place(cache_bytes, soft, monk
     ref = F.cross_entropy(xt, torch.tensor(t), weight=torch.tensor(w), label_smoothing=0.1)
     ref.backward()
     xd = cuda.to_device(x)
-    loss, grad = fastxent.cross_entropy_with_grad(xd, cuda.to_device(t), weight=w if False else
-                                                  cuda.to_device(w), label_smoothing=0.1,
-                                                  inplace=True)
+    loss, grad = fastxent.cross_entropy_with_grad(xd, cuda.to_device(t), weight=cuda.to_device(w),
+                                                  label_smoothing=0.1, inplace=True)
     _close(loss, ref, np.float64)
     _close(xd, xt.grad, np.float64)  # written over the logits
     assert grad is xd
