@@ -8,7 +8,9 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def on_gpu(a) -> bool:
-    return hasattr(a, "__cuda_array_interface__")
+    # Device arrays of Numba's CUDA simulator (``FakeCUDAArray``, used by the
+    # GPU tests on machines without a GPU) do not expose the interface.
+    return hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray"
 
 
 def _host(a):
@@ -43,6 +45,14 @@ def select(device, *arrays):
     from . import _cuda
 
     return _cuda, _cuda.to_device_args(arrays)
+
+
+def destination(backend, out):
+    """``out=`` in the backend's array type: unchanged for the CPU (which
+    checks and writes the caller's array), a device array for the GPU."""
+    if out is None or backend.__name__.endswith("._cpu"):
+        return out
+    return backend.to_device_args((out,))[0]
 
 
 def gpu_description() -> str:

@@ -101,8 +101,11 @@ def cross_entropy_with_grad(logits: ArrayLike, target: ArrayLike, *,
 def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, axis,
                    device, out, inplace, with_grad):
     backend, (x, t, w) = _dispatch.select(device, logits, target, weight)
-    if inplace and x is not logits:
-        check_inplace(logits)  # a list or a GPU copy cannot receive the gradient
+    if inplace and x is not logits and not _dispatch.on_gpu(logits):
+        # A list cannot receive the gradient. (GPU logits are converted to a
+        # zero-copy device view, which can.)
+        check_inplace(logits)
+    out = _dispatch.destination(backend, out)
     spec = cross_entropy_spec(x, t, w, ignore_index, reduction, label_smoothing, axis)
     grad = _grad_destination(x, out, inplace, spec.problem.dtype) if with_grad else None
     return backend.cross_entropy(spec, x, t, w, grad)
@@ -198,8 +201,9 @@ def binary_cross_entropy_with_logits_with_grad(
 
 def _bce(logits, target, weight, pos_weight, reduction, device, out, inplace, with_grad):
     backend, (x, t, w, pw) = _dispatch.select(device, logits, target, weight, pos_weight)
-    if inplace and x is not logits:
+    if inplace and x is not logits and not _dispatch.on_gpu(logits):
         check_inplace(logits)
+    out = _dispatch.destination(backend, out)
     spec = bce_spec(x, t, w, pw, reduction)
     grad = _grad_destination(x, out, inplace, spec.dtype) if with_grad else None
     return backend.bce_with_logits(spec, x, t, w, pw, grad)

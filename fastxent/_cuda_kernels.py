@@ -1,0 +1,504 @@
+"""CUDA kernels (numba-cuda): the row math of ``_cpu_kernels`` on the GPU.
+
+Imported only by ``_cuda``, never at ``fastxent`` import time, so the CPU
+package works where no CUDA library is installed.
+
+Layout. Every array is a flat, C-contiguous device array. An input with a
+class axis is seen as ``(outer, C, inner)`` (``inner`` is 1 when the class
+axis is last): row ``r`` starts at ``(r // inner) * C * inner + r % inner``
+and its elements are ``inner`` apart. Indices are int64 throughout, so
+``N * C`` may pass 2**31.
+
+Work split. A row is handled by a *group* of ``group`` consecutive threads
+of a block (a power of two): the whole block for large C (one row per
+block), a part of a warp for small C (many rows per block). Each thread
+takes the columns ``lane, lane + group, ...``: neighbouring threads read
+neighbouring addresses when ``inner`` is 1. Group-wide reductions are warp
+shuffles, then (for a group of several warps) one value per warp through
+shared memory, summed by every thread in a fixed order. Every thread of a
+block runs the same number of row iterations (threads past the last row
+compute on nothing), so full-mask shuffles and ``syncthreads`` are always
+reached by all threads.
+
+Passes. The first pass reads the row once and keeps a running maximum and
+the sum of exponentials relative to it ("online softmax"), plus the other
+sums a loss needs, in the input's float type. The gradient pass reads the
+row again, or, in the ``cached`` variants (the whole block on one row whose
+values fit in shared memory), reads the copy the first pass left in shared
+memory: one global load and one store per element.
+
+Infinities and NaN follow the CPU kernels exactly: a row holding NaN, or
+whose maximum is infinite, has a NaN softmax, loss and gradient;
+``logsumexp`` follows ``torch.logsumexp`` (rows of -inf give -inf, rows
+holding +inf give +inf).
+
+Losses of the rows are written in float64 to a buffer that ``sum_kernel``
+adds up in a fixed order (no atomics), so a mean is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from functools import lru_cache
+
+import numpy as np
+from numba import config, cuda
+
+#: True under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``).
+SIMULATED = bool(config.ENABLE_CUDASIM)
+
+#: Threads per warp. The simulator tests patch it small so that tiny blocks
+#: still have several "warps" and run the shared-memory stage of reductions;
+#: compiled kernels read it at compile time (32 on every NVIDIA GPU).
+WARP = 32
+#: Most warps a block can have (1024 threads).
+MAX_WARPS = 32
+#: Shared scratch per block: one slot per warp for two values (max and sum).
+SCRATCH = 2 * MAX_WARPS
+FULL_MASK = 0xFFFFFFFF
+NEG_INF = -math.inf
+
+if SIMULATED:
+    def _shfl_xor(value, offset):
+        """Butterfly shuffle for the simulator, which has no shuffles.
+
+        The simulator runs a block's threads as Python threads and its blocks
+        one after another; values are exchanged through a dict on the block
+        manager, with the block-wide barriers every thread reaches (see the
+        module docstring: all threads run the same reductions).
+        """
+        th = threading.current_thread()
+        box = th._manager.__dict__.setdefault("_fastxent_shuffle", {})
+        th.syncthreads()  # every thread has read the previous exchange
+        box[th.thread_id] = value
+        th.syncthreads()
+        return box[th.thread_id ^ offset]
+else:
+    @cuda.jit(device=True, inline=True)
+    def _shfl_xor(value, offset):
+        return cuda.shfl_xor_sync(FULL_MASK, value, offset)
+
+
+# --------------------------------------------------------------------------
+# Device helpers shared by the kernels
+
+
+@cuda.jit(device=True, inline=True)
+def _row_start(r, n_classes, inner):
+    """Flat index of element 0 of row ``r`` in the ``(outer, C, inner)`` form."""
+    return (r // inner) * n_classes * inner + r % inner
+
+
+@cuda.jit(device=True, inline=True)
+def _online(m, s, v, one):
+    """Add ``v`` to a running (max ``m``, sum of exp(x - m) ``s``).
+
+    NaN poisons both; a run of -inf keeps ``s`` at 0 (no exp(-inf + inf)).
+    """
+    if v > m:
+        return v, s * math.exp(m - v) + one
+    if v != v:
+        return v, v
+    if m != m or m == NEG_INF:
+        return m, s
+    return m, s + math.exp(v - m)
+
+
+@cuda.jit(device=True, inline=True)
+def _combine(m1, s1, m2, s2):
+    """Merge two running (max, sum) pairs; symmetric, so every lane of a
+    butterfly ends with the same bits."""
+    if m1 != m1 or m2 != m2:
+        return m1 + m2, s1 + m1 + m2
+    m = max(m1, m2)
+    if m == NEG_INF:
+        return m, s1 + s2
+    return m, s1 * math.exp(m1 - m) + s2 * math.exp(m2 - m)
+
+
+@cuda.jit(device=True, inline=True)
+def _group_sum(v, group, scratch):
+    """Sum of ``v`` over a group of threads, returned to every thread."""
+    off = min(group, WARP) // 2
+    while off > 0:
+        v += _shfl_xor(v, off)
+        off //= 2
+    if group > WARP:  # the group is the whole block
+        tid = cuda.threadIdx.x
+        cuda.syncthreads()  # the previous reduction's readers are done
+        if tid % WARP == 0:
+            scratch[tid // WARP] = v
+        cuda.syncthreads()
+        v = scratch[0]
+        for k in range(1, group // WARP):
+            v += scratch[k]
+    return v
+
+
+@cuda.jit(device=True, inline=True)
+def _group_max_sum(m, s, group, scratch):
+    """Merge running (max, sum of exp) pairs over a group of threads."""
+    off = min(group, WARP) // 2
+    while off > 0:
+        m, s = _combine(m, s, _shfl_xor(m, off), _shfl_xor(s, off))
+        off //= 2
+    if group > WARP:
+        tid = cuda.threadIdx.x
+        cuda.syncthreads()
+        if tid % WARP == 0:
+            scratch[tid // WARP] = m
+            scratch[MAX_WARPS + tid // WARP] = s
+        cuda.syncthreads()
+        m = scratch[0]
+        s = scratch[MAX_WARPS]
+        for k in range(1, group // WARP):
+            m, s = _combine(m, s, scratch[k], scratch[MAX_WARPS + k])
+    return m, s
+
+
+@cuda.jit(device=True, inline=True)
+def _finish_sum(m, s):
+    """The row's sum of exponentials, NaN where its max is infinite (the CPU
+    kernels get NaN there from exp(inf - inf) or from a row of -inf)."""
+    if m == NEG_INF or m == -NEG_INF:
+        return m - m
+    return s
+
+
+# --------------------------------------------------------------------------
+# Kernels. Those with float constants are built per float type (``FT``), so
+# float32 inputs are computed in float32; ``cached`` picks the variant that
+# keeps the row in dynamic shared memory. Python functions are returned too
+# (``*_py``), for ``cuda.compile_ptx`` in the tests.
+
+
+def _float_type(dtype):
+    return np.float32 if np.dtype(dtype) == np.float32 else np.float64
+
+
+def _shared_type(ft):
+    """dtype argument of ``cuda.shared.array``: the simulator wants a
+    ``np.dtype``, compiled code the scalar type."""
+    return np.dtype(ft) if SIMULATED else ft
+
+
+_F64_SHARED = _shared_type(np.float64)
+
+
+@lru_cache(maxsize=None)
+def ce_py(dtype, cached):
+    """Fused cross-entropy: loss per row and, when ``g`` is given, gradient.
+
+    ``y``: int64 targets (hard) or None; ``q``: class probabilities of the
+    logits' form (soft) or None; ``w``: class weights or None; ``g``: the
+    gradient (may be ``x`` itself) or None. Formulas: ``_ce_hard_row`` and
+    ``_ce_soft_row`` of ``_cpu_kernels``; ``scale`` is 1/denominator for a
+    mean. Dynamic shared memory (cached): C values (hard), 2C (soft: the
+    logits, then the smoothed, weighted targets).
+    """
+    FT = _float_type(dtype)
+    ST = _shared_type(FT)
+
+    def ce(x, y, q, w, g, losses, n_rows, n_classes, inner, group, ignore_index, wsum, smooth,
+           scale):
+        scratch = cuda.shared.array(SCRATCH, ST)
+        cache = cuda.shared.array(0, ST)
+        zero = FT(0.0)
+        one = FT(1.0)
+        keep_q = FT(1.0 - smooth)
+        uniform_q = FT(smooth / n_classes)
+        scale_f = FT(scale)
+        tid = cuda.threadIdx.x
+        lane = tid % group
+        per_block = cuda.blockDim.x // group
+        base = np.int64(cuda.blockIdx.x) * per_block
+        step = np.int64(cuda.gridDim.x) * per_block
+        while base < n_rows:
+            r = base + tid // group
+            active = r < n_rows
+            t = np.int64(0)
+            take = active
+            if y is not None:
+                if active:
+                    t = y[r]
+                    take = t != ignore_index
+            start = _row_start(r, n_classes, inner)
+            m = FT(NEG_INF)
+            s = zero
+            a1 = zero  # soft: sum of q'; hard: x[t]
+            a2 = zero  # soft: sum of q' x; hard (smoothing): sum of w x
+            if take:
+                for c in range(lane, n_classes, group):
+                    i = start + c * inner
+                    v = x[i]
+                    if cached:
+                        cache[c] = v
+                    m, s = _online(m, s, v, one)
+                    if q is not None:
+                        qc = keep_q * q[i] + uniform_q
+                        if w is not None:
+                            qc *= w[c]
+                        if cached:
+                            cache[n_classes + c] = qc
+                        a1 += qc
+                        a2 += qc * v
+                    else:
+                        if c == t:
+                            a1 = v
+                        if smooth > 0.0:
+                            if w is None:
+                                a2 += v
+                            else:
+                                a2 += w[c] * v
+            m, s = _group_max_sum(m, s, group, scratch)
+            a1 = _group_sum(a1, group, scratch)
+            a2 = _group_sum(a2, group, scratch)
+            s = _finish_sum(m, s)
+            lse = np.float64(m) + math.log(np.float64(s))
+            wt = 1.0
+            if q is not None:
+                loss = np.float64(a1) * lse - np.float64(a2)
+            else:
+                if w is not None:
+                    if take:
+                        wt = np.float64(w[t])
+                loss = (1.0 - smooth) * wt * (lse - np.float64(a1))
+                if smooth > 0.0:
+                    loss += smooth / n_classes * (wsum * lse - np.float64(a2))
+            if active and lane == 0:
+                losses[r] = loss if take else 0.0
+            if g is not None:
+                if take:
+                    if q is not None:
+                        k1 = FT(scale * np.float64(a1) / np.float64(s))
+                        for c in range(lane, n_classes, group):
+                            i = start + c * inner
+                            if cached:
+                                v = cache[c]
+                                qc = cache[n_classes + c]
+                            else:
+                                v = x[i]
+                                qc = keep_q * q[i] + uniform_q
+                                if w is not None:
+                                    qc *= w[c]
+                            g[i] = math.exp(v - m) * k1 - scale_f * qc
+                    else:
+                        k1 = FT(scale * ((1.0 - smooth) * wt + smooth * wsum / n_classes)
+                                / np.float64(s))
+                        k2 = FT(scale * smooth / n_classes)
+                        kt = FT(scale * (1.0 - smooth) * wt)
+                        for c in range(lane, n_classes, group):
+                            i = start + c * inner
+                            if cached:
+                                v = cache[c]
+                            else:
+                                v = x[i]
+                            e = math.exp(v - m) * k1
+                            if smooth > 0.0:
+                                if w is None:
+                                    e -= k2
+                                else:
+                                    e -= k2 * w[c]
+                            if c == t:
+                                e -= kt
+                            g[i] = e
+                elif active:
+                    for c in range(lane, n_classes, group):
+                        g[start + c * inner] = zero
+            base += step
+
+    return ce
+
+
+@lru_cache(maxsize=None)
+def softmax_py(dtype, cached, log):
+    """``out`` <- softmax or log_softmax of the rows of ``x`` (``out`` may be
+    ``x``); the formulas of ``_cpu_kernels._softmax``."""
+    FT = _float_type(dtype)
+    ST = _shared_type(FT)
+
+    def softmax(x, out, n_rows, n_classes, inner, group):
+        scratch = cuda.shared.array(SCRATCH, ST)
+        cache = cuda.shared.array(0, ST)
+        one = FT(1.0)
+        tid = cuda.threadIdx.x
+        lane = tid % group
+        per_block = cuda.blockDim.x // group
+        base = np.int64(cuda.blockIdx.x) * per_block
+        step = np.int64(cuda.gridDim.x) * per_block
+        while base < n_rows:
+            r = base + tid // group
+            active = r < n_rows
+            start = _row_start(r, n_classes, inner)
+            m = FT(NEG_INF)
+            s = FT(0.0)
+            if active:
+                for c in range(lane, n_classes, group):
+                    v = x[start + c * inner]
+                    if cached:
+                        cache[c] = v
+                    m, s = _online(m, s, v, one)
+            m, s = _group_max_sum(m, s, group, scratch)
+            s = _finish_sum(m, s)
+            if active:
+                if log:
+                    log_s = FT(math.log(np.float64(s)))
+                else:
+                    inv_s = FT(1.0 / np.float64(s))
+                for c in range(lane, n_classes, group):
+                    i = start + c * inner
+                    if cached:
+                        v = cache[c]
+                    else:
+                        v = x[i]
+                    if log:
+                        out[i] = (v - m) - log_s
+                    else:
+                        out[i] = math.exp(v - m) * inv_s
+            base += step
+
+    return softmax
+
+
+@lru_cache(maxsize=None)
+def logsumexp_py(dtype):
+    """``out[r]`` <- log(sum(exp(row r))), as ``torch.logsumexp``."""
+    FT = _float_type(dtype)
+    ST = _shared_type(FT)
+
+    def logsumexp(x, out, n_rows, n_classes, inner, group):
+        scratch = cuda.shared.array(SCRATCH, ST)
+        one = FT(1.0)
+        tid = cuda.threadIdx.x
+        lane = tid % group
+        per_block = cuda.blockDim.x // group
+        base = np.int64(cuda.blockIdx.x) * per_block
+        step = np.int64(cuda.gridDim.x) * per_block
+        while base < n_rows:
+            r = base + tid // group
+            active = r < n_rows
+            start = _row_start(r, n_classes, inner)
+            m = FT(NEG_INF)
+            s = FT(0.0)
+            if active:
+                for c in range(lane, n_classes, group):
+                    m, s = _online(m, s, x[start + c * inner], one)
+            m, s = _group_max_sum(m, s, group, scratch)
+            if active and lane == 0:
+                # An infinite max is the answer itself (torch does not
+                # subtract it): -inf for rows of -inf, +inf for rows with +inf.
+                if m == NEG_INF or m == -NEG_INF:
+                    out[r] = m
+                else:
+                    out[r] = np.float64(m) + math.log(np.float64(s))
+            base += step
+
+    return logsumexp
+
+
+@lru_cache(maxsize=None)
+def bce_py(dtype):
+    """Binary cross-entropy with logits, elementwise (``_bce_element``).
+
+    ``w``, ``pw``: full-size weights or None; ``g``: gradient (may be ``x``)
+    or None; ``elements``: per-element losses or None. Each thread adds its
+    elements' losses in float64 into ``partials[thread]`` (a fixed order for
+    a given launch), summed afterwards by ``sum_kernel``.
+    """
+    FT = _float_type(dtype)
+    ST = _shared_type(FT)
+
+    def bce(x, t, w, pw, g, elements, partials, n, scale):
+        zero = FT(0.0)
+        one = FT(1.0)
+        scale_f = FT(scale)
+        first = cuda.grid(1)
+        acc = 0.0
+        for i in range(first, n, cuda.gridsize(1)):
+            xc = x[i]
+            tc = t[i]
+            e = math.exp(-abs(xc))
+            u = one + e
+            log_sigmoid = -math.log1p(e)
+            if xc < zero:
+                log_sigmoid += xc
+            lw = one
+            if pw is not None:
+                lw = one + (pw[i] - one) * tc
+            loss = (one - tc) * xc - lw * log_sigmoid
+            if xc >= zero:
+                sig = one / u
+            else:
+                sig = e / u
+            grad = lw * sig - lw + one - tc
+            if w is not None:
+                loss = loss * w[i]
+                grad = grad * w[i]
+            if elements is not None:
+                elements[i] = loss
+            if g is not None:
+                g[i] = grad * scale_f
+            acc += loss
+        partials[first] = acc
+
+    return bce
+
+
+def nll_py(lp, y, w, losses, n_rows, n_classes, inner, ignore_index):
+    """``losses[r]`` <- -w[t] lp[r, t] (0 for ignored rows); a thread per row."""
+    for r in range(cuda.grid(1), n_rows, cuda.gridsize(1)):
+        t = y[r]
+        if t == ignore_index:
+            losses[r] = 0.0
+        else:
+            v = np.float64(lp[_row_start(np.int64(r), n_classes, inner) + t * inner])
+            if w is None:
+                losses[r] = -v
+            else:
+                losses[r] = -np.float64(w[t]) * v
+
+
+def sum_py(values, out):
+    """``out[0]`` <- sum of ``values`` (float64), one block, fixed order."""
+    scratch = cuda.shared.array(SCRATCH, _F64_SHARED)
+    tid = cuda.threadIdx.x
+    acc = 0.0
+    for i in range(tid, values.shape[0], cuda.blockDim.x):
+        acc += values[i]
+    acc = _group_sum(acc, cuda.blockDim.x, scratch)
+    if tid == 0:
+        out[0] = acc
+
+
+def cast_py(src, dst):
+    """``dst`` <- ``src`` converted to ``dst``'s dtype (flat arrays)."""
+    for i in range(cuda.grid(1), dst.shape[0], cuda.gridsize(1)):
+        dst[i] = src[i]
+
+
+# Compiled (lazily, per argument types) kernels.
+
+@lru_cache(maxsize=None)
+def ce(dtype, cached):
+    return cuda.jit(ce_py(np.dtype(dtype).name, cached))
+
+
+@lru_cache(maxsize=None)
+def softmax(dtype, cached, log):
+    return cuda.jit(softmax_py(np.dtype(dtype).name, cached, log))
+
+
+@lru_cache(maxsize=None)
+def logsumexp(dtype):
+    return cuda.jit(logsumexp_py(np.dtype(dtype).name))
+
+
+@lru_cache(maxsize=None)
+def bce(dtype):
+    return cuda.jit(bce_py(np.dtype(dtype).name))
+
+
+nll = cuda.jit(nll_py)
+sum_kernel = cuda.jit(sum_py)
+cast = cuda.jit(cast_py)

@@ -1,0 +1,266 @@
+"""The GPU backend's results against PyTorch (CPU), under the CUDA simulator.
+
+Shapes are tiny: the simulator runs every CUDA thread as a Python thread.
+C = 3 gives a thread per row, C = 12 a 4-thread "warp" per row, C = 40 the
+whole 8-thread block on a row (shuffles, then shared memory), with the row
+kept in shared memory or (``SHARED_CACHE_BYTES`` = 0) read twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from numba import cuda
+
+import fastxent
+from fastxent import _cuda
+
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def _host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def _close(ours, ref, dtype):
+    np.testing.assert_allclose(np.asarray(_host(ours), dtype=np.float64),
+                               ref.detach().numpy().astype(np.float64), **TOL[dtype])
+
+
+def _problem(rng, kdim, C, dtype, soft, ignore):
+    shape = (3, C, 2) if kdim else (5, C)
+    x = rng.standard_normal(shape).astype(dtype) * 2
+    if soft:
+        q = rng.random(shape).astype(dtype)
+        return x, q / q.sum(axis=1, keepdims=True)
+    y = rng.integers(0, C, (3, 2) if kdim else (5,))
+    if ignore is not None:
+        y.flat[1] = ignore
+    return x, y
+
+
+CE_CASES = [c for c in itertools.product(
+    [False, True],              # soft targets
+    [False, True],              # weight
+    [None, -100, 1],            # ignore_index (None: no ignored target)
+    [0.0, 0.2],                 # label smoothing
+    ["mean", "sum", "none"],
+    [False, True])              # K-dim (N, C, d) layout
+    if not (c[0] and c[2] is not None)]
+
+
+@pytest.mark.parametrize("soft,weighted,ignore,smooth,reduction,kdim", CE_CASES)
+def test_cross_entropy_with_grad_matches_torch(soft, weighted, ignore, smooth, reduction, kdim):
+    i = CE_CASES.index((soft, weighted, ignore, smooth, reduction, kdim))
+    dtype = (np.float64, np.float32)[i % 2]
+    C = (3, 12, 40)[i % 3]
+    rng = np.random.default_rng(i)
+    x, t = _problem(rng, kdim, C, dtype, soft, ignore)
+    w = rng.random(C).astype(dtype) + 0.5 if weighted else None
+    kw = dict(reduction=reduction, label_smoothing=smooth)
+    if ignore is not None:
+        kw["ignore_index"] = ignore
+    loss, grad = fastxent.cross_entropy_with_grad(
+        cuda.to_device(x), cuda.to_device(t), weight=None if w is None else cuda.to_device(w),
+        axis=1, **kw)
+    xt = torch.tensor(x, requires_grad=True)
+    ref = F.cross_entropy(xt, torch.tensor(t), weight=None if w is None else torch.tensor(w),
+                          **kw)
+    ref.sum().backward()
+    _close(loss, ref, dtype)
+    _close(grad, xt.grad, dtype)
+    if reduction != "none":
+        assert isinstance(loss, np.generic) and loss.dtype == dtype
+    assert cuda.devicearray.is_cuda_ndarray(grad)
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 20])
+@pytest.mark.parametrize("soft", [False, True])
+def test_cross_entropy_large_rows_cached_or_not_in_place(cache_bytes, soft, monkeypatch):
+    monkeypatch.setattr(_cuda, "SHARED_CACHE_BYTES", cache_bytes)
+    rng = np.random.default_rng(7)
+    x, t = _problem(rng, False, 40, np.float64, soft, None if soft else -100)
+    w = rng.random(40) + 0.5
+    xt = torch.tensor(x, requires_grad=True)
+    ref = F.cross_entropy(xt, torch.tensor(t), weight=torch.tensor(w), label_smoothing=0.1)
+    ref.backward()
+    xd = cuda.to_device(x)
+    loss, grad = fastxent.cross_entropy_with_grad(xd, cuda.to_device(t), weight=cuda.to_device(w),
+                                                  label_smoothing=0.1, inplace=True)
+    _close(loss, ref, np.float64)
+    _close(xd, xt.grad, np.float64)  # written over the logits
+    assert grad is xd
+
+
+def test_cross_entropy_loss_only_and_out():
+    rng = np.random.default_rng(3)
+    x, y = _problem(rng, False, 12, np.float32, False, None)
+    ref_x = torch.tensor(x, requires_grad=True)
+    ref = F.cross_entropy(ref_x, torch.tensor(y))
+    ref.backward()
+    _close(fastxent.cross_entropy(cuda.to_device(x), cuda.to_device(y)), ref, np.float32)
+    out = cuda.to_device(np.full_like(x, 7.0))
+    loss, grad = fastxent.cross_entropy_with_grad(cuda.to_device(x), cuda.to_device(y), out=out)
+    assert grad is out
+    _close(out, ref_x.grad, np.float32)
+
+
+def test_nonfinite_rows_match_cpu():
+    x = np.array([[0.0, np.inf, 1.0], [np.nan, 0.0, 1.0], [-np.inf] * 3, [1.0, 2.0, -np.inf]])
+    y = np.array([0, 1, 2, 1])
+    cpu = fastxent.cross_entropy_with_grad(x, y, reduction="none", device="cpu")
+    gpu = fastxent.cross_entropy_with_grad(x, y, reduction="none", device="cuda")
+    for a, b in zip(cpu, gpu):
+        np.testing.assert_allclose(b, a, rtol=1e-12)
+    lse = fastxent.logsumexp(x, device="cuda")
+    np.testing.assert_allclose(lse, torch.logsumexp(torch.tensor(x), -1).numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_nll_loss_matches_torch(weighted, reduction):
+    rng = np.random.default_rng(11)
+    lp, y = _problem(rng, True, 12, np.float64, False, -100)
+    w = rng.random(12) + 0.5 if weighted else None
+    ours = fastxent.nll_loss(cuda.to_device(lp), cuda.to_device(y), axis=1, reduction=reduction,
+                             weight=None if w is None else cuda.to_device(w))
+    ref = F.nll_loss(torch.tensor(lp), torch.tensor(y), reduction=reduction,
+                     weight=None if w is None else torch.tensor(w))
+    _close(ours, ref, np.float64)
+
+
+@pytest.mark.parametrize("C", [3, 40])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_and_logsumexp_match_torch(C, dtype, log):
+    rng = np.random.default_rng(C)
+    x = rng.standard_normal((3, C, 2)).astype(dtype)
+    fn, ref_fn = (fastxent.log_softmax, torch.log_softmax) if log else (fastxent.softmax,
+                                                                       torch.softmax)
+    xd = cuda.to_device(x)
+    _close(fn(xd, axis=1), ref_fn(torch.tensor(x), 1), dtype)
+    _close(fastxent.logsumexp(xd, axis=1), torch.logsumexp(torch.tensor(x), 1), dtype)
+    fn(xd, axis=1, out=xd)  # in place
+    _close(xd, ref_fn(torch.tensor(x), 1), dtype)
+
+
+@pytest.mark.parametrize("weighted,pos_weighted", [(False, False), (True, True)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bce_with_logits_matches_torch(weighted, pos_weighted, reduction, dtype):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((4, 5)) * 10).astype(dtype)
+    t = rng.random((4, 5)).astype(dtype)
+    w = rng.random((4, 5)).astype(dtype) if weighted else None
+    pw = (rng.random(5) * 3).astype(dtype) if pos_weighted else None
+    dev = [None if a is None else cuda.to_device(a) for a in (x, t, w, pw)]
+    loss, grad = fastxent.binary_cross_entropy_with_logits_with_grad(
+        dev[0], dev[1], weight=dev[2], pos_weight=dev[3], reduction=reduction)
+    xt = torch.tensor(x, requires_grad=True)
+    ref = F.binary_cross_entropy_with_logits(
+        xt, torch.tensor(t), weight=None if w is None else torch.tensor(w),
+        pos_weight=None if pw is None else torch.tensor(pw), reduction=reduction)
+    ref.sum().backward()
+    _close(loss, ref, dtype)
+    _close(grad, xt.grad, dtype)
+
+
+# --------------------------------------------------------------------------
+# Errors before any write, and device selection
+
+
+def test_target_out_of_range_raises_before_any_write():
+    x = np.arange(12.0).reshape(4, 3)
+    xd = cuda.to_device(x)
+    out = cuda.to_device(np.full_like(x, 5.0))
+    with pytest.raises(IndexError, match="target 3 at position \\(2,\\)"):
+        fastxent.cross_entropy_with_grad(xd, cuda.to_device(np.array([0, 1, 3, 0])), out=out)
+    with pytest.raises(IndexError):
+        fastxent.cross_entropy_with_grad(xd, cuda.to_device(np.array([0, -1, 0, 0])),
+                                         inplace=True)
+    np.testing.assert_array_equal(xd.copy_to_host(), x)
+    np.testing.assert_array_equal(out.copy_to_host(), 5.0)
+    with pytest.raises(IndexError):
+        fastxent.nll_loss(xd, cuda.to_device(np.array([0, 1, 9, 0])))
+
+
+def test_bad_shapes_and_options_raise():
+    xd = cuda.to_device(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="batch shape"):
+        fastxent.cross_entropy(xd, cuda.to_device(np.zeros(3, dtype=np.int64)))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fastxent.cross_entropy(xd, cuda.to_device(np.zeros(4, dtype=np.int64)),
+                               label_smoothing=2.0)
+    with pytest.raises(ValueError, match="expected"):
+        fastxent.softmax(xd, out=cuda.to_device(np.zeros((3, 4))))
+
+
+def test_device_selection():
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    y = np.array([0, 1, 2, 0])
+    xd, yd = cuda.to_device(x), cuda.to_device(y)
+    cpu_loss, cpu_grad = fastxent.cross_entropy_with_grad(x, y)
+    # auto: device arrays in, device arrays out (the loss a host scalar)
+    loss, grad = fastxent.cross_entropy_with_grad(xd, yd)
+    assert cuda.devicearray.is_cuda_ndarray(grad) and isinstance(loss, np.float32)
+    np.testing.assert_allclose(grad.copy_to_host(), cpu_grad, rtol=1e-5, atol=1e-7)
+    assert cuda.devicearray.is_cuda_ndarray(fastxent.logsumexp(xd))
+    # cuda with host arrays: copied over, NumPy results; inplace writes back
+    loss, grad = fastxent.cross_entropy_with_grad(x, y, device="cuda")
+    assert isinstance(grad, np.ndarray)
+    np.testing.assert_allclose(grad, cpu_grad, rtol=1e-5, atol=1e-7)
+    x2 = x.copy()
+    loss, grad = fastxent.cross_entropy_with_grad(x2, y, device="cuda", inplace=True)
+    assert grad is x2
+    np.testing.assert_allclose(x2, cpu_grad, rtol=1e-5, atol=1e-7)
+    assert isinstance(fastxent.cross_entropy(x, y, reduction="none", device="cuda"), np.ndarray)
+    # mixed, or GPU arrays with device="cpu": refused
+    with pytest.raises(ValueError, match="some inputs are on the GPU"):
+        fastxent.cross_entropy(xd, y)
+    with pytest.raises(ValueError, match="device='cpu'"):
+        fastxent.cross_entropy(xd, yd, device="cpu")
+    with pytest.raises(ValueError, match="device must be"):
+        fastxent.cross_entropy(x, y, device="gpu")
+
+
+def test_conversions_and_edge_shapes():
+    rng = np.random.default_rng(2)
+    # integer logits compute in float64; float64 probabilities for float32
+    # logits are converted on the device (as on the CPU)
+    xi = rng.integers(-3, 3, (4, 5))
+    y = np.array([0, 4, 2, 1])
+    np.testing.assert_allclose(
+        fastxent.cross_entropy(cuda.to_device(xi), cuda.to_device(y)),
+        F.cross_entropy(torch.tensor(xi, dtype=torch.float64), torch.tensor(y)).item(),
+        rtol=1e-12)
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    q = rng.random((4, 5))
+    q /= q.sum(1, keepdims=True)
+    cpu = fastxent.cross_entropy(x, q)
+    gpu = fastxent.cross_entropy(cuda.to_device(x), cuda.to_device(q))
+    assert gpu.dtype == np.float32
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-6)
+    # a single row (1-D logits): a 0-d result for reduction="none"
+    one = fastxent.cross_entropy(x[0], np.int64(2), reduction="none", device="cuda")
+    np.testing.assert_allclose(one, F.cross_entropy(torch.tensor(x[0]), torch.tensor(2)).item(),
+                               rtol=1e-6)
+    # no rows: mean is NaN, sum is 0, as in PyTorch
+    empty = cuda.to_device(np.zeros((0, 5)))
+    no_y = cuda.to_device(np.zeros(0, dtype=np.int64))
+    assert np.isnan(fastxent.cross_entropy(empty, no_y))
+    assert fastxent.cross_entropy(empty, no_y, reduction="sum") == 0.0
+    # logsumexp over an empty axis is -inf
+    lse = fastxent.logsumexp(cuda.to_device(np.zeros((3, 0))))
+    np.testing.assert_array_equal(lse.copy_to_host(), np.full(3, -np.inf))
+    # 0-d BCE
+    loss, grad = fastxent.binary_cross_entropy_with_logits_with_grad(
+        np.float64(0.3), np.float64(1.0), reduction="none", device="cuda")
+    xt = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    ref = F.binary_cross_entropy_with_logits(xt, torch.tensor(1.0, dtype=torch.float64))
+    ref.backward()
+    assert loss.shape == () and grad.shape == ()
+    np.testing.assert_allclose([loss, grad], [ref.item(), xt.grad.item()], rtol=1e-12)

@@ -1,0 +1,99 @@
+"""The GPU kernels compile to PTX for sm_90, and "performance on paper".
+
+Runs with the real numba-cuda (no GPU needed: ``cuda.compile_ptx`` only
+needs NVVM, shipped by ``numba-cuda[cu13]``), in this process, which must not
+have the CUDA simulator enabled (see ``test_cuda_sim.py`` for the kernels'
+results).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import pytest
+from numba import config
+
+from ptx_loops import innermost_loops
+
+if config.ENABLE_CUDASIM:  # pragma: no cover - the simulator cannot make PTX
+    pytest.fail("test_cuda_compile.py needs the real numba-cuda: unset NUMBA_ENABLE_CUDASIM",
+                pytrace=False)
+
+from numba import cuda, types as T  # noqa: E402
+
+from fastxent import _cuda_kernels as K  # noqa: E402
+
+CC = (9, 0)
+FLOATS = {"float32": T.float32, "float64": T.float64}
+i64, f64 = T.int64, T.float64
+
+
+def _ce_sig(ft, soft, weighted, grad):
+    a = ft[::1]
+    return (a, None if soft else i64[::1], a if soft else None, a if weighted else None,
+            a if grad else None, f64[::1], i64, i64, i64, i64, i64, f64, f64, f64)
+
+
+def _sig(*args):
+    return tuple(T.none if a is None else a for a in args)
+
+
+def _kernels(dtype):
+    """(name, python function, signature) of every kernel, for one float type."""
+    ft = FLOATS[dtype]
+    a = ft[::1]
+    out = []
+    for cached in (False, True):
+        for soft in (False, True):
+            out.append((f"ce soft={soft} cached={cached}", K.ce_py(dtype, cached),
+                        _sig(*_ce_sig(ft, soft, True, True))))
+        for log in (False, True):
+            out.append((f"softmax log={log} cached={cached}", K.softmax_py(dtype, cached, log),
+                        (a, a, i64, i64, i64, i64)))
+    out.append(("logsumexp", K.logsumexp_py(dtype), (a, a, i64, i64, i64, i64)))
+    out.append(("bce", K.bce_py(dtype), (a, a, a, a, a, a, f64[::1], i64, f64)))
+    out.append(("nll", K.nll_py, _sig(a, i64[::1], a, f64[::1], i64, i64, i64, i64)))
+    out.append(("cast", K.cast_py, (f64[::1], a)))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _ptx(fn, sig):
+    ptx, _ = cuda.compile_ptx(fn, sig, cc=CC)
+    return ptx
+
+
+@pytest.mark.parametrize("dtype", sorted(FLOATS))
+def test_every_kernel_compiles_without_spills(dtype):
+    kernels = _kernels(dtype) + [("sum", K.sum_py, (f64[::1], f64[::1]))]
+    for name, fn, sig in kernels:
+        ptx = _ptx(fn, sig)
+        assert ".target sm_90" in ptx, name
+        assert "ld.local" not in ptx and "st.local" not in ptx, f"{name} spills to local memory"
+        if name.split()[0] in ("ce", "softmax", "logsumexp", "sum"):
+            assert "shfl.sync.bfly" in ptx, f"{name} reduces without warp shuffles"
+            assert not re.search(r"\s(atom|red)\.", ptx), f"{name} uses atomics"
+
+
+@pytest.mark.parametrize("dtype", sorted(FLOATS))
+@pytest.mark.parametrize("cached", [False, True])
+def test_fused_cross_entropy_moves_each_element_at_most_twice(dtype, cached):
+    """Hard targets with gradient: a first pass (online max and sum) and a
+    gradient pass. Per element: at most 2 global loads and 1 global store, 1
+    load when the row is kept in shared memory. The compiler unswitches
+    loops (e.g. on label smoothing), so the per-element cost is the worst
+    first-pass loop plus the worst gradient-pass loop."""
+    ptx = _ptx(K.ce_py(dtype, cached), _sig(*_ce_sig(FLOATS[dtype], False, False, True)))
+    loops = innermost_loops(ptx)
+    first = [lp for lp in loops if lp.stores == 0]
+    second = [lp for lp in loops if lp.stores > 0]
+    assert first and second, loops
+    loads = max(lp.loads_per_element for lp in first) + max(lp.loads_per_element
+                                                            for lp in second)
+    assert loads <= (1 if cached else 2), loops
+    assert all(lp.stores_per_element <= 1 for lp in loops), loops
+    if cached:
+        assert all(lp.shared_stores > 0 for lp in first), "first pass does not fill the cache"
+    assert "ld.local" not in ptx and "st.local" not in ptx
+    assert ptx.count("shfl.sync.bfly") >= 2
