@@ -31,9 +31,16 @@ from ._fastmath import FASTMATH, fast_exp, fast_log, maximum
 _JIT_OPTIONS = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
 
 
-def _jit(fn):
-    """Compile a helper with the project's options (inlined into kernels)."""
-    return numba.njit(**_JIT_OPTIONS)(fn)
+def _jit(fn=None, *, inline=False):
+    """Compile a helper with the project's options.
+
+    ``inline=True`` inlines it into its callers at Numba's level: a call
+    per row of a few classes costs more than the row's arithmetic.
+    """
+    def wrap(f):
+        return numba.njit(inline="always" if inline else "never", **_JIT_OPTIONS)(f)
+
+    return wrap if fn is None else wrap(fn)
 
 
 def _row(a, r, inner):
@@ -41,7 +48,7 @@ def _row(a, r, inner):
     raise NotImplementedError  # only called from compiled code
 
 
-@overload(_row, jit_options=_JIT_OPTIONS)
+@overload(_row, jit_options=_JIT_OPTIONS, inline="always")
 def _row_impl(a, r, inner):
     if isinstance(a, types.Array) and a.ndim == 2:
         return lambda a, r, inner: a[r]
@@ -55,7 +62,7 @@ def _cast_like(value, like):
     raise NotImplementedError  # only called from compiled code
 
 
-@overload(_cast_like, jit_options=_JIT_OPTIONS)
+@overload(_cast_like, jit_options=_JIT_OPTIONS, inline="always")
 def _cast_like_impl(value, like):
     if getattr(like, "dtype", like) == types.float32:
         return lambda value, like: np.float32(value)
@@ -175,7 +182,7 @@ def _exp_pass(x, g, inplace):
     return m, _exp_sum_inplace(g, m)
 
 
-@_jit
+@_jit(inline=True)
 def _zero(g):
     for c in range(g.shape[0]):
         g[c] = 0.0
@@ -192,7 +199,7 @@ def _scale_minus(g, k1, k2, w):
             g[c] = g[c] * k1 - k2 * w[c]
 
 
-@_jit
+@_jit(inline=True)
 def _scale_minus_from(e, g, k1, k2, w):
     """g <- e * k1 - k2 * w  (``- k2`` when ``w`` is None); ``e`` is not ``g``."""
     if w is None:
@@ -203,7 +210,7 @@ def _scale_minus_from(e, g, k1, k2, w):
             g[c] = e[c] * k1 - k2 * w[c]
 
 
-@_jit
+@_jit(inline=True)
 def _hard_coeffs(lse, s, xt, t, w, wsum, sx, smooth, scale, C):
     """Loss of a row and its gradient's coefficients, for class target ``t``.
 
