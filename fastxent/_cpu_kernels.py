@@ -136,6 +136,28 @@ def _dot(x, w):
 
 
 @_jit
+def _max_and_dot(x, w):
+    """(max of x, sum of w * x) in one read of the row."""
+    m = x[0]
+    total = 0.0
+    n = x.shape[0]
+    for b0 in range(0, n, _BLOCK):
+        xb = x[b0:b0 + _BLOCK]
+        part = _cast_like(0.0, x)
+        if w is None:
+            for c in range(xb.shape[0]):
+                m = maximum(m, xb[c])
+                part += xb[c]
+        else:
+            wb = w[b0:b0 + _BLOCK]
+            for c in range(xb.shape[0]):
+                m = maximum(m, xb[c])
+                part += wb[c] * xb[c]
+        total += part
+    return m, total
+
+
+@_jit
 def _exp_sum(x, m):
     """sum(exp(x - m)) in float64; ``x`` is not written."""
     total = 0.0
@@ -180,6 +202,18 @@ def _exp_pass(x, g, inplace):
     else:
         m = _copy_row_max(x, g)
     return m, _exp_sum_inplace(g, m)
+
+
+@_jit
+def _exp_pass_dot(x, g, inplace, w):
+    """``_exp_pass`` that also returns sum(w * x), read in the max sweep."""
+    m, dot = _max_and_dot(x, w)  # reads only: x may be g
+    if g is None:
+        return m, _exp_sum(x, m), dot
+    if not inplace:
+        for c in range(x.shape[0]):
+            g[c] = x[c]
+    return m, _exp_sum_inplace(g, m), dot
 
 
 @_jit(inline=True)
@@ -237,9 +271,11 @@ def _ce_hard_row(x, g, inplace, t, w, wsum, smooth, scale):
     """
     C = x.shape[0]
     xt = np.float64(x[t])
-    # Read before the gradient overwrites the row (in place).
-    sx = _dot(x, w) if smooth > 0.0 else 0.0
-    m, s = _exp_pass(x, g, inplace)
+    if smooth > 0.0:
+        m, s, sx = _exp_pass_dot(x, g, inplace, w)
+    else:
+        m, s = _exp_pass(x, g, inplace)
+        sx = 0.0
     loss, k1, k2, kt = _hard_coeffs(m + np.log(s), s, xt, t, w, wsum, sx, smooth, scale, C)
     if g is not None:
         _scale_minus(g, _cast_like(k1, g), _cast_like(k2, g), w)
@@ -713,9 +749,14 @@ class _Kernel:
     Python threads run parallel regions at once. One parallel call runs at a
     time; a call that arrives meanwhile (another Python thread) runs the
     serial variant, which releases the GIL and gives the same bits.
+
+    Inputs of fewer than ``PARALLEL_MIN_ELEMENTS`` elements run serially:
+    waking the thread pool costs more than their work (tens of
+    microseconds, milliseconds when the cores are busy).
     """
 
     _lock = threading.Lock()
+    PARALLEL_MIN_ELEMENTS = 1 << 16
 
     def __init__(self, fn):
         self.parallel = numba.njit(parallel=True, **_JIT_OPTIONS)(fn)
@@ -727,7 +768,9 @@ class _Kernel:
         self.serial = numba.njit(**_JIT_OPTIONS)(serial_fn)
 
     def __call__(self, *args):
-        if numba.get_num_threads() > 1 and _Kernel._lock.acquire(blocking=False):
+        """Run on the arrays ``args``; the first one's size is the work."""
+        if (args[0].size >= self.PARALLEL_MIN_ELEMENTS and numba.get_num_threads() > 1
+                and _Kernel._lock.acquire(blocking=False)):
             try:
                 return self.parallel(*args)
             finally:
