@@ -631,25 +631,59 @@ def _log1p_unit(e):
     raise NotImplementedError  # only called from compiled code
 
 
+# log1p(e) = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...),  s = e / (2 + e) in
+# [0, 1/3]: no cancellation for small e (unlike log(1 + e)), one division,
+# and a polynomial that vectorizes. Terms until s^(2k) / (2k+1) is below the
+# type's rounding: 9 for float32, 18 for float64. The Horner steps are
+# written out because a loop over a tuple of coefficients does not vectorize.
+
+
+@_jit(inline=True)
+def _log1p_unit32(e):
+    s = e / (np.float32(2.0) + e)
+    s2 = s * s
+    p = np.float32(0.058823529411764705)
+    p = p * s2 + np.float32(0.06666666666666667)
+    p = p * s2 + np.float32(0.07692307692307693)
+    p = p * s2 + np.float32(0.09090909090909091)
+    p = p * s2 + np.float32(0.1111111111111111)
+    p = p * s2 + np.float32(0.14285714285714285)
+    p = p * s2 + np.float32(0.2)
+    p = p * s2 + np.float32(0.3333333333333333)
+    p = p * s2 + np.float32(1.0)
+    return (s + s) * p
+
+
+@_jit(inline=True)
+def _log1p_unit64(e):
+    s = e / (2.0 + e)
+    s2 = s * s
+    p = np.float64(0.02857142857142857)
+    p = p * s2 + np.float64(0.030303030303030304)
+    p = p * s2 + np.float64(0.03225806451612903)
+    p = p * s2 + np.float64(0.034482758620689655)
+    p = p * s2 + np.float64(0.037037037037037035)
+    p = p * s2 + np.float64(0.04)
+    p = p * s2 + np.float64(0.043478260869565216)
+    p = p * s2 + np.float64(0.047619047619047616)
+    p = p * s2 + np.float64(0.05263157894736842)
+    p = p * s2 + np.float64(0.058823529411764705)
+    p = p * s2 + np.float64(0.06666666666666667)
+    p = p * s2 + np.float64(0.07692307692307693)
+    p = p * s2 + np.float64(0.09090909090909091)
+    p = p * s2 + np.float64(0.1111111111111111)
+    p = p * s2 + np.float64(0.14285714285714285)
+    p = p * s2 + np.float64(0.2)
+    p = p * s2 + np.float64(0.3333333333333333)
+    p = p * s2 + np.float64(1.0)
+    return (s + s) * p
+
+
 @overload(_log1p_unit, jit_options=_JIT_OPTIONS, inline="always")
 def _log1p_unit_impl(e):
-    # log1p(e) = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...),  s = e / (2 + e)
-    # in [0, 1/3]: no cancellation for small e (unlike log(1 + e)), one
-    # division, and a polynomial that vectorizes. Terms until s^(2k) / (2k+1)
-    # is below the type's rounding: 9 for float32, 18 for float64.
-    terms = 9 if e == types.float32 else 18
-    coefs = tuple(1.0 / (2 * k + 1) for k in range(terms - 1, -1, -1))
-    cast = np.float32 if e == types.float32 else np.float64
-
-    def impl(e):
-        s = e / (cast(2.0) + e)
-        s2 = s * s
-        p = cast(0.0)
-        for coef in coefs:
-            p = p * s2 + cast(coef)
-        return (s + s) * p
-
-    return impl
+    if e == types.float32:
+        return lambda e: _log1p_unit32(e)
+    return lambda e: _log1p_unit64(e)
 
 
 @_jit(inline=True)
