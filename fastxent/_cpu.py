@@ -207,6 +207,10 @@ def logsumexp(problem: ClassProblem, x):
     return out.reshape(problem.batch_shape)
 
 
+#: Elements per work item of the BCE kernel.
+_BCE_SEGMENT = 1 << 14
+
+
 def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
     """Elementwise BCE, seen as rows of the last axis; gradient as in
     ``cross_entropy`` (``grad`` None, ``"new"`` or an array)."""
@@ -232,8 +236,12 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
         out = _Output(dest, x2, problem, ROWS, (x, target, weight, pos_weight))
         g2 = out.rows
     elements = np.empty(x2.shape, dtype=dtype) if spec.reduction == "none" else None
-    losses = np.empty(x2.shape[0])
-    K.bce(x2, t2, w2, pw2, scale, g2, elements, out is not None and out.inplace, losses)
+    # Work items are segments of _BCE_SEGMENT elements of a row, so that a
+    # few long rows still spread over the threads.
+    per_row = max(1, -(-x2.shape[1] // _BCE_SEGMENT))
+    losses = np.empty(x2.shape[0] * per_row)
+    K.bce(x2, t2, w2, pw2, scale, g2, elements, out is not None and out.inplace, losses,
+          _BCE_SEGMENT)
     if spec.reduction == "none":
         loss = elements.reshape(shape)
     else:

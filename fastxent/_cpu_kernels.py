@@ -12,8 +12,12 @@ computed once: they are written into the gradient row, which stays in cache,
 and scaled there in a second sweep. Gradients may be written over the logits
 (``g is x``): each element is read before it is written.
 
-Losses of the rows are returned in float64 and summed by the caller in a
-fixed order, so results do not depend on the number of threads.
+Results are bit-for-bit reproducible: rows are independent, the losses of
+the rows are summed by the caller in a fixed order, and every sum inside a
+row has its order fixed by the code (``_LANES`` partial sums, folded
+pairwise), not left to the compiler: the fast-math flags leave out
+``reassoc``, so the vector width LLVM picks in one compilation or another
+(serial, parallel, cached by another process) cannot change a bit.
 """
 
 from __future__ import annotations
@@ -57,6 +61,18 @@ def _row_impl(a, r, inner):
     return None
 
 
+def _span(a, r, s0, n):
+    """``a[r, s0:s0 + n]``, or None when ``a`` is None (typed None, not Optional)."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_span, jit_options=_JIT_OPTIONS, inline="always")
+def _span_impl(a, r, s0, n):
+    if isinstance(a, types.NoneType):
+        return lambda a, r, s0, n: None
+    return lambda a, r, s0, n: a[r, s0:s0 + n]
+
+
 def _cast_like(value, like):
     """``value`` converted to the float type of ``like`` (an array or a scalar)."""
     raise NotImplementedError  # only called from compiled code
@@ -71,25 +87,45 @@ def _cast_like_impl(value, like):
 
 # --------------------------------------------------------------------------
 # Row routines
+#
+# Loop shapes that LLVM vectorizes: every loop counts from 0 over one row or
+# a slice of it; a loop never reads one argument and writes another that may
+# be the same buffer (LLVM's overlap check would fail and run it one element
+# at a time), so rows are first copied into the gradient and then worked on
+# in place. Sums use _LANES independent partial sums in the row's float type
+# (one vector register: no reassociation needed to vectorize), folded in a
+# fixed order every _BLOCK elements into a float64 total.
 
-
-# Loop shapes that LLVM vectorizes: every loop counts from 0 over one row
-# (or a slice of it); a loop that reads one argument and writes another is
-# not used when both may be the same buffer (LLVM's overlap check would fail
-# and run it one element at a time), so rows are first copied into the
-# gradient and then worked on in place. Sums are kept in the row's float
-# type within blocks of _BLOCK elements (vector lanes of at most a few dozen
-# terms) and in float64 across blocks: float64 lanes all along would halve
-# the vector width of the exp loop.
+_LANES = 16
 _BLOCK = 512
 
-#: Elements of the scratch buffer of the buffered kernels (fits in L1).
+#: Elements of the scratch buffer of the block kernels (fits in L1).
 _BUFFER = 4096
+
+
+@_jit(inline=True)
+def _lanes(like):
+    """Scratch for ``_LANES`` partial sums in the float type of ``like``."""
+    return np.zeros(_LANES, like.dtype)
+
+
+@_jit(inline=True)
+def _fold(acc, tail):
+    """float64 sum of the lanes (pairwise, fixed order) and a tail; zeroes ``acc``."""
+    width = _LANES // 2
+    while width >= 1:
+        for j in range(width):
+            acc[j] += acc[j + width]
+        width //= 2
+    total = np.float64(acc[0]) + np.float64(tail)
+    acc[:] = 0.0
+    return total
 
 
 @_jit
 def _row_max(x):
-    """Maximum of a row; NaN if the row holds a NaN."""
+    """Maximum of a row; NaN if the row holds a NaN (IEEE maximum is exact in
+    any order, so the vectorized reduction is reproducible)."""
     m = x[0]
     for c in range(1, x.shape[0]):
         m = maximum(m, x[c])
@@ -108,112 +144,129 @@ def _copy_row_max(x, g):
 
 
 @_jit
-def _dot(x, w):
+def _dot(x, w, acc):
     """sum(w * x) in float64, or sum(x) when ``w`` is None."""
-    n = x.shape[0]
-    if n <= _BLOCK:  # one block: no slicing
-        part = _cast_like(0.0, x)
-        if w is None:
-            for c in range(n):
-                part += x[c]
-        else:
-            for c in range(n):
-                part += w[c] * x[c]
-        return np.float64(part)
     total = 0.0
-    for b0 in range(0, n, _BLOCK):
+    for b0 in range(0, x.shape[0], _BLOCK):
         xb = x[b0:b0 + _BLOCK]
-        part = _cast_like(0.0, x)
+        n = xb.shape[0]
+        full = n - n % _LANES
+        tail = _cast_like(0.0, x)
         if w is None:
-            for c in range(xb.shape[0]):
-                part += xb[c]
+            for c0 in range(0, full, _LANES):
+                chunk = xb[c0:c0 + _LANES]
+                for j in range(_LANES):
+                    acc[j] += chunk[j]
+            for c in range(full, n):
+                tail += xb[c]
         else:
             wb = w[b0:b0 + _BLOCK]
-            for c in range(xb.shape[0]):
-                part += wb[c] * xb[c]
-        total += part
+            for c0 in range(0, full, _LANES):
+                chunk = xb[c0:c0 + _LANES]
+                wchunk = wb[c0:c0 + _LANES]
+                for j in range(_LANES):
+                    acc[j] += wchunk[j] * chunk[j]
+            for c in range(full, n):
+                tail += wb[c] * xb[c]
+        total += _fold(acc, tail)
     return total
 
 
 @_jit
-def _max_and_dot(x, w):
-    """(max of x, sum of w * x) in one read of the row."""
-    m = x[0]
+def _max_and_dot(x, w, acc):
+    """(max of x, sum(w * x) in float64) in one read of the row."""
+    peak = np.full(_LANES, x[0])  # a running max per lane: no reduction chain
     total = 0.0
-    n = x.shape[0]
-    for b0 in range(0, n, _BLOCK):
+    for b0 in range(0, x.shape[0], _BLOCK):
         xb = x[b0:b0 + _BLOCK]
-        part = _cast_like(0.0, x)
+        n = xb.shape[0]
+        full = n - n % _LANES
+        tail = _cast_like(0.0, x)
         if w is None:
-            for c in range(xb.shape[0]):
-                m = maximum(m, xb[c])
-                part += xb[c]
+            for c0 in range(0, full, _LANES):
+                chunk = xb[c0:c0 + _LANES]
+                for j in range(_LANES):
+                    peak[j] = maximum(peak[j], chunk[j])
+                    acc[j] += chunk[j]
+            for c in range(full, n):
+                peak[0] = maximum(peak[0], xb[c])
+                tail += xb[c]
         else:
             wb = w[b0:b0 + _BLOCK]
-            for c in range(xb.shape[0]):
-                m = maximum(m, xb[c])
-                part += wb[c] * xb[c]
-        total += part
+            for c0 in range(0, full, _LANES):
+                chunk = xb[c0:c0 + _LANES]
+                wchunk = wb[c0:c0 + _LANES]
+                for j in range(_LANES):
+                    peak[j] = maximum(peak[j], chunk[j])
+                    acc[j] += wchunk[j] * chunk[j]
+            for c in range(full, n):
+                peak[0] = maximum(peak[0], xb[c])
+                tail += wb[c] * xb[c]
+        total += _fold(acc, tail)
+    m = peak[0]
+    for j in range(1, _LANES):
+        m = maximum(m, peak[j])
     return m, total
 
 
 @_jit
-def _exp_sum(x, m):
+def _exp_sum(x, m, acc):
     """sum(exp(x - m)) in float64; ``x`` is not written."""
     total = 0.0
-    n = x.shape[0]
-    for b0 in range(0, n, _BLOCK):
+    for b0 in range(0, x.shape[0], _BLOCK):
         xb = x[b0:b0 + _BLOCK]
-        part = _cast_like(0.0, x)
-        for c in range(xb.shape[0]):
-            part += fast_exp(xb[c] - m)
-        total += part
+        n = xb.shape[0]
+        full = n - n % _LANES
+        for c0 in range(0, full, _LANES):
+            chunk = xb[c0:c0 + _LANES]
+            for j in range(_LANES):
+                acc[j] += fast_exp(chunk[j] - m)
+        tail = _cast_like(0.0, x)
+        for c in range(full, n):
+            tail += fast_exp(xb[c] - m)
+        total += _fold(acc, tail)
     return total
 
 
 @_jit
-def _exp_sum_inplace(g, m):
+def _exp_sum_inplace(g, m, acc):
     """g <- exp(g - m); returns the sum in float64."""
     total = 0.0
-    n = g.shape[0]
-    for b0 in range(0, n, _BLOCK):
+    for b0 in range(0, g.shape[0], _BLOCK):
         gb = g[b0:b0 + _BLOCK]
-        part = _cast_like(0.0, g)
-        for c in range(gb.shape[0]):
+        n = gb.shape[0]
+        full = n - n % _LANES
+        for c0 in range(0, full, _LANES):
+            chunk = gb[c0:c0 + _LANES]
+            for j in range(_LANES):
+                e = fast_exp(chunk[j] - m)
+                chunk[j] = e
+                acc[j] += e
+        tail = _cast_like(0.0, g)
+        for c in range(full, n):
             e = fast_exp(gb[c] - m)
             gb[c] = e
-            part += e
-        total += part
+            tail += e
+        total += _fold(acc, tail)
     return total
 
 
 @_jit
-def _exp_pass(x, g, inplace):
-    """(max, sum of exp(x - max)) of a row; exponentials left in ``g``.
-
-    ``g`` None: forward only, nothing is written. ``inplace``: ``g`` is ``x``.
-    Otherwise the row is copied into ``g`` during the max sweep.
-    """
+def _max_pass(x, g, inplace):
+    """Row max; copies the row into ``g`` unless ``g`` is None or ``x`` itself."""
     if g is None:
-        m = _row_max(x)
-        return m, _exp_sum(x, m)
+        return _row_max(x)
     if inplace:
-        m = _row_max(g)
-    else:
-        m = _copy_row_max(x, g)
-    return m, _exp_sum_inplace(g, m)
+        return _row_max(g)
+    return _copy_row_max(x, g)
 
 
-@_jit
-def _exp_pass_dot(x, g, inplace, w):
-    """``_exp_pass`` that also returns sum(w * x), read in the max sweep."""
-    m, dot = _max_and_dot(x, w)  # reads only: x may be g
+@_jit(inline=True)
+def _exp_pass(x, g, m, acc):
+    """sum(exp(x - m)); the exponentials replace ``g``'s copy of the row."""
     if g is None:
-        return m, _exp_sum(x, m), dot
-    if not inplace:
-        for c in range(x.shape[0]):
-            g[c] = x[c]
-    return m, _exp_sum_inplace(g, m), dot
+        return _exp_sum(x, m, acc)
+    return _exp_sum_inplace(g, m, acc)
 
 
 @_jit(inline=True)
@@ -222,7 +275,7 @@ def _zero(g):
         g[c] = 0.0
 
 
-@_jit
+@_jit(inline=True)
 def _scale_minus(g, k1, k2, w):
     """g <- g * k1 - k2 * w  (``- k2`` when ``w`` is None)."""
     if w is None:
@@ -245,18 +298,21 @@ def _scale_minus_from(e, g, k1, k2, w):
 
 
 @_jit(inline=True)
-def _hard_coeffs(lse, s, xt, t, w, wsum, sx, smooth, scale, C):
+def _hard_coeffs(m, log_s, s, xt, t, w, wsum, sx, smooth, scale, C):
     """Loss of a row and its gradient's coefficients, for class target ``t``.
 
+    With lse = m + log(s), m the row max and s = sum exp(x - m):
     loss = (1-eps) w_t (lse - x_t) + eps/C (W lse - sum_c w_c x_c)
     grad = scale * (p_c ((1-eps) w_t + eps W/C) - eps w_c/C - (1-eps) w_t [c=t])
          = e_c * k1 - k2 * w_c - kt [c=t],   with p_c = e_c / s,
     W the sum of the weights (C without weights), as in PyTorch.
+    lse - x_t is formed as (m - x_t) + log(s): m + log(s) would round log(s)
+    away for logits of magnitude 1e16 and more.
     """
     wt = 1.0 if w is None else np.float64(w[t])
-    loss = (1.0 - smooth) * wt * (lse - xt)
+    loss = (1.0 - smooth) * wt * ((m - xt) + log_s)
     if smooth > 0.0:
-        loss += smooth / C * (wsum * lse - sx)
+        loss += smooth / C * (wsum * log_s + (wsum * m - sx))
     k1 = scale * ((1.0 - smooth) * wt + smooth * wsum / C) / s
     k2 = scale * smooth / C
     kt = scale * (1.0 - smooth) * wt
@@ -269,14 +325,20 @@ def _ce_hard_row(x, g, inplace, t, w, wsum, smooth, scale):
 
     The exponentials are kept in ``g`` itself between the two sweeps.
     """
-    C = x.shape[0]
+    acc = _lanes(x)
     xt = np.float64(x[t])
     if smooth > 0.0:
-        m, s, sx = _exp_pass_dot(x, g, inplace, w)
+        # sum(w * x) in the max sweep, before the gradient replaces the row
+        m, sx = _max_and_dot(x, w, acc)
+        if g is not None and not inplace:
+            for c in range(x.shape[0]):
+                g[c] = x[c]
     else:
-        m, s = _exp_pass(x, g, inplace)
+        m = _max_pass(x, g, inplace)
         sx = 0.0
-    loss, k1, k2, kt = _hard_coeffs(m + np.log(s), s, xt, t, w, wsum, sx, smooth, scale, C)
+    s = _exp_pass(x, g, m, acc)
+    loss, k1, k2, kt = _hard_coeffs(np.float64(m), np.log(s), s, xt, t, w, wsum, sx, smooth,
+                                    scale, x.shape[0])
     if g is not None:
         _scale_minus(g, _cast_like(k1, g), _cast_like(k2, g), w)
         g[t] = g[t] - kt
@@ -284,36 +346,42 @@ def _ce_hard_row(x, g, inplace, t, w, wsum, smooth, scale):
 
 
 @_jit
-def _soft_sums(x, q, w, keep, uniform):
-    """(sum q'_c, sum q'_c x_c) with q' = keep * q + uniform (times w)."""
+def _soft_sums(x, q, w, keep, uniform, m, acc):
+    """(sum q'_c, sum q'_c (x_c - m)) with q' = keep * q + uniform (times w)."""
     total = 0.0
     qx = 0.0
-    n = x.shape[0]
-    for b0 in range(0, n, _BLOCK):
+    qx_lanes = _lanes(x)
+    for b0 in range(0, x.shape[0], _BLOCK):
         xb = x[b0:b0 + _BLOCK]
         qb = q[b0:b0 + _BLOCK]
-        part_q = _cast_like(0.0, x)
-        part_qx = _cast_like(0.0, x)
-        if w is None:
-            for c in range(xb.shape[0]):
-                qc = keep * qb[c] + uniform
-                part_q += qc
-                part_qx += qc * xb[c]
-        else:
-            wb = w[b0:b0 + _BLOCK]
-            for c in range(xb.shape[0]):
-                qc = (keep * qb[c] + uniform) * wb[c]
-                part_q += qc
-                part_qx += qc * xb[c]
-        total += part_q
-        qx += part_qx
+        n = xb.shape[0]
+        full = n - n % _LANES
+        for c0 in range(0, full, _LANES):
+            xc = xb[c0:c0 + _LANES]
+            qc = qb[c0:c0 + _LANES]
+            for j in range(_LANES):
+                qj = keep * qc[j] + uniform
+                if w is not None:
+                    qj = qj * w[b0 + c0 + j]
+                acc[j] += qj
+                qx_lanes[j] += qj * (xc[j] - m)
+        tail_q = _cast_like(0.0, x)
+        tail_qx = _cast_like(0.0, x)
+        for c in range(full, n):
+            qj = keep * qb[c] + uniform
+            if w is not None:
+                qj = qj * w[b0 + c]
+            tail_q += qj
+            tail_qx += qj * (xb[c] - m)
+        total += _fold(acc, tail_q)
+        qx += _fold(qx_lanes, tail_qx)
     return total, qx
 
 
 @_jit
 def _soft_grad(e, g, q, w, k1, keep_s, uniform_s):
-    """g <- e * k1 - (keep_s * q + uniform_s) * w; ``e`` may be ``g`` only when
-    passed as None (then the exponentials are read from ``g``)."""
+    """g <- e * k1 - (keep_s * q + uniform_s) * w; ``e`` None: the
+    exponentials are read from ``g`` (in place)."""
     for c in range(g.shape[0]):
         qc = keep_s * q[c] + uniform_s
         if w is not None:
@@ -325,44 +393,39 @@ def _soft_grad(e, g, q, w, k1, keep_s, uniform_s):
 
 
 @_jit
-def _ce_soft_finish(x, e, lse, s, q, w, smooth, scale, g):
+def _ce_soft_finish(x, e, m, log_s, s, q, w, smooth, scale, g, acc):
     """Loss of a row against probabilities ``q``; gradient into ``g``.
 
     With q'_c = (1-eps) q_c + eps/C (times w_c with weights) and S = sum q'_c:
-    loss = S lse - sum_c q'_c x_c,  grad = scale * (S p_c - q'_c).
-    ``x`` must still hold the logits (the sums are read first). ``e`` holds
-    exp(x - max), or is None when they are in ``g``; ``s`` is their sum and
-    ``lse`` the row's log-sum-exp.
+    loss = S lse - sum_c q'_c x_c = S log(s) - sum_c q'_c (x_c - m),
+    grad = scale * (S p_c - q'_c). ``x`` must still hold the logits; ``e``
+    holds exp(x - m), or is None when they are in ``g``.
     """
     C = x.shape[0]
     keep = _cast_like(1.0 - smooth, x)
     uniform = _cast_like(smooth / C, x)
-    total, qx = _soft_sums(x, q, w, keep, uniform)
-    loss = total * lse - qx
+    total, qxm = _soft_sums(x, q, w, keep, uniform, m, acc)
     if g is not None:
         _soft_grad(e, g, q, w, _cast_like(scale * total / s, g),
                    _cast_like(scale * (1.0 - smooth), g), _cast_like(scale * smooth / C, g))
-    return loss
+    return total * log_s - qxm
 
 
 @_jit
 def _ce_soft_row(x, g, inplace, q, w, smooth, scale):
     """Cross-entropy of one contiguous row against probabilities ``q``."""
-    if g is None:
-        m, s = _exp_pass(x, None, False)
-        return _ce_soft_finish(x, None, m + np.log(s), s, q, w, smooth, scale, None)
-    if not inplace:
-        m, s = _exp_pass(x, g, False)
-        return _ce_soft_finish(x, None, m + np.log(s), s, q, w, smooth, scale, g)
-    # In place: the sums need the logits, which the exponentials replace.
+    acc = _lanes(x)
+    m = _max_pass(x, g, inplace)
     C = x.shape[0]
     keep = _cast_like(1.0 - smooth, x)
     uniform = _cast_like(smooth / C, x)
-    total, qx = _soft_sums(x, q, w, keep, uniform)
-    m, s = _exp_pass(x, g, True)
-    _soft_grad(None, g, q, w, _cast_like(scale * total / s, g),
-               _cast_like(scale * (1.0 - smooth), g), _cast_like(scale * smooth / C, g))
-    return total * (m + np.log(s)) - qx
+    # The sums read the logits before the exponentials replace them.
+    total, qxm = _soft_sums(x, q, w, keep, uniform, m, acc)
+    s = _exp_pass(x, g, m, acc)
+    if g is not None:
+        _soft_grad(None, g, q, w, _cast_like(scale * total / s, g),
+                   _cast_like(scale * (1.0 - smooth), g), _cast_like(scale * smooth / C, g))
+    return total * np.log(s) - qxm
 
 
 #: Rows of at most this many classes are exponentiated across rows (see
@@ -374,15 +437,14 @@ _NARROW = 16
 def _exp_block(x, r0, n, inner, finite_shift):
     """Exponentials of a block of ``n`` rows from ``r0``, in a new buffer.
 
-    Returns (e, m, s, lse): e[i, c] = exp(x[r0+i, c] - m[i]) as a contiguous
-    (n, C) array, the rows' max m, sums s (float64) and log-sum-exp lse.
+    Returns (e, m, s, log_s): e[i, c] = exp(x[r0+i, c] - m[i]) as a
+    contiguous (n, C) array, the rows' max m, sums s (float64) and log(s).
     ``finite_shift``: an infinite max is not subtracted (torch.logsumexp).
 
     The work is laid out so that every sweep is one vectorized loop: rows
     are copied shifted into the buffer and exponentiated in one flat sweep;
     rows of at most _NARROW classes are handled transposed, a vector lane
-    per row, since their own loops are too short to vectorize. Everything
-    is inline: per-row calls cost more than the arithmetic of a short row.
+    per row, since their own loops are too short to vectorize.
     """
     C = x.shape[1]
     e = np.empty((n, C), x.dtype)
@@ -403,7 +465,7 @@ def _exp_block(x, r0, n, inner, finite_shift):
             for i in range(n):
                 if np.isinf(m[i]):
                     m[i] = 0.0
-        s_part = np.zeros(n, x.dtype)
+        s_part = np.zeros(n, x.dtype)  # one sum per row, in class order
         for c in range(C):
             ec = e_t[c]
             for i in range(n):
@@ -430,17 +492,18 @@ def _exp_block(x, r0, n, inner, finite_shift):
         flat = e.reshape(n * C)
         for k in range(n * C):
             flat[k] = fast_exp(flat[k])
+        acc = _lanes(x)
         for i in range(n):
-            s[i] = _dot(e[i], None)
-    lse = np.empty(n)
+            s[i] = _dot(e[i], None, acc)
+    log_s = np.empty(n)
     for i in range(n):  # one vectorized log for the block
-        lse[i] = m[i] + fast_log(s[i])
-    return e, m, s, lse
+        log_s[i] = fast_log(s[i])
+    return e, m, s, log_s
 
 
 @_jit
 def _rows_per_block(C):
-    """Rows per block of the buffered kernels: about _BUFFER elements."""
+    """Rows per block of the block kernels: about _BUFFER elements."""
     return max(1, _BUFFER // C)
 
 
@@ -471,7 +534,8 @@ def _ce_hard_direct(x, y, w, wsum, ignore_index, smooth, scale, g, inplace, inne
 @_jit
 def _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n):
     C = x.shape[1]
-    e, m, s, lse = _exp_block(x, r0, n, inner, False)
+    e, m, s, log_s = _exp_block(x, r0, n, inner, False)
+    acc = _lanes(x)
     for i in range(n):
         r = r0 + i
         t = y[r]
@@ -481,9 +545,9 @@ def _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner,
                 _zero(_row(g, r, inner))
             continue
         xr = _row(x, r, inner)
-        sx = _dot(xr, w) if smooth > 0.0 else 0.0
-        loss, k1, k2, kt = _hard_coeffs(lse[i], s[i], np.float64(xr[t]), t, w, wsum, sx,
-                                        smooth, scale, C)
+        sx = _dot(xr, w, acc) if smooth > 0.0 else 0.0
+        loss, k1, k2, kt = _hard_coeffs(np.float64(m[i]), log_s[i], s[i], np.float64(xr[t]), t,
+                                        w, wsum, sx, smooth, scale, C)
         losses[r] = loss
         if g is not None:
             gr = _row(g, r, inner)
@@ -502,15 +566,17 @@ def _ce_soft_direct(x, q, w, smooth, scale, g, inplace, inner, r):
 
 @_jit
 def _ce_soft_block(x, q, w, smooth, scale, g, losses, inner, r0, n):
-    e, m, s, lse = _exp_block(x, r0, n, inner, False)
+    e, m, s, log_s = _exp_block(x, r0, n, inner, False)
+    acc = _lanes(x)
     for i in range(n):
         r = r0 + i
         if g is None:
-            losses[r] = _ce_soft_finish(_row(x, r, inner), e[i], lse[i], s[i], _row(q, r, inner),
-                                        w, smooth, scale, None)
+            losses[r] = _ce_soft_finish(_row(x, r, inner), e[i], m[i], log_s[i], s[i],
+                                        _row(q, r, inner), w, smooth, scale, None, acc)
         else:
-            losses[r] = _ce_soft_finish(_row(x, r, inner), e[i], lse[i], s[i], _row(q, r, inner),
-                                        w, smooth, scale, _row(g, r, inner))
+            losses[r] = _ce_soft_finish(_row(x, r, inner), e[i], m[i], log_s[i], s[i],
+                                        _row(q, r, inner), w, smooth, scale, _row(g, r, inner),
+                                        acc)
 
 
 @_jit
@@ -525,22 +591,24 @@ def _nll_row(lp, y, w, ignore_index, inner, r):
 @_jit
 def _softmax_direct(x, out, inplace, inner, log, r):
     o = _row(out, r, inner)
+    acc = _lanes(o)
     if log:
         # o <- (x - m) - log(sum exp(x - m)), rounded as torch.log_softmax
         if inplace:
             m = _row_max(o)
-            log_s = _cast_like(np.log(_exp_sum(o, m)), o)
+            log_s = _cast_like(np.log(_exp_sum(o, m, acc)), o)
             for c in range(o.shape[0]):
                 o[c] = (o[c] - m) - log_s
         else:
             xr = _row(x, r, inner)
             m = _row_max(xr)
-            log_s = _cast_like(np.log(_exp_sum(xr, m)), o)
+            log_s = _cast_like(np.log(_exp_sum(xr, m, acc)), o)
             for c in range(o.shape[0]):
                 o[c] = (xr[c] - m) - log_s
     else:
-        m, s = _exp_pass(_row(x, r, inner), o, inplace)
-        inv_s = _cast_like(1.0 / s, o)
+        xr = _row(x, r, inner)
+        m = _max_pass(xr, o, inplace)
+        inv_s = _cast_like(1.0 / _exp_sum_inplace(o, m, acc), o)
         for c in range(o.shape[0]):
             o[c] = o[c] * inv_s
 
@@ -548,15 +616,15 @@ def _softmax_direct(x, out, inplace, inner, log, r):
 @_jit
 def _softmax_block(x, out, inner, log, r0, n):
     C = x.shape[1]
-    e, m, s, lse = _exp_block(x, r0, n, inner, False)
+    e, m, s, log_s = _exp_block(x, r0, n, inner, False)
     for i in range(n):
         o = _row(out, r0 + i, inner)
         if log:
             xr = _row(x, r0 + i, inner)
             mi = m[i]
-            log_s = _cast_like(lse[i] - mi, o)
+            ls = _cast_like(log_s[i], o)
             for c in range(C):
-                o[c] = (xr[c] - mi) - log_s
+                o[c] = (xr[c] - mi) - ls
         else:
             er = e[i]
             inv_s = _cast_like(1.0 / s[i], o)
@@ -568,62 +636,9 @@ def _softmax_block(x, out, inner, log, r0, n):
 def _logsumexp_block(x, out, inner, r0, n):
     # As torch.logsumexp: an infinite max is not subtracted, so that rows of
     # -inf give -inf and rows holding +inf give +inf (not NaN).
-    e, m, s, lse = _exp_block(x, r0, n, inner, True)
+    e, m, s, log_s = _exp_block(x, r0, n, inner, True)
     for i in range(n):
-        out[r0 + i] = lse[i]
-
-
-# --------------------------------------------------------------------------
-# Kernels. Each is compiled twice (parallel and serial, see ``_Kernel``);
-# ``prange`` is a plain ``range`` in the serial one. Block kernels cut the
-# rows into blocks of ``_rows_per_block(C)`` rows.
-
-
-def _ce_hard(x, y, w, wsum, ignore_index, smooth, scale, g, inplace, losses, inner):
-    for r in prange(losses.shape[0]):
-        losses[r] = _ce_hard_direct(x, y, w, wsum, ignore_index, smooth, scale, g, inplace,
-                                    inner, r)
-
-
-def _ce_hard_buffered(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner):
-    n_rows, per = losses.shape[0], _rows_per_block(x.shape[1])
-    for b in prange((n_rows + per - 1) // per):
-        _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, b * per,
-                       min(per, n_rows - b * per))
-
-
-def _ce_soft(x, q, w, smooth, scale, g, inplace, losses, inner):
-    for r in prange(losses.shape[0]):
-        losses[r] = _ce_soft_direct(x, q, w, smooth, scale, g, inplace, inner, r)
-
-
-def _ce_soft_buffered(x, q, w, smooth, scale, g, losses, inner):
-    n_rows, per = losses.shape[0], _rows_per_block(x.shape[1])
-    for b in prange((n_rows + per - 1) // per):
-        _ce_soft_block(x, q, w, smooth, scale, g, losses, inner, b * per,
-                       min(per, n_rows - b * per))
-
-
-def _nll(lp, y, w, ignore_index, losses, inner):
-    for r in prange(losses.shape[0]):
-        losses[r] = _nll_row(lp, y, w, ignore_index, inner, r)
-
-
-def _softmax(x, out, inplace, n_rows, inner, log):
-    for r in prange(n_rows):
-        _softmax_direct(x, out, inplace, inner, log, r)
-
-
-def _softmax_buffered(x, out, n_rows, inner, log):
-    per = _rows_per_block(x.shape[1])
-    for b in prange((n_rows + per - 1) // per):
-        _softmax_block(x, out, inner, log, b * per, min(per, n_rows - b * per))
-
-
-def _logsumexp(x, out, inner):
-    n_rows, per = out.shape[0], _rows_per_block(x.shape[1])
-    for b in prange((n_rows + per - 1) // per):
-        _logsumexp_block(x, out, inner, b * per, min(per, n_rows - b * per))
+        out[r0 + i] = m[i] + log_s[i]
 
 
 def _log1p_unit(e):
@@ -686,7 +701,7 @@ def _log1p_unit_impl(e):
     return lambda e: _log1p_unit64(e)
 
 
-@_jit(inline=True)
+@_jit
 def _bce_element(xc, tc, w, pw, c):
     """(loss, gradient) of binary cross-entropy with logits for one element.
 
@@ -709,8 +724,8 @@ def _bce_element(xc, tc, w, pw, c):
         loss = xc * (one - tc - lw) + lw * log1p_e
     else:
         loss = (one - tc) * xc + lw * log1p_e
-    r = one / (one + e)
-    sig = r if xc >= zero else e * r
+    inv = one / (one + e)
+    sig = inv if xc >= zero else e * inv
     grad = lw * sig - lw + one - tc
     if w is not None:
         loss = loss * w[c]
@@ -719,66 +734,47 @@ def _bce_element(xc, tc, w, pw, c):
 
 
 @_jit
-def _bce_block(x, t, w, pw, scale, g, out):
-    """BCE over one block; returns the loss sum in the logits' type."""
-    part = _cast_like(0.0, t)
+def _bce_span(x, t, w, pw, scale, g, losses):
+    """BCE of one span of a row: losses into ``losses``, gradient into ``g``
+    (an elementwise loop: the sum is taken afterwards, so it vectorizes)."""
+    scale = _cast_like(scale, t)
     for c in range(t.shape[0]):
         loss, grad = _bce_element(x[c], t[c], w, pw, c)
-        if out is not None:
-            out[c] = loss
-        part += loss
+        losses[c] = loss
         if g is not None:
             g[c] = grad * scale
-    return part
 
 
 @_jit
-def _bce_block_inplace(g, t, w, pw, scale, out):
-    """``_bce_block`` with the gradient written over the logits in ``g``.
-
-    Reading and writing one array keeps the loop vectorizable, where two
-    arguments that happen to be the same buffer would not be.
-    """
-    part = _cast_like(0.0, t)
+def _bce_span_inplace(g, t, w, pw, scale, losses):
+    """``_bce_span`` with the gradient replacing the logits in ``g``: one
+    array read and written, where two arguments that happen to be the same
+    buffer would fail LLVM's overlap check and run element by element."""
+    scale = _cast_like(scale, t)
     for c in range(t.shape[0]):
         loss, grad = _bce_element(g[c], t[c], w, pw, c)
-        if out is not None:
-            out[c] = loss
-        part += loss
+        losses[c] = loss
         g[c] = grad * scale
-    return part
 
 
 @_jit
-def _bce_row(x, t, w, pw, scale, g, out, inplace, r):
-    """Row ``r`` of BCE, in blocks summed in float64."""
-    acc = 0.0
-    n = t.shape[1]
-    scale = _cast_like(scale, t)
-    for b0 in range(0, n, _BLOCK):
-        b1 = b0 + _BLOCK
-        tb = t[r, b0:b1]
-        wb = None
-        if w is not None:
-            wb = w[r, b0:b1]
-        pwb = None
-        if pw is not None:
-            pwb = pw[r, b0:b1]
-        ob = None
-        if out is not None:
-            ob = out[r, b0:b1]
-        if g is None:
-            acc += _bce_block(x[r, b0:b1], tb, wb, pwb, scale, None, ob)
-        elif inplace:
-            acc += _bce_block_inplace(g[r, b0:b1], tb, wb, pwb, scale, ob)
+def _bce_segment(x, t, w, pw, scale, g, out, inplace, r, b0, seg):
+    """Loss sum of elements [b0, b0 + seg) of row ``r``, in spans of _BLOCK;
+    the elements' losses go to ``out`` (reduction "none") or a scratch span."""
+    acc = _lanes(t)
+    scratch = np.empty(_BLOCK, t.dtype)
+    total = 0.0
+    stop = min(b0 + seg, t.shape[1])
+    for s0 in range(b0, stop, _BLOCK):
+        n = min(_BLOCK, stop - s0)
+        span = scratch[:n] if out is None else out[r, s0:s0 + n]
+        ts, ws, pws = _span(t, r, s0, n), _span(w, r, s0, n), _span(pw, r, s0, n)
+        if inplace:
+            _bce_span_inplace(_span(g, r, s0, n), ts, ws, pws, scale, span)
         else:
-            acc += _bce_block(x[r, b0:b1], tb, wb, pwb, scale, g[r, b0:b1], ob)
-    return acc
-
-
-def _bce(x, t, w, pw, scale, g, out, inplace, losses):
-    for r in prange(t.shape[0]):
-        losses[r] = _bce_row(x, t, w, pw, scale, g, out, inplace, r)
+            _bce_span(_span(x, r, s0, n), ts, ws, pws, scale, _span(g, r, s0, n), span)
+        total += _dot(span, None, acc)
+    return total
 
 
 @_jit
@@ -800,6 +796,68 @@ def scan_hard_targets(y, n_classes, ignore_index, w):
         else:
             total += w[t]
     return -1, total
+
+
+# --------------------------------------------------------------------------
+# Kernels. Each is compiled twice (parallel and serial, see ``_Kernel``);
+# ``prange`` is a plain ``range`` in the serial one. Block kernels cut the
+# rows into blocks of ``_rows_per_block(C)`` rows.
+
+
+def _ce_hard(x, y, w, wsum, ignore_index, smooth, scale, g, inplace, losses, inner):
+    for r in prange(losses.shape[0]):
+        losses[r] = _ce_hard_direct(x, y, w, wsum, ignore_index, smooth, scale, g, inplace,
+                                    inner, r)
+
+
+def _ce_hard_buffered(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner):
+    n_rows, per = losses.shape[0], _rows_per_block(x.shape[1])
+    for b in prange((n_rows + per - 1) // per):
+        _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, b * per,
+                       min(per, n_rows - b * per))
+
+
+def _ce_soft(x, q, w, smooth, scale, g, inplace, losses, inner):
+    for r in prange(losses.shape[0]):
+        losses[r] = _ce_soft_direct(x, q, w, smooth, scale, g, inplace, inner, r)
+
+
+def _ce_soft_buffered(x, q, w, smooth, scale, g, losses, inner):
+    n_rows, per = losses.shape[0], _rows_per_block(x.shape[1])
+    for b in prange((n_rows + per - 1) // per):
+        _ce_soft_block(x, q, w, smooth, scale, g, losses, inner, b * per,
+                       min(per, n_rows - b * per))
+
+
+def _nll(lp, y, w, ignore_index, losses, inner):
+    for r in prange(losses.shape[0]):
+        losses[r] = _nll_row(lp, y, w, ignore_index, inner, r)
+
+
+def _softmax(x, out, inplace, n_rows, inner, log):
+    for r in prange(n_rows):
+        _softmax_direct(x, out, inplace, inner, log, r)
+
+
+def _softmax_buffered(x, out, n_rows, inner, log):
+    per = _rows_per_block(x.shape[1])
+    for b in prange((n_rows + per - 1) // per):
+        _softmax_block(x, out, inner, log, b * per, min(per, n_rows - b * per))
+
+
+def _logsumexp(x, out, inner):
+    n_rows, per = out.shape[0], _rows_per_block(x.shape[1])
+    for b in prange((n_rows + per - 1) // per):
+        _logsumexp_block(x, out, inner, b * per, min(per, n_rows - b * per))
+
+
+def _bce(x, t, w, pw, scale, g, out, inplace, losses, seg):
+    """BCE over 2-D operands, in segments of ``seg`` elements of a row (a
+    flat input is one long row: its segments are the parallel work)."""
+    per_row = (t.shape[1] + seg - 1) // seg
+    for k in prange(losses.shape[0]):
+        losses[k] = _bce_segment(x, t, w, pw, scale, g, out, inplace, k // per_row,
+                                 (k % per_row) * seg, seg)
 
 
 # --------------------------------------------------------------------------
