@@ -153,12 +153,11 @@ def test_float32_over_256000_classes():
                                                       reduction="none")
         expect = ref.cross_entropy(x.astype(np.float64), y, label_smoothing=smoothing,
                                    reduction="none")
-        # Rows 0 and 2: within 2e-6 relative. Row 1 (one dominant class) has
-        # a loss of 2e-9, the difference of two numbers near 40: no float32
-        # computation gets it to 2e-6 relative (torch float32 returns -0.0);
-        # it is held to 1e-9 absolute instead.
-        np.testing.assert_allclose(loss[[0, 2]], expect[[0, 2]], rtol=2e-6)
-        assert abs(loss[1] - expect[1]) < 1e-9
+        # Within 2e-6 relative, except row 1 without smoothing (one dominant
+        # class): a loss of 2e-9, the difference of two numbers near 40, that
+        # no float32 computation gets to 2e-6 relative (torch float32 returns
+        # -0.0); the 1e-9 absolute term covers it.
+        np.testing.assert_allclose(loss, expect, rtol=2e-6, atol=1e-9)
         mean = fastxent.cross_entropy(x, y, label_smoothing=smoothing)
         np.testing.assert_allclose(mean, expect.mean(), rtol=2e-6)
         # torch's float32 gradient is itself 2e-6 off here (a float32 sum of
@@ -167,8 +166,9 @@ def test_float32_over_256000_classes():
         g_ref = ref.cross_entropy_with_grad(x.astype(np.float64), y, label_smoothing=smoothing,
                                             reduction="none")[1]
         np.testing.assert_allclose(grad, g_ref, rtol=0, atol=1e-7)
-        t_grad = _torch_ce(x, y, label_smoothing=smoothing, reduction="none")[1]
-        np.testing.assert_allclose(grad, t_grad, rtol=0, atol=5e-6)
+        if smoothing == 0.0:  # with smoothing torch float32 is 4e-4 off here
+            t_grad = _torch_ce(x, y, reduction="none")[1]
+            np.testing.assert_allclose(grad, t_grad, rtol=0, atol=5e-6)
     lse = fastxent.logsumexp(x)
     np.testing.assert_allclose(lse, ref.logsumexp(x.astype(np.float64)), rtol=2e-6)
 
