@@ -201,3 +201,21 @@ def test_soft_targets_with_zero_probability_on_minus_inf_class():
     np.testing.assert_allclose(loss, t_loss, rtol=1e-12)
     np.testing.assert_allclose(grad, t_grad, rtol=1e-12, atol=1e-15)
     assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_tied_huge_logits_keep_the_log_of_the_tie(dtype, smoothing, soft):
+    """Two tied logits of 1e30: each has probability 1/2, the loss is log 2.
+
+    torch gets it from log_softmax = (x - max) - log(sum exp(x - max)); a
+    kernel that forms lse = max + log(s) first loses the log 2 (1e30 + 0.69
+    rounds to 1e30) and returns 0.
+    """
+    x = np.array([[1e30, 1e30], [-1e30, -1e30], [1e16, 1e16]], dtype=dtype)
+    y = np.full((3, 2), 0.5, dtype=dtype) if soft else np.array([0, 1, 0])
+    (loss, grad), (t_loss, t_grad) = _both(x, y, label_smoothing=smoothing, reduction="none")
+    np.testing.assert_allclose(t_loss, np.log(2.0), rtol=1e-6)
+    np.testing.assert_allclose(loss, t_loss, **_tol(dtype))
+    np.testing.assert_allclose(grad, t_grad, **_tol(dtype))
