@@ -117,9 +117,16 @@ class _Output:
 
 def _hard_targets(spec: CrossEntropySpec, target, w):
     """Targets as a flat int64 array, checked; and the mean's denominator."""
-    y = np.ascontiguousarray(target, dtype=np.int64).reshape(-1)
+    flat = np.asarray(target).reshape(-1)
+    y = np.ascontiguousarray(flat, dtype=np.int64)
     bad, denominator = K.scan_hard_targets(y, spec.problem.n_classes, spec.ignore_index, w)
-    check_targets(bad, y, spec.problem, spec.ignore_index)
+    if flat.dtype == np.uint64:
+        # Above 2**63 - 1 the int64 cast wraps to a negative value, which could
+        # even equal ignore_index and be skipped: every such value is bad.
+        huge = np.flatnonzero(flat > np.iinfo(np.int64).max)
+        if huge.size and (bad < 0 or huge[0] < bad):
+            bad = int(huge[0])
+    check_targets(bad, flat, spec.problem, spec.ignore_index)
     return y, denominator
 
 

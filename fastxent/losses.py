@@ -128,6 +128,10 @@ def nll_loss(log_probs: ArrayLike, target: ArrayLike, *, weight: Optional[ArrayL
 
 
 def _softmax(x, axis, out, device, log):
+    if out is not None and not (hasattr(out, "shape") and hasattr(out, "dtype")):
+        # checked before dispatch, which would turn a list into a new array
+        # that the result is written to and the caller never sees
+        raise TypeError(f"out must be an array, got {type(out).__name__}")
     backend, (xa, o) = _dispatch.select(device, x, out)
     problem = class_problem(xa, axis, "x")
     if o is not None:
