@@ -769,7 +769,9 @@ def _bce_segment(x, t, w, pw, scale, g, out, inplace, r, b0, seg):
         n = min(_BLOCK, stop - s0)
         span = scratch[:n] if out is None else out[r, s0:s0 + n]
         ts, ws, pws = _span(t, r, s0, n), _span(w, r, s0, n), _span(pw, r, s0, n)
-        if inplace:
+        if g is None:
+            _bce_span(_span(x, r, s0, n), ts, ws, pws, scale, None, span)
+        elif inplace:
             _bce_span_inplace(_span(g, r, s0, n), ts, ws, pws, scale, span)
         else:
             _bce_span(_span(x, r, s0, n), ts, ws, pws, scale, _span(g, r, s0, n), span)

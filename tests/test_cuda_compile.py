@@ -14,7 +14,7 @@ import re
 import pytest
 from numba import config
 
-from ptx_loops import innermost_loops
+from tests.ptx_loops import innermost_loops
 
 if config.ENABLE_CUDASIM:  # pragma: no cover - the simulator cannot make PTX
     pytest.fail("test_cuda_compile.py needs the real numba-cuda: unset NUMBA_ENABLE_CUDASIM",
