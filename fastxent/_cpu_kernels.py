@@ -144,9 +144,14 @@ def _copy_row_max(x, g):
 
 
 @_jit
-def _dot(x, w, acc):
-    """sum(w * x) in float64, or sum(x) when ``w`` is None."""
+def _dot(x, w, acc, shift=0.0):
+    """sum(w * (x - shift)) in float64, or sum(x - shift) when ``w`` is None.
+
+    The shift (a row's max) keeps the terms at the scale of the row's spread:
+    sum(w * x) - W * max would cancel for logits of magnitude 1e16 and more.
+    """
     total = 0.0
+    shift = _cast_like(shift, x)
     for b0 in range(0, x.shape[0], _BLOCK):
         xb = x[b0:b0 + _BLOCK]
         n = xb.shape[0]
@@ -156,57 +161,20 @@ def _dot(x, w, acc):
             for c0 in range(0, full, _LANES):
                 chunk = xb[c0:c0 + _LANES]
                 for j in range(_LANES):
-                    acc[j] += chunk[j]
+                    acc[j] += chunk[j] - shift
             for c in range(full, n):
-                tail += xb[c]
+                tail += xb[c] - shift
         else:
             wb = w[b0:b0 + _BLOCK]
             for c0 in range(0, full, _LANES):
                 chunk = xb[c0:c0 + _LANES]
                 wchunk = wb[c0:c0 + _LANES]
                 for j in range(_LANES):
-                    acc[j] += wchunk[j] * chunk[j]
+                    acc[j] += wchunk[j] * (chunk[j] - shift)
             for c in range(full, n):
-                tail += wb[c] * xb[c]
+                tail += wb[c] * (xb[c] - shift)
         total += _fold(acc, tail)
     return total
-
-
-@_jit
-def _max_and_dot(x, w, acc):
-    """(max of x, sum(w * x) in float64) in one read of the row."""
-    peak = np.full(_LANES, x[0])  # a running max per lane: no reduction chain
-    total = 0.0
-    for b0 in range(0, x.shape[0], _BLOCK):
-        xb = x[b0:b0 + _BLOCK]
-        n = xb.shape[0]
-        full = n - n % _LANES
-        tail = _cast_like(0.0, x)
-        if w is None:
-            for c0 in range(0, full, _LANES):
-                chunk = xb[c0:c0 + _LANES]
-                for j in range(_LANES):
-                    peak[j] = maximum(peak[j], chunk[j])
-                    acc[j] += chunk[j]
-            for c in range(full, n):
-                peak[0] = maximum(peak[0], xb[c])
-                tail += xb[c]
-        else:
-            wb = w[b0:b0 + _BLOCK]
-            for c0 in range(0, full, _LANES):
-                chunk = xb[c0:c0 + _LANES]
-                wchunk = wb[c0:c0 + _LANES]
-                for j in range(_LANES):
-                    peak[j] = maximum(peak[j], chunk[j])
-                    acc[j] += wchunk[j] * chunk[j]
-            for c in range(full, n):
-                peak[0] = maximum(peak[0], xb[c])
-                tail += wb[c] * xb[c]
-        total += _fold(acc, tail)
-    m = peak[0]
-    for j in range(1, _LANES):
-        m = maximum(m, peak[j])
-    return m, total
 
 
 @_jit
@@ -306,13 +274,13 @@ def _hard_coeffs(m, log_s, s, xt, t, w, wsum, sx, smooth, scale, C):
     grad = scale * (p_c ((1-eps) w_t + eps W/C) - eps w_c/C - (1-eps) w_t [c=t])
          = e_c * k1 - k2 * w_c - kt [c=t],   with p_c = e_c / s,
     W the sum of the weights (C without weights), as in PyTorch.
-    lse - x_t is formed as (m - x_t) + log(s): m + log(s) would round log(s)
-    away for logits of magnitude 1e16 and more.
+    ``sx`` is sum_c w_c (x_c - m). lse - x_t is formed as (m - x_t) + log(s):
+    m + log(s) would round log(s) away for logits of magnitude 1e16 and more.
     """
     wt = 1.0 if w is None else np.float64(w[t])
     loss = (1.0 - smooth) * wt * ((m - xt) + log_s)
     if smooth > 0.0:
-        loss += smooth / C * (wsum * log_s + (wsum * m - sx))
+        loss += smooth / C * (wsum * log_s - sx)
     k1 = scale * ((1.0 - smooth) * wt + smooth * wsum / C) / s
     k2 = scale * smooth / C
     kt = scale * (1.0 - smooth) * wt
@@ -327,15 +295,9 @@ def _ce_hard_row(x, g, inplace, t, w, wsum, smooth, scale):
     """
     acc = _lanes(x)
     xt = np.float64(x[t])
-    if smooth > 0.0:
-        # sum(w * x) in the max sweep, before the gradient replaces the row
-        m, sx = _max_and_dot(x, w, acc)
-        if g is not None and not inplace:
-            for c in range(x.shape[0]):
-                g[c] = x[c]
-    else:
-        m = _max_pass(x, g, inplace)
-        sx = 0.0
+    m = _max_pass(x, g, inplace)
+    # sum(w * (x - m)), read before the gradient replaces the row
+    sx = _dot(x, w, acc, m) if smooth > 0.0 else 0.0
     s = _exp_pass(x, g, m, acc)
     loss, k1, k2, kt = _hard_coeffs(np.float64(m), np.log(s), s, xt, t, w, wsum, sx, smooth,
                                     scale, x.shape[0])
@@ -545,7 +507,7 @@ def _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner,
                 _zero(_row(g, r, inner))
             continue
         xr = _row(x, r, inner)
-        sx = _dot(xr, w, acc) if smooth > 0.0 else 0.0
+        sx = _dot(xr, w, acc, m[i]) if smooth > 0.0 else 0.0
         loss, k1, k2, kt = _hard_coeffs(np.float64(m[i]), log_s[i], s[i], np.float64(xr[t]), t,
                                         w, wsum, sx, smooth, scale, C)
         losses[r] = loss
