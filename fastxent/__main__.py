@@ -17,8 +17,8 @@ def info() -> int:
     import fastxent
     from fastxent import _dispatch
 
-    x = np.zeros((2, 3), np.float32)
-    fastxent.cross_entropy(x, np.zeros(2, np.int64))  # starts Numba's thread pool
+    # a call large enough to run in parallel starts Numba's thread pool
+    fastxent.cross_entropy(np.zeros((256, 512), np.float32), np.zeros(256, np.int64))
     try:
         layer = numba.threading_layer()
     except ValueError:
@@ -45,7 +45,7 @@ def demo(epochs: int = 30, seed: int = 0) -> int:
 
     rng = np.random.default_rng(seed)
     n_classes, n_features, n_hidden = 10, 20, 64
-    centers = rng.normal(scale=2.5, size=(n_classes, n_features))
+    centers = rng.normal(scale=1.0, size=(n_classes, n_features))
 
     def make(n):
         y = rng.integers(0, n_classes, n)

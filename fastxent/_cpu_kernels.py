@@ -73,6 +73,18 @@ def _span_impl(a, r, s0, n):
     return lambda a, r, s0, n: a[r, s0:s0 + n]
 
 
+def _at(a, c, default):
+    """``a[c]``, or ``default`` when ``a`` is None (resolved when compiling)."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_at, jit_options=_JIT_OPTIONS, inline="always")
+def _at_impl(a, c, default):
+    if isinstance(a, types.NoneType):
+        return lambda a, c, default: default
+    return lambda a, c, default: a[c]
+
+
 def _cast_like(value, like):
     """``value`` converted to the float type of ``like`` (an array or a scalar)."""
     raise NotImplementedError  # only called from compiled code
@@ -663,7 +675,7 @@ def _log1p_unit_impl(e):
     return lambda e: _log1p_unit64(e)
 
 
-@_jit
+@_jit(inline=True)
 def _bce_element(xc, tc, w, pw, c):
     """(loss, gradient) of binary cross-entropy with logits for one element.
 
@@ -676,9 +688,8 @@ def _bce_element(xc, tc, w, pw, c):
     one = _cast_like(1.0, tc)
     e = fast_exp(-np.abs(xc))
     log1p_e = _log1p_unit(e)
-    lw = one
-    if pw is not None:
-        lw = one + (pw[c] - one) * tc
+    # ``_at``, not ``if pw is not None``: inlined, the test would not be pruned
+    lw = one + (_at(pw, c, one) - one) * tc
     # (1 - t) x - l (min(x, 0) - log1p(e)), with the x terms gathered first:
     # for x < 0 and t = 0 this is log1p(e) exactly, where the formula as
     # written cancels x against x (PyTorch loses all digits there).
@@ -689,10 +700,8 @@ def _bce_element(xc, tc, w, pw, c):
     inv = one / (one + e)
     sig = inv if xc >= zero else e * inv
     grad = lw * sig - lw + one - tc
-    if w is not None:
-        loss = loss * w[c]
-        grad = grad * w[c]
-    return loss, grad
+    wc = _at(w, c, one)
+    return loss * wc, grad * wc
 
 
 @_jit
