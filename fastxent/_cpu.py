@@ -78,6 +78,11 @@ def _direct(x_rows, form) -> bool:
             and x_rows.strides[1] == x_rows.itemsize)
 
 
+def _inner(problem: ClassProblem, form: int) -> int:
+    """The kernels' ``inner`` argument: the class stride, in rows, of SLABS."""
+    return problem.inner if form == SLABS else 1
+
+
 def _same_view(a, b) -> bool:
     return (a.shape == b.shape and a.strides == b.strides
             and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
@@ -166,7 +171,7 @@ def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
                       (x, target, weight))
         g_rows, inplace = out.rows, out.inplace
     losses = np.empty(problem.n_rows)
-    inner = problem.inner if form == SLABS else 1
+    inner = _inner(problem, form)
     if spec.soft and _direct(x_rows, form):
         K.ce_soft(x_rows, q_rows, w, spec.smoothing, scale, g_rows, inplace, losses, inner)
     elif spec.soft:
@@ -188,7 +193,7 @@ def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
     w = _weight(weight, problem.dtype)
     y, denominator = _hard_targets(spec, target, w)
     losses = np.empty(problem.n_rows)
-    K.nll(lp_rows, y, w, spec.ignore_index, losses, problem.inner if form == SLABS else 1)
+    K.nll(lp_rows, y, w, spec.ignore_index, losses, _inner(problem, form))
     return _reduce(losses, denominator, spec.reduction, problem)
 
 
@@ -196,7 +201,7 @@ def softmax(problem: ClassProblem, x, out, log: bool):
     x = np.asarray(x, dtype=problem.dtype)
     x_rows, form = rows_of(x, problem)
     result = _Output(out, x_rows, problem, form, (x,))
-    inner = problem.inner if form == SLABS else 1
+    inner = _inner(problem, form)
     if _direct(x_rows, form):
         K.softmax(x_rows, result.rows, result.inplace, problem.n_rows, inner, log)
     else:
@@ -210,7 +215,7 @@ def logsumexp(problem: ClassProblem, x):
         return np.full(problem.batch_shape, -np.inf, dtype=problem.dtype)
     x_rows, form = rows_of(x, problem)
     out = np.empty(problem.n_rows, dtype=problem.dtype)
-    K.logsumexp(x_rows, out, problem.inner if form == SLABS else 1)
+    K.logsumexp(x_rows, out, _inner(problem, form))
     return out.reshape(problem.batch_shape)
 
 

@@ -407,7 +407,6 @@ def bce_py(dtype):
     a given launch), summed afterwards by ``sum_kernel``.
     """
     FT = _float_type(dtype)
-    ST = _shared_type(FT)
 
     def bce(x, t, w, pw, g, elements, partials, n, scale):
         zero = FT(0.0)
