@@ -61,9 +61,36 @@ def _prefer_wide_vectors(builder):
         pass
 
 
+def _suffix(ty):
+    """The type suffix of an overloaded LLVM intrinsic (``f32``, ``v16f32``)."""
+    if isinstance(ty, ir.VectorType):
+        return f"v{ty.count}{ty.element.intrinsic_name}"
+    return ty.intrinsic_name
+
+
 def _call(builder, name, ty, *args):
-    fn = builder.module.declare_intrinsic(name, [ty], ir.FunctionType(ty, [ty] * len(args)))
+    fn = builder.module.declare_intrinsic(f"{name}.{_suffix(ty)}", (),
+                                          ir.FunctionType(ty, [ty] * len(args)))
     return builder.call(fn, list(args))
+
+
+def _const(ty, value):
+    """A constant of float or integer type ``ty``, or of vector type ``ty``
+    with every element ``value``."""
+    if isinstance(ty, ir.VectorType):
+        return ir.Constant(ty, [ir.Constant(ty.element, value)] * ty.count)
+    return ir.Constant(ty, value)
+
+
+def _element(ty):
+    return ty.element if isinstance(ty, ir.VectorType) else ty
+
+
+def _int_like(ty, bits):
+    """The integer type of ``bits`` bits, as a vector if ``ty`` is one."""
+    if isinstance(ty, ir.VectorType):
+        return ir.VectorType(ir.IntType(bits), ty.count)
+    return ir.IntType(bits)
 
 
 @intrinsic
@@ -96,12 +123,13 @@ _EXP64 = dict(
 
 
 def _exp_ir(builder, x):
+    """exp of a float, double or vector of them (see module doc)."""
     fty = x.type
-    k = _EXP32 if isinstance(fty, ir.FloatType) else _EXP64
-    ity = ir.IntType(k["bits"])
+    k = _EXP32 if isinstance(_element(fty), ir.FloatType) else _EXP64
+    ity = _int_like(fty, k["bits"])
 
     def c(v):
-        return ir.Constant(fty, v)
+        return _const(fty, v)
 
     def fma(a, b, d):
         return _call(builder, "llvm.fmuladd", fty, a, b, d)
@@ -123,9 +151,9 @@ def _exp_ir(builder, x):
     # exp(r) = 1 + r + r^2 * P(r)
     p = fma(builder.fmul(r, r), p, builder.fadd(r, c(1.0)))
     # bits(t) - bits(magic) = n; 2^n has the bits (n + bias) << mant.
-    offset = ir.Constant(ity, k["bias"] - _float_bits(1.5 * 2.0 ** k["mant"], k["bits"]))
+    offset = _const(ity, k["bias"] - _float_bits(1.5 * 2.0 ** k["mant"], k["bits"]))
     two_n = builder.bitcast(builder.shl(builder.add(builder.bitcast(t, ity), offset),
-                                        ir.Constant(ity, k["mant"])), fty)
+                                        _const(ity, k["mant"])), fty)
     res = builder.fmul(p, two_n)
     # Below lo (and for -inf) the true result is subnormal or 0: return 0.
     res = builder.select(builder.fcmp_ordered("<", x, c(k["lo"])), c(0.0), res)
@@ -158,15 +186,16 @@ _LOG64 = dict(terms=10, bits=64, mant=52, bias=1023)  # s^21/21 term < 4e-18
 
 
 def _log_ir(builder, y):
+    """log of a float, double or vector of them (see module doc)."""
     fty = y.type
-    k = _LOG32 if isinstance(fty, ir.FloatType) else _LOG64
-    ity = ir.IntType(k["bits"])
+    k = _LOG32 if isinstance(_element(fty), ir.FloatType) else _LOG64
+    ity = _int_like(fty, k["bits"])
 
     def c(v):
-        return ir.Constant(fty, v)
+        return _const(fty, v)
 
     def ic(v):
-        return ir.Constant(ity, v)
+        return _const(ity, v)
 
     def fma(a, b, d):
         return _call(builder, "llvm.fmuladd", fty, a, b, d)

@@ -1,0 +1,161 @@
+"""The fixed-order vector sums of ``fastxent._lanes``.
+
+Their order is part of the reproducibility guarantee: the plain sum is
+checked bit for bit against a NumPy emulation of the documented order; the
+other sums (whose products LLVM may fuse into FMAs) against float64 sums.
+"""
+
+import numpy as np
+import pytest
+from numba import njit
+
+from fastxent._fastmath import FASTMATH
+from fastxent._lanes import (BLOCK, LANES, exp_sum, exp_sum_inplace, lane_dot, row_max,
+                              soft_sums)
+
+LENGTHS = [0, 1, LANES - 1, LANES, LANES + 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 37]
+DTYPES = [np.float32, np.float64]
+
+
+@njit(fastmath=FASTMATH)
+def _dot(x, w, shift):
+    return lane_dot(x, w, shift)
+
+
+@njit(fastmath=FASTMATH)
+def _exp_sum(x, m):
+    return exp_sum(x, m)
+
+
+@njit(fastmath=FASTMATH)
+def _exp_sum_inplace(g, m):
+    return exp_sum_inplace(g, m)
+
+
+@njit(fastmath=FASTMATH)
+def _soft_sums(x, q, w, keep, uniform, m):
+    return soft_sums(x, q, w, keep, uniform, m)
+
+
+@njit(fastmath=FASTMATH)
+def _row_max(x, copy_to):
+    return row_max(x, copy_to)
+
+
+def documented_order_sum(terms):
+    """The order the module doc states, in NumPy: lanes per block in the
+    terms' type, folded pairwise, plus the leftover, into a float64 total."""
+    dt = terms.dtype.type
+    total = 0.0
+    for b0 in range(0, terms.size, BLOCK):
+        block = terms[b0:b0 + BLOCK]
+        full = block.size - block.size % LANES
+        lanes = np.zeros(LANES, dt)
+        for c0 in range(0, full, LANES):
+            lanes = lanes + block[c0:c0 + LANES]
+        width = LANES
+        while width > 1:
+            width //= 2
+            lanes = lanes[:width] + lanes[width:2 * width]
+        leftover = dt(0.0)
+        for v in block[full:]:
+            leftover = dt(leftover + v)
+        total += np.float64(lanes[0]) + np.float64(leftover)
+    return total
+
+
+def _rows(n, dt, seed=0):
+    rng = np.random.default_rng(seed + n)
+    x = (rng.standard_normal(n) * 3).astype(dt)
+    w = rng.random(n).astype(dt)
+    return x, w
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("n", LENGTHS)
+def test_plain_sum_follows_the_documented_order_bit_for_bit(n, dt):
+    x, _ = _rows(n, dt)
+    shift = dt(0.75)
+    assert _dot(x, None, shift) == documented_order_sum((x - shift).astype(dt))
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("n", LENGTHS)
+def test_sums_match_float64(n, dt):
+    x, w = _rows(n, dt)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    m = x.max() if n else dt(0.0)
+    rtol = 2e-6 if dt == np.float32 else 1e-14
+    e64 = np.exp((x - m).astype(np.float64))
+    np.testing.assert_allclose(_dot(x, w, m), np.sum(w64 * (x64 - m)), rtol=rtol, atol=rtol * n)
+    np.testing.assert_allclose(_exp_sum(x, m), e64.sum(), rtol=rtol)
+    q = np.random.default_rng(n).random(n).astype(dt)
+    keep, uniform = dt(0.9), dt(0.1) / max(n, 1)
+    q_prime = (keep * q.astype(np.float64) + uniform) * w64
+    total, qxm = _soft_sums(x, q, w, keep, uniform, m)
+    np.testing.assert_allclose(total, q_prime.sum(), rtol=rtol)
+    np.testing.assert_allclose(qxm, np.sum(q_prime * (x64 - m)), rtol=rtol, atol=rtol * n)
+    total, qxm = _soft_sums(x, q, None, keep, uniform, m)
+    np.testing.assert_allclose(total, (keep * q.astype(np.float64) + uniform).sum(), rtol=rtol)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("n", LENGTHS)
+def test_inplace_exponentials_and_their_sum(n, dt):
+    x, _ = _rows(n, dt)
+    m = x.max() if n else dt(0.0)
+    g = x.copy()
+    total = _exp_sum_inplace(g, m)
+    assert total == _exp_sum(x, m)
+    # the argument x - m is rounded to the rows' type first
+    np.testing.assert_allclose(g, np.exp((x - m).astype(np.float64)),
+                               rtol=2.4e-7 if dt == np.float32 else 4.5e-16)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("n", [LANES + 3, BLOCK + 5])
+def test_strided_rows_give_the_same_bits(n, dt):
+    x, w = _rows(n, dt)
+    m = x.max()
+    wide = np.zeros((n, 3), dt)
+    wide[:, 1] = x
+    xs = wide[:, 1]  # a strided view of the same values
+    assert not xs.flags.c_contiguous
+    assert _dot(xs, None, m) == _dot(x, None, m)
+    assert _dot(xs, w, m) == _dot(x, w, m)
+    assert _exp_sum(xs, m) == _exp_sum(x, m)
+    assert _soft_sums(xs, x, w, dt(0.5), dt(0.1), m) == _soft_sums(x, x, w, dt(0.5), dt(0.1), m)
+    g = x.copy()
+    total = _exp_sum_inplace(g, m)
+    assert _exp_sum_inplace(xs, m) == total
+    np.testing.assert_array_equal(xs, g)
+    np.testing.assert_array_equal(wide[:, 0], 0.0)  # neighbours untouched
+    np.testing.assert_array_equal(wide[:, 2], 0.0)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("n", LENGTHS[1:])
+def test_row_max_and_copy(n, dt):
+    x, _ = _rows(n, dt)
+    for where in sorted({0, n // 2, n - 1}):
+        y = x.copy()
+        y[where] = 1e30
+        g = np.zeros_like(y)
+        assert _row_max(y, None) == dt(1e30) and _row_max(y, g) == dt(1e30)
+        np.testing.assert_array_equal(g, y)
+        y[where] = np.nan  # NaN anywhere wins, as torch's max
+        assert np.isnan(_row_max(y, None))
+    assert _row_max(np.full(n, -np.inf, dt), None) == -np.inf
+    wide = np.zeros((n, 2), dt)
+    wide[:, 0] = x
+    out = np.zeros((n, 2), dt)
+    assert _row_max(wide[:, 0], out[:, 1]) == x.max()
+    np.testing.assert_array_equal(out[:, 1], x)
+    np.testing.assert_array_equal(out[:, 0], 0.0)
+
+
+def test_main_loop_is_vector_code():
+    x = np.ones(100, np.float32)
+    _exp_sum(x, np.float32(0.0))
+    asm = _exp_sum.inspect_asm(_exp_sum.signatures[0])
+    assert "vaddps" in asm and ("zmm" in asm or "ymm" in asm)
