@@ -248,11 +248,15 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
         out = _Output(dest, x2, problem, ROWS, (x, target, weight, pos_weight))
         g2 = out.rows
     elements = np.empty(x2.shape, dtype=dtype) if spec.reduction == "none" else None
-    # Work items are segments of _BCE_SEGMENT elements of a row, so that a
-    # few long rows still spread over the threads.
-    per_row = max(1, -(-x2.shape[1] // _BCE_SEGMENT))
-    losses = np.empty(x2.shape[0] * per_row)
-    K.bce(x2, t2, w2, pw2, scale, g2, elements, out is not None and out.inplace, losses,
+    operands = [x2, t2, w2, pw2, g2, elements]
+    # Elementwise: where every operand is one contiguous block (no weights
+    # broadcast along the rows), the kernel sees one long row.
+    flat = [None if a is None else _try_view(a, (1, n)) for a in operands]
+    if all(f is not None or a is None for f, a in zip(flat, operands)):
+        operands = flat
+    x2, t2, w2, pw2, g2, elements_rows = operands
+    losses = np.empty(K.bce_tasks(t2.shape[0], t2.shape[1], _BCE_SEGMENT)[2])
+    K.bce(x2, t2, w2, pw2, scale, g2, elements_rows, out is not None and out.inplace, losses,
           _BCE_SEGMENT)
     if spec.reduction == "none":
         loss = elements.reshape(shape)

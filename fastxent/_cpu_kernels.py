@@ -14,10 +14,10 @@ and scaled there in a second sweep. Gradients may be written over the logits
 
 Results are bit-for-bit reproducible: rows are independent, the losses of
 the rows are summed by the caller in a fixed order, and every sum inside a
-row has its order fixed by the code (``_LANES`` partial sums, folded
-pairwise), not left to the compiler: the fast-math flags leave out
-``reassoc``, so the vector width LLVM picks in one compilation or another
-(serial, parallel, cached by another process) cannot change a bit.
+row has its order fixed by the code (the vector loops of ``_lanes``), not
+left to the compiler: the fast-math flags leave out ``reassoc``, so the
+vector width LLVM picks in one compilation or another (serial, parallel,
+cached by another process) cannot change a bit.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from ._fastmath import FASTMATH, fast_exp, fast_log, maximum
+from ._lanes import exp_sum, exp_sum_inplace, lane_dot, row_max, soft_sums
 
 _JIT_OPTIONS = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
 
@@ -104,149 +105,31 @@ def _cast_like_impl(value, like):
 # a slice of it; a loop never reads one argument and writes another that may
 # be the same buffer (LLVM's overlap check would fail and run it one element
 # at a time), so rows are first copied into the gradient and then worked on
-# in place. Sums use _LANES independent partial sums in the row's float type
-# (one vector register: no reassociation needed to vectorize), folded in a
-# fixed order every _BLOCK elements into a float64 total.
+# in place. Sums are the fixed-order vector loops of ``_lanes``.
 
-_LANES = 16
-_BLOCK = 512
+#: Elements per span of the BCE kernel's loss scratch.
+_SPAN = 512
 
 #: Elements of the scratch buffer of the block kernels (fits in L1).
 _BUFFER = 4096
-
-
-@_jit(inline=True)
-def _lanes(like):
-    """Scratch for ``_LANES`` partial sums in the float type of ``like``."""
-    return np.zeros(_LANES, like.dtype)
-
-
-@_jit(inline=True)
-def _fold(acc, tail):
-    """float64 sum of the lanes (pairwise, fixed order) and a tail; zeroes ``acc``."""
-    width = _LANES // 2
-    while width >= 1:
-        for j in range(width):
-            acc[j] += acc[j + width]
-        width //= 2
-    total = np.float64(acc[0]) + np.float64(tail)
-    acc[:] = 0.0
-    return total
-
-
-@_jit
-def _row_max(x):
-    """Maximum of a row; NaN if the row holds a NaN (IEEE maximum is exact in
-    any order, so the vectorized reduction is reproducible)."""
-    m = x[0]
-    for c in range(1, x.shape[0]):
-        m = maximum(m, x[c])
-    return m
-
-
-@_jit
-def _copy_row_max(x, g):
-    """``_row_max`` that also copies the row into ``g``."""
-    m = x[0]
-    for c in range(x.shape[0]):
-        xc = x[c]
-        g[c] = xc
-        m = maximum(m, xc)
-    return m
-
-
-@_jit
-def _dot(x, w, acc, shift=0.0):
-    """sum(w * (x - shift)) in float64, or sum(x - shift) when ``w`` is None.
-
-    The shift (a row's max) keeps the terms at the scale of the row's spread:
-    sum(w * x) - W * max would cancel for logits of magnitude 1e16 and more.
-    """
-    total = 0.0
-    shift = _cast_like(shift, x)
-    for b0 in range(0, x.shape[0], _BLOCK):
-        xb = x[b0:b0 + _BLOCK]
-        n = xb.shape[0]
-        full = n - n % _LANES
-        tail = _cast_like(0.0, x)
-        if w is None:
-            for c0 in range(0, full, _LANES):
-                chunk = xb[c0:c0 + _LANES]
-                for j in range(_LANES):
-                    acc[j] += chunk[j] - shift
-            for c in range(full, n):
-                tail += xb[c] - shift
-        else:
-            wb = w[b0:b0 + _BLOCK]
-            for c0 in range(0, full, _LANES):
-                chunk = xb[c0:c0 + _LANES]
-                wchunk = wb[c0:c0 + _LANES]
-                for j in range(_LANES):
-                    acc[j] += wchunk[j] * (chunk[j] - shift)
-            for c in range(full, n):
-                tail += wb[c] * (xb[c] - shift)
-        total += _fold(acc, tail)
-    return total
-
-
-@_jit
-def _exp_sum(x, m, acc):
-    """sum(exp(x - m)) in float64; ``x`` is not written."""
-    total = 0.0
-    for b0 in range(0, x.shape[0], _BLOCK):
-        xb = x[b0:b0 + _BLOCK]
-        n = xb.shape[0]
-        full = n - n % _LANES
-        for c0 in range(0, full, _LANES):
-            chunk = xb[c0:c0 + _LANES]
-            for j in range(_LANES):
-                acc[j] += fast_exp(chunk[j] - m)
-        tail = _cast_like(0.0, x)
-        for c in range(full, n):
-            tail += fast_exp(xb[c] - m)
-        total += _fold(acc, tail)
-    return total
-
-
-@_jit
-def _exp_sum_inplace(g, m, acc):
-    """g <- exp(g - m); returns the sum in float64."""
-    total = 0.0
-    for b0 in range(0, g.shape[0], _BLOCK):
-        gb = g[b0:b0 + _BLOCK]
-        n = gb.shape[0]
-        full = n - n % _LANES
-        for c0 in range(0, full, _LANES):
-            chunk = gb[c0:c0 + _LANES]
-            for j in range(_LANES):
-                e = fast_exp(chunk[j] - m)
-                chunk[j] = e
-                acc[j] += e
-        tail = _cast_like(0.0, g)
-        for c in range(full, n):
-            e = fast_exp(gb[c] - m)
-            gb[c] = e
-            tail += e
-        total += _fold(acc, tail)
-    return total
 
 
 @_jit
 def _max_pass(x, g, inplace):
     """Row max; copies the row into ``g`` unless ``g`` is None or ``x`` itself."""
     if g is None:
-        return _row_max(x)
+        return row_max(x, None)
     if inplace:
-        return _row_max(g)
-    return _copy_row_max(x, g)
+        return row_max(g, None)
+    return row_max(x, g)
 
 
 @_jit(inline=True)
-def _exp_pass(x, g, m, acc):
+def _exp_pass(x, g, m):
     """sum(exp(x - m)); the exponentials replace ``g``'s copy of the row."""
     if g is None:
-        return _exp_sum(x, m, acc)
-    return _exp_sum_inplace(g, m, acc)
+        return exp_sum(x, m)
+    return exp_sum_inplace(g, m)
 
 
 @_jit(inline=True)
@@ -305,51 +188,17 @@ def _ce_hard_row(x, g, inplace, t, w, wsum, smooth, scale):
 
     The exponentials are kept in ``g`` itself between the two sweeps.
     """
-    acc = _lanes(x)
     xt = np.float64(x[t])
     m = _max_pass(x, g, inplace)
     # sum(w * (x - m)), read before the gradient replaces the row
-    sx = _dot(x, w, acc, m) if smooth > 0.0 else 0.0
-    s = _exp_pass(x, g, m, acc)
+    sx = lane_dot(x, w, m) if smooth > 0.0 else 0.0
+    s = _exp_pass(x, g, m)
     loss, k1, k2, kt = _hard_coeffs(np.float64(m), np.log(s), s, xt, t, w, wsum, sx, smooth,
                                     scale, x.shape[0])
     if g is not None:
         _scale_minus(g, _cast_like(k1, g), _cast_like(k2, g), w)
         g[t] = g[t] - kt
     return loss
-
-
-@_jit
-def _soft_sums(x, q, w, keep, uniform, m, acc):
-    """(sum q'_c, sum q'_c (x_c - m)) with q' = keep * q + uniform (times w)."""
-    total = 0.0
-    qx = 0.0
-    qx_lanes = _lanes(x)
-    for b0 in range(0, x.shape[0], _BLOCK):
-        xb = x[b0:b0 + _BLOCK]
-        qb = q[b0:b0 + _BLOCK]
-        n = xb.shape[0]
-        full = n - n % _LANES
-        for c0 in range(0, full, _LANES):
-            xc = xb[c0:c0 + _LANES]
-            qc = qb[c0:c0 + _LANES]
-            for j in range(_LANES):
-                qj = keep * qc[j] + uniform
-                if w is not None:
-                    qj = qj * w[b0 + c0 + j]
-                acc[j] += qj
-                qx_lanes[j] += qj * (xc[j] - m)
-        tail_q = _cast_like(0.0, x)
-        tail_qx = _cast_like(0.0, x)
-        for c in range(full, n):
-            qj = keep * qb[c] + uniform
-            if w is not None:
-                qj = qj * w[b0 + c]
-            tail_q += qj
-            tail_qx += qj * (xb[c] - m)
-        total += _fold(acc, tail_q)
-        qx += _fold(qx_lanes, tail_qx)
-    return total, qx
 
 
 @_jit
@@ -367,7 +216,7 @@ def _soft_grad(e, g, q, w, k1, keep_s, uniform_s):
 
 
 @_jit
-def _ce_soft_finish(x, e, m, log_s, s, q, w, smooth, scale, g, acc):
+def _ce_soft_finish(x, e, m, log_s, s, q, w, smooth, scale, g):
     """Loss of a row against probabilities ``q``; gradient into ``g``.
 
     With q'_c = (1-eps) q_c + eps/C (times w_c with weights) and S = sum q'_c:
@@ -378,7 +227,7 @@ def _ce_soft_finish(x, e, m, log_s, s, q, w, smooth, scale, g, acc):
     C = x.shape[0]
     keep = _cast_like(1.0 - smooth, x)
     uniform = _cast_like(smooth / C, x)
-    total, qxm = _soft_sums(x, q, w, keep, uniform, m, acc)
+    total, qxm = soft_sums(x, q, w, keep, uniform, m)
     if g is not None:
         _soft_grad(e, g, q, w, _cast_like(scale * total / s, g),
                    _cast_like(scale * (1.0 - smooth), g), _cast_like(scale * smooth / C, g))
@@ -388,14 +237,13 @@ def _ce_soft_finish(x, e, m, log_s, s, q, w, smooth, scale, g, acc):
 @_jit
 def _ce_soft_row(x, g, inplace, q, w, smooth, scale):
     """Cross-entropy of one contiguous row against probabilities ``q``."""
-    acc = _lanes(x)
     m = _max_pass(x, g, inplace)
     C = x.shape[0]
     keep = _cast_like(1.0 - smooth, x)
     uniform = _cast_like(smooth / C, x)
     # The sums read the logits before the exponentials replace them.
-    total, qxm = _soft_sums(x, q, w, keep, uniform, m, acc)
-    s = _exp_pass(x, g, m, acc)
+    total, qxm = soft_sums(x, q, w, keep, uniform, m)
+    s = _exp_pass(x, g, m)
     if g is not None:
         _soft_grad(None, g, q, w, _cast_like(scale * total / s, g),
                    _cast_like(scale * (1.0 - smooth), g), _cast_like(scale * smooth / C, g))
@@ -454,9 +302,7 @@ def _exp_block(x, r0, n, inner, finite_shift):
     else:
         for i in range(n):
             xr = _row(x, r0 + i, inner)
-            mi = xr[0]
-            for c in range(1, C):
-                mi = maximum(mi, xr[c])
+            mi = row_max(xr, None)
             if finite_shift and np.isinf(mi):
                 mi = 0.0
             m[i] = mi
@@ -466,9 +312,8 @@ def _exp_block(x, r0, n, inner, finite_shift):
         flat = e.reshape(n * C)
         for k in range(n * C):
             flat[k] = fast_exp(flat[k])
-        acc = _lanes(x)
         for i in range(n):
-            s[i] = _dot(e[i], None, acc)
+            s[i] = lane_dot(e[i], None, 0.0)
     log_s = np.empty(n)
     for i in range(n):  # one vectorized log for the block
         log_s[i] = fast_log(s[i])
@@ -509,7 +354,6 @@ def _ce_hard_direct(x, y, w, wsum, ignore_index, smooth, scale, g, inplace, inne
 def _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n):
     C = x.shape[1]
     e, m, s, log_s = _exp_block(x, r0, n, inner, False)
-    acc = _lanes(x)
     for i in range(n):
         r = r0 + i
         t = y[r]
@@ -519,7 +363,7 @@ def _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner,
                 _zero(_row(g, r, inner))
             continue
         xr = _row(x, r, inner)
-        sx = _dot(xr, w, acc, m[i]) if smooth > 0.0 else 0.0
+        sx = lane_dot(xr, w, m[i]) if smooth > 0.0 else 0.0
         loss, k1, k2, kt = _hard_coeffs(np.float64(m[i]), log_s[i], s[i], np.float64(xr[t]), t,
                                         w, wsum, sx, smooth, scale, C)
         losses[r] = loss
@@ -541,16 +385,14 @@ def _ce_soft_direct(x, q, w, smooth, scale, g, inplace, inner, r):
 @_jit
 def _ce_soft_block(x, q, w, smooth, scale, g, losses, inner, r0, n):
     e, m, s, log_s = _exp_block(x, r0, n, inner, False)
-    acc = _lanes(x)
     for i in range(n):
         r = r0 + i
         if g is None:
             losses[r] = _ce_soft_finish(_row(x, r, inner), e[i], m[i], log_s[i], s[i],
-                                        _row(q, r, inner), w, smooth, scale, None, acc)
+                                        _row(q, r, inner), w, smooth, scale, None)
         else:
             losses[r] = _ce_soft_finish(_row(x, r, inner), e[i], m[i], log_s[i], s[i],
-                                        _row(q, r, inner), w, smooth, scale, _row(g, r, inner),
-                                        acc)
+                                        _row(q, r, inner), w, smooth, scale, _row(g, r, inner))
 
 
 @_jit
@@ -565,24 +407,23 @@ def _nll_row(lp, y, w, ignore_index, inner, r):
 @_jit
 def _softmax_direct(x, out, inplace, inner, log, r):
     o = _row(out, r, inner)
-    acc = _lanes(o)
     if log:
         # o <- (x - m) - log(sum exp(x - m)), rounded as torch.log_softmax
         if inplace:
-            m = _row_max(o)
-            log_s = _cast_like(np.log(_exp_sum(o, m, acc)), o)
+            m = row_max(o, None)
+            log_s = _cast_like(np.log(exp_sum(o, m)), o)
             for c in range(o.shape[0]):
                 o[c] = (o[c] - m) - log_s
         else:
             xr = _row(x, r, inner)
-            m = _row_max(xr)
-            log_s = _cast_like(np.log(_exp_sum(xr, m, acc)), o)
+            m = row_max(xr, None)
+            log_s = _cast_like(np.log(exp_sum(xr, m)), o)
             for c in range(o.shape[0]):
                 o[c] = (xr[c] - m) - log_s
     else:
         xr = _row(x, r, inner)
         m = _max_pass(xr, o, inplace)
-        inv_s = _cast_like(1.0 / _exp_sum_inplace(o, m, acc), o)
+        inv_s = _cast_like(1.0 / exp_sum_inplace(o, m), o)
         for c in range(o.shape[0]):
             o[c] = o[c] * inv_s
 
@@ -728,26 +569,55 @@ def _bce_span_inplace(g, t, w, pw, scale, losses):
         g[c] = grad * scale
 
 
+@_jit(inline=True)
+def _bce_span_into(x, t, w, pw, scale, g, inplace, r, s0, n, dest):
+    """BCE of ``n`` elements of row ``r`` from ``s0``: losses into ``dest``."""
+    ts, ws, pws = _span(t, r, s0, n), _span(w, r, s0, n), _span(pw, r, s0, n)
+    if g is None:
+        _bce_span(_span(x, r, s0, n), ts, ws, pws, scale, None, dest)
+    elif inplace:
+        _bce_span_inplace(_span(g, r, s0, n), ts, ws, pws, scale, dest)
+    else:
+        _bce_span(_span(x, r, s0, n), ts, ws, pws, scale, _span(g, r, s0, n), dest)
+
+
 @_jit
-def _bce_segment(x, t, w, pw, scale, g, out, inplace, r, b0, seg):
-    """Loss sum of elements [b0, b0 + seg) of row ``r``, in spans of _BLOCK;
-    the elements' losses go to ``out`` (reduction "none") or a scratch span."""
-    acc = _lanes(t)
-    scratch = np.empty(_BLOCK, t.dtype)
+def bce_tasks(n_rows, n_cols, seg):
+    """(rows per task, tasks per row, tasks) of the BCE kernel: a task is
+    about ``seg`` elements, a column segment of one long row or whole short
+    rows, so that few long rows and many short ones both spread over the
+    threads with little per-task overhead."""
+    per_row = max(1, (n_cols + seg - 1) // seg)
+    rows_per = max(1, seg // max(n_cols, 1)) if per_row == 1 else 1
+    return rows_per, per_row, (n_rows + rows_per - 1) // rows_per * per_row
+
+
+@_jit
+def _bce_task(x, t, w, pw, scale, g, out, inplace, r0, r1, b0, b1):
+    """Loss sum of elements [b0, b1) of rows [r0, r1), in spans of _SPAN.
+
+    With ``out`` (reduction "none") the elements' losses go there and no sum
+    is taken; otherwise they fill a scratch span, summed each time it fills
+    (in a fixed order: short rows share one vector sum).
+    """
     total = 0.0
-    stop = min(b0 + seg, t.shape[1])
-    for s0 in range(b0, stop, _BLOCK):
-        n = min(_BLOCK, stop - s0)
-        span = scratch[:n] if out is None else out[r, s0:s0 + n]
-        ts, ws, pws = _span(t, r, s0, n), _span(w, r, s0, n), _span(pw, r, s0, n)
-        if g is None:
-            _bce_span(_span(x, r, s0, n), ts, ws, pws, scale, None, span)
-        elif inplace:
-            _bce_span_inplace(_span(g, r, s0, n), ts, ws, pws, scale, span)
-        else:
-            _bce_span(_span(x, r, s0, n), ts, ws, pws, scale, _span(g, r, s0, n), span)
-        total += _dot(span, None, acc)
-    return total
+    if out is not None:
+        for r in range(r0, r1):
+            for s0 in range(b0, b1, _SPAN):
+                n = min(_SPAN, b1 - s0)
+                _bce_span_into(x, t, w, pw, scale, g, inplace, r, s0, n, out[r, s0:s0 + n])
+        return total
+    scratch = np.empty(_SPAN, t.dtype)
+    fill = 0
+    for r in range(r0, r1):
+        for s0 in range(b0, b1, _SPAN):
+            n = min(_SPAN, b1 - s0)
+            if fill + n > _SPAN:
+                total += lane_dot(scratch[:fill], None, 0.0)
+                fill = 0
+            _bce_span_into(x, t, w, pw, scale, g, inplace, r, s0, n, scratch[fill:fill + n])
+            fill += n
+    return total + lane_dot(scratch[:fill], None, 0.0)
 
 
 @_jit
@@ -825,12 +695,15 @@ def _logsumexp(x, out, inner):
 
 
 def _bce(x, t, w, pw, scale, g, out, inplace, losses, seg):
-    """BCE over 2-D operands, in segments of ``seg`` elements of a row (a
-    flat input is one long row: its segments are the parallel work)."""
-    per_row = (t.shape[1] + seg - 1) // seg
+    """BCE over 2-D operands in tasks of about ``seg`` elements (see
+    ``bce_tasks``; a flat input is one long row)."""
+    n_rows, n_cols = t.shape
+    rows_per, per_row, _ = bce_tasks(n_rows, n_cols, seg)
     for k in prange(losses.shape[0]):
-        losses[k] = _bce_segment(x, t, w, pw, scale, g, out, inplace, k // per_row,
-                                 (k % per_row) * seg, seg)
+        r0 = k // per_row * rows_per
+        b0 = k % per_row * seg
+        losses[k] = _bce_task(x, t, w, pw, scale, g, out, inplace, r0, min(r0 + rows_per, n_rows),
+                              b0, min(b0 + seg, n_cols))
 
 
 # --------------------------------------------------------------------------
