@@ -30,8 +30,13 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
+from . import _cache
 from ._fastmath import FASTMATH, fast_exp, fast_log, maximum
 from ._lanes import exp_sum, exp_sum_inplace, lane_dot, row_max, soft_sums
+
+# Before any kernel is defined: their cache entries depend on every source
+# they inline, not only on this file.
+_cache.install()
 
 _JIT_OPTIONS = dict(cache=True, fastmath=FASTMATH, error_model="numpy", nogil=True)
 
@@ -250,74 +255,81 @@ def _ce_soft_row(x, g, inplace, q, w, smooth, scale):
     return total * np.log(s) - qxm
 
 
-#: Rows of at most this many classes are exponentiated across rows (see
-#: ``_exp_block``).
+#: Rows of at most this many classes are handled transposed (see
+#: ``_exp_narrow``).
 _NARROW = 16
 
 
 @_jit
-def _exp_block(x, r0, n, inner, finite_shift):
-    """Exponentials of a block of ``n`` rows from ``r0``, in a new buffer.
+def _log_block(s):
+    log_s = np.empty(s.shape[0])
+    for i in range(s.shape[0]):  # one vectorized log for the block
+        log_s[i] = fast_log(s[i])
+    return log_s
 
-    Returns (e, m, s, log_s): e[i, c] = exp(x[r0+i, c] - m[i]) as a
-    contiguous (n, C) array, the rows' max m, sums s (float64) and log(s).
-    ``finite_shift``: an infinite max is not subtracted (torch.logsumexp).
 
-    The work is laid out so that every sweep is one vectorized loop: rows
-    are copied shifted into the buffer and exponentiated in one flat sweep;
-    rows of at most _NARROW classes are handled transposed, a vector lane
-    per row, since their own loops are too short to vectorize.
+@_jit
+def _exp_narrow(x, r0, n, inner, finite_shift):
+    """Exponentials of a block of ``n`` rows from ``r0``, transposed.
+
+    Returns (e_t, m, s, log_s): e_t[c, i] = exp(x[r0+i, c] - m[i]) as a
+    (C, n) array, the rows' max m, sums s (float64, in class order) and
+    log(s). ``finite_shift``: an infinite max is not subtracted
+    (torch.logsumexp). Rows of a few classes are too short to vectorize
+    along; transposed, every sweep is a vector loop across the rows.
     """
+    C = x.shape[1]
+    e_t = np.empty((C, n), x.dtype)
+    for i in range(n):
+        xr = _row(x, r0 + i, inner)
+        for c in range(C):
+            e_t[c, i] = xr[c]
+    m = e_t[0].copy()
+    for c in range(1, C):
+        ec = e_t[c]
+        for i in range(n):
+            m[i] = maximum(m[i], ec[i])
+    if finite_shift:
+        for i in range(n):
+            if np.isinf(m[i]):
+                m[i] = 0.0
+    s_part = np.zeros(n, x.dtype)
+    for c in range(C):
+        ec = e_t[c]
+        for i in range(n):
+            v = fast_exp(ec[i] - m[i])
+            ec[i] = v
+            s_part[i] += v
+    s = np.empty(n)
+    for i in range(n):
+        s[i] = s_part[i]
+    return e_t, m, s, _log_block(s)
+
+
+@_jit
+def _exp_wide(x, r0, n, inner, finite_shift):
+    """``_exp_narrow`` for longer rows: e[i, c] as a contiguous (n, C)
+    array; rows are copied shifted into it and exponentiated in one flat
+    vector sweep."""
     C = x.shape[1]
     e = np.empty((n, C), x.dtype)
     m = np.empty(n, x.dtype)
     s = np.empty(n)
-    if C <= _NARROW:
-        e_t = np.empty((C, n), x.dtype)
-        for i in range(n):
-            xr = _row(x, r0 + i, inner)
-            for c in range(C):
-                e_t[c, i] = xr[c]
-        m[:] = e_t[0]
-        for c in range(1, C):
-            ec = e_t[c]
-            for i in range(n):
-                m[i] = maximum(m[i], ec[i])
-        if finite_shift:
-            for i in range(n):
-                if np.isinf(m[i]):
-                    m[i] = 0.0
-        s_part = np.zeros(n, x.dtype)  # one sum per row, in class order
+    for i in range(n):
+        xr = _row(x, r0 + i, inner)
+        mi = row_max(xr, None)
+        if finite_shift and np.isinf(mi):
+            mi = 0.0
+        m[i] = mi
+        er = e[i]
         for c in range(C):
-            ec = e_t[c]
-            for i in range(n):
-                v = fast_exp(ec[i] - m[i])
-                ec[i] = v
-                s_part[i] += v
-        for i in range(n):
-            s[i] = s_part[i]
-            er = e[i]
-            for c in range(C):
-                er[c] = e_t[c, i]
-    else:
-        for i in range(n):
-            xr = _row(x, r0 + i, inner)
-            mi = row_max(xr, None)
-            if finite_shift and np.isinf(mi):
-                mi = 0.0
-            m[i] = mi
-            er = e[i]
-            for c in range(C):
-                er[c] = xr[c] - mi
-        flat = e.reshape(n * C)
-        for k in range(n * C):
-            flat[k] = fast_exp(flat[k])
-        for i in range(n):
-            s[i] = lane_dot(e[i], None, 0.0)
-    log_s = np.empty(n)
-    for i in range(n):  # one vectorized log for the block
-        log_s[i] = fast_log(s[i])
-    return e, m, s, log_s
+            er[c] = xr[c] - mi
+    flat = e.reshape(n * C)
+    for k in range(n * C):
+        flat[k] = fast_exp(flat[k])
+    for i in range(n):
+        s[i] = lane_dot(e[i], None, 0.0)
+    return e, m, s, _log_block(s)
 
 
 @_jit
@@ -334,7 +346,8 @@ def _rows_per_block(C):
 # Two shapes of each: "direct" routines take one contiguous row of many
 # classes and keep the exponentials in the gradient row itself; "block"
 # routines take blocks of rows of any length and layout and compute the
-# exponentials in a scratch buffer (see ``_exp_block``). ``_cpu.py`` picks.
+# exponentials in a scratch buffer (see ``_exp_narrow`` and ``_exp_wide``).
+# ``_cpu.py`` picks.
 
 
 @_jit
@@ -351,9 +364,10 @@ def _ce_hard_direct(x, y, w, wsum, ignore_index, smooth, scale, g, inplace, inne
 
 
 @_jit
-def _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n):
+def _ce_hard_rows(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n,
+                  e, m, s, log_s):
+    """Losses and gradients of a block of rows whose exponentials are ``e``."""
     C = x.shape[1]
-    e, m, s, log_s = _exp_block(x, r0, n, inner, False)
     for i in range(n):
         r = r0 + i
         t = y[r]
@@ -374,6 +388,63 @@ def _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner,
 
 
 @_jit
+def _ce_hard_narrow(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n):
+    """``_ce_hard_rows`` for rows of at most _NARROW classes, transposed: the
+    per-row coefficients go to arrays and the gradient is one vector sweep
+    per class across the rows, stored back row by row at the end (the
+    logits are all read before, so ``g`` may be ``x``)."""
+    C = x.shape[1]
+    e_t, m, s, log_s = _exp_narrow(x, r0, n, inner, False)
+    k1 = np.empty(n, x.dtype)
+    k2 = np.empty(n, x.dtype)
+    kt = np.empty(n, x.dtype)
+    target = np.empty(n, np.int64)  # -1: ignored row
+    for i in range(n):
+        r = r0 + i
+        t = y[r]
+        if t == ignore_index:
+            losses[r] = 0.0
+            target[i], k1[i], k2[i], kt[i] = -1, 0.0, 0.0, 0.0
+            continue
+        xr = _row(x, r, inner)
+        sx = 0.0
+        if smooth > 0.0:
+            sx_part = _cast_like(0.0, x)
+            for c in range(C):
+                sx_part += _at(w, c, _cast_like(1.0, x)) * (xr[c] - m[i])
+            sx = np.float64(sx_part)
+        loss, a1, a2, at = _hard_coeffs(np.float64(m[i]), log_s[i], s[i], np.float64(xr[t]), t,
+                                        w, wsum, sx, smooth, scale, C)
+        losses[r] = loss
+        target[i] = t
+        k1[i], k2[i], kt[i] = a1, a2, at
+    if g is None:
+        return
+    zero = _cast_like(0.0, x)
+    for c in range(C):
+        ec = e_t[c]
+        wc = _at(w, c, _cast_like(1.0, x))
+        for i in range(n):
+            v = ec[i] * k1[i] - k2[i] * wc
+            v = v - kt[i] if target[i] == c else v
+            ec[i] = zero if target[i] < 0 else v  # ignored rows: 0, even for NaN logits
+    for i in range(n):
+        gr = _row(g, r0 + i, inner)
+        for c in range(C):
+            gr[c] = e_t[c, i]
+
+
+@_jit
+def _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n):
+    if x.shape[1] <= _NARROW:
+        _ce_hard_narrow(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n)
+    else:
+        e, m, s, log_s = _exp_wide(x, r0, n, inner, False)
+        _ce_hard_rows(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n,
+                      e, m, s, log_s)
+
+
+@_jit
 def _ce_soft_direct(x, q, w, smooth, scale, g, inplace, inner, r):
     if g is None:
         return _ce_soft_row(_row(x, r, inner), None, False, _row(q, r, inner), w, smooth,
@@ -383,8 +454,7 @@ def _ce_soft_direct(x, q, w, smooth, scale, g, inplace, inner, r):
 
 
 @_jit
-def _ce_soft_block(x, q, w, smooth, scale, g, losses, inner, r0, n):
-    e, m, s, log_s = _exp_block(x, r0, n, inner, False)
+def _ce_soft_rows(x, q, w, smooth, scale, g, losses, inner, r0, n, e, m, s, log_s):
     for i in range(n):
         r = r0 + i
         if g is None:
@@ -393,6 +463,49 @@ def _ce_soft_block(x, q, w, smooth, scale, g, losses, inner, r0, n):
         else:
             losses[r] = _ce_soft_finish(_row(x, r, inner), e[i], m[i], log_s[i], s[i],
                                         _row(q, r, inner), w, smooth, scale, _row(g, r, inner))
+
+
+@_jit
+def _ce_soft_narrow(x, q, w, smooth, scale, g, losses, inner, r0, n):
+    """``_ce_soft_rows`` for rows of at most _NARROW classes: the sums of
+    ``_ce_soft_finish`` in class order (as ``_lanes`` sums a row shorter
+    than a vector), every row's before any gradient is written (``g`` may be
+    ``x``)."""
+    C = x.shape[1]
+    e_t, m, s, log_s = _exp_narrow(x, r0, n, inner, False)
+    one = _cast_like(1.0, x)
+    keep = _cast_like(1.0 - smooth, x)
+    uniform = _cast_like(smooth / C, x)
+    k1 = np.empty(n, x.dtype)
+    for i in range(n):
+        r = r0 + i
+        xr, qr = _row(x, r, inner), _row(q, r, inner)
+        total = _cast_like(0.0, x)
+        qxm = _cast_like(0.0, x)
+        for c in range(C):
+            qc = (keep * qr[c] + uniform) * _at(w, c, one)
+            total += qc
+            qxm += qc * (xr[c] - m[i])
+        losses[r] = np.float64(total) * log_s[i] - np.float64(qxm)
+        k1[i] = scale * np.float64(total) / s[i]
+    if g is None:
+        return
+    keep_s = _cast_like(scale * (1.0 - smooth), x)
+    uniform_s = _cast_like(scale * smooth / C, x)
+    for i in range(n):
+        r = r0 + i
+        gr, qr = _row(g, r, inner), _row(q, r, inner)
+        for c in range(C):
+            gr[c] = e_t[c, i] * k1[i] - (keep_s * qr[c] + uniform_s) * _at(w, c, one)
+
+
+@_jit
+def _ce_soft_block(x, q, w, smooth, scale, g, losses, inner, r0, n):
+    if x.shape[1] <= _NARROW:
+        _ce_soft_narrow(x, q, w, smooth, scale, g, losses, inner, r0, n)
+    else:
+        e, m, s, log_s = _exp_wide(x, r0, n, inner, False)
+        _ce_soft_rows(x, q, w, smooth, scale, g, losses, inner, r0, n, e, m, s, log_s)
 
 
 @_jit
@@ -429,9 +542,8 @@ def _softmax_direct(x, out, inplace, inner, log, r):
 
 
 @_jit
-def _softmax_block(x, out, inner, log, r0, n):
+def _softmax_rows(x, out, inner, log, r0, n, e, m, s, log_s):
     C = x.shape[1]
-    e, m, s, log_s = _exp_block(x, r0, n, inner, False)
     for i in range(n):
         o = _row(out, r0 + i, inner)
         if log:
@@ -448,10 +560,23 @@ def _softmax_block(x, out, inner, log, r0, n):
 
 
 @_jit
+def _softmax_block(x, out, inner, log, r0, n):
+    if x.shape[1] <= _NARROW:
+        e_t, m, s, log_s = _exp_narrow(x, r0, n, inner, False)
+        _softmax_rows(x, out, inner, log, r0, n, e_t.T, m, s, log_s)
+    else:
+        e, m, s, log_s = _exp_wide(x, r0, n, inner, False)
+        _softmax_rows(x, out, inner, log, r0, n, e, m, s, log_s)
+
+
+@_jit
 def _logsumexp_block(x, out, inner, r0, n):
     # As torch.logsumexp: an infinite max is not subtracted, so that rows of
     # -inf give -inf and rows holding +inf give +inf (not NaN).
-    e, m, s, log_s = _exp_block(x, r0, n, inner, True)
+    if x.shape[1] <= _NARROW:
+        e_t, m, s, log_s = _exp_narrow(x, r0, n, inner, True)
+    else:
+        e, m, s, log_s = _exp_wide(x, r0, n, inner, True)
     for i in range(n):
         out[r0 + i] = m[i] + log_s[i]
 
