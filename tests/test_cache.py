@@ -1,0 +1,43 @@
+"""Numba's cache of the CPU kernels is invalidated by any kernel source.
+
+The kernels inline ``_lanes.py`` and ``_fastmath.py``; Numba alone would
+keep a kernel cached while ``_cpu_kernels.py`` is unchanged (see
+``fastxent/_cache.py``).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import fastxent
+
+_PROBE = """
+import numpy as np
+from fastxent import _cpu_kernels as K
+K.scan_hard_targets(np.array([0, 1]), 2, -100, None)
+stats = K.scan_hard_targets.stats
+print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+"""
+
+
+def _run(root):
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["PYTHONPATH"] = str(root)
+    done = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    hits, misses = map(int, done.stdout.split())
+    return hits, misses
+
+
+def test_editing_an_inlined_source_recompiles(tmp_path):
+    package = os.path.dirname(fastxent.__file__)
+    shutil.copytree(package, tmp_path / "fastxent",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    assert _run(tmp_path) == (0, 1)  # compiled, written to the cache
+    assert _run(tmp_path) == (1, 0)  # loaded from it
+    with open(tmp_path / "fastxent" / "_lanes.py", "a") as f:
+        f.write("\n# an edit\n")
+    assert _run(tmp_path) == (0, 1)  # stale: compiled again
+    assert _run(tmp_path) == (1, 0)
