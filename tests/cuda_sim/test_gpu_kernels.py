@@ -3,7 +3,7 @@
 Shapes are tiny: the simulator runs every CUDA thread as a Python thread.
 C = 3 gives a thread per row, C = 12 a 4-thread "warp" per row, C = 40 the
 whole 8-thread block on a row (shuffles, then shared memory), with the row
-kept in shared memory or (``SHARED_CACHE_BYTES`` = 0) read twice.
+kept in shared memory or (``SHARED_BYTES_CAP`` = 0) read twice.
 """
 
 from __future__ import annotations
@@ -78,10 +78,10 @@ def test_cross_entropy_with_grad_matches_torch(soft, weighted, ignore, smooth, r
     assert cuda.devicearray.is_cuda_ndarray(grad)
 
 
-@pytest.mark.parametrize("cache_bytes", [0, 1 << 20])
+@pytest.mark.parametrize("cache_bytes", [0, None])
 @pytest.mark.parametrize("soft", [False, True])
 def test_cross_entropy_large_rows_cached_or_not_in_place(cache_bytes, soft, monkeypatch):
-    monkeypatch.setattr(_cuda, "SHARED_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(_cuda, "SHARED_BYTES_CAP", cache_bytes)
     rng = np.random.default_rng(7)
     x, t = _problem(rng, False, 40, np.float64, soft, None if soft else -100)
     w = rng.random(40) + 0.5
@@ -94,6 +94,49 @@ def test_cross_entropy_large_rows_cached_or_not_in_place(cache_bytes, soft, monk
     _close(loss, ref, np.float64)
     _close(xd, xt.grad, np.float64)  # written over the logits
     assert grad is xd
+
+
+def _record_plans(monkeypatch):
+    """The launch plans of the row kernels, in order."""
+    plans = []
+    plan = _cuda.plan_row_launch
+
+    def recording(*args, **kwargs):
+        plans.append(plan(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(_cuda, "plan_row_launch", recording)
+    return plans
+
+
+@pytest.mark.parametrize("refused", [False, True])
+@pytest.mark.parametrize("soft", [False, True])
+def test_rows_above_the_default_shared_limit_opt_in_or_fall_back(soft, refused, monkeypatch):
+    """A default limit of 600 bytes makes the 40-class float64 rows (320 or
+    640 bytes, plus 512 of scratch) need the opt-in: they run cached with the
+    wide block of 16 threads, or, when the opt-in is refused, uncached."""
+    monkeypatch.setattr(_cuda, "DEFAULT_BLOCK_SHARED_BYTES", 600)
+    if refused:
+        monkeypatch.setattr(_cuda, "_opt_in_shared", lambda *args: 0)
+    plans = _record_plans(monkeypatch)
+    rng = np.random.default_rng(8)
+    x, t = _problem(rng, False, 40, np.float64, soft, None)
+    xt = torch.tensor(x, requires_grad=True)
+    ref = F.cross_entropy(xt, torch.tensor(t), label_smoothing=0.1)
+    ref.backward()
+    loss, grad = fastxent.cross_entropy_with_grad(cuda.to_device(x), cuda.to_device(t),
+                                                  label_smoothing=0.1)
+    _close(loss, ref, np.float64)
+    _close(grad, xt.grad, np.float64)
+    last = plans[-1]
+    if refused:
+        assert not last.cached and last.threads == 8, plans
+    else:
+        assert last.opt_in and last.cached and last.threads == last.group == 16, plans
+        assert last.shared_bytes == (2 if soft else 1) * 40 * 8
+    probs = fastxent.softmax(cuda.to_device(x))
+    _close(probs, torch.softmax(torch.tensor(x), -1), np.float64)
+    assert plans[-1].cached != refused and plans[-1].threads == (8 if refused else 16)
 
 
 def test_cross_entropy_loss_only_and_out():
