@@ -11,7 +11,11 @@ input come back in the caller's form: a PyTorch tensor for a PyTorch
 tensor, a CuPy array for a CuPy array, a Numba device array otherwise, and
 a NumPy array where the input was on the host. Mean and sum losses are host
 NumPy scalars of the logits' dtype (the reduction's result is copied back:
-one synchronisation per call). GPU inputs must be C-contiguous.
+one synchronisation per call). Strided GPU inputs (slices, transposes,
+broadcasts) are gathered into C-contiguous device buffers by a kernel
+(``_contiguous``), and a strided ``out=`` or in-place destination is
+written through such a buffer and scattered into at the end: the same
+results as contiguous inputs, for one more read and write of each element.
 
 Target checks copy the class indices to the host (N integers) and reuse the
 CPU scan, so an out-of-range target raises ``IndexError`` before any kernel
@@ -99,11 +103,8 @@ def _to_device(a):
         if _is_numba_array(a):
             d = a
         else:
-            d = cuda.as_cuda_array(a)
+            d = cuda.as_cuda_array(a)  # keeps the strides of a view
             setattr(d, _ORIGIN, a)
-        if d.size and not d.is_c_contiguous():
-            raise ValueError(f"GPU arrays must be C-contiguous, got one of shape {d.shape} "
-                             f"with strides {d.strides}: make a contiguous copy first")
         return d
     host = np.asarray(a)
     # copy(order="C"), not ascontiguousarray, which turns 0-d into 1-d
@@ -150,39 +151,78 @@ def _deliver(dest):
 
 def _host(a):
     """A host NumPy copy (device arrays) or view (host arrays)."""
-    return a.copy_to_host() if _is_numba_array(a) else np.asarray(a)
+    if _is_numba_array(a):
+        return _contiguous(a, a.dtype).copy_to_host()
+    return np.asarray(a)
 
 
 def _flat(d):
+    """The 1-D form kernels index; ``d`` must be C-contiguous (gathered by
+    ``_contiguous``): numba-cuda refuses to reshape a strided array, and the
+    simulator would silently reshape a copy, so this says so on both."""
+    if not _is_contiguous(d):
+        raise AssertionError(f"internal error: a strided array (strides {d.strides}) reached "
+                             f"a kernel without being gathered")
     return d.reshape(d.size)
 
 
-def _span(d):
+def _is_contiguous(d) -> bool:
+    return d.size == 0 or d.is_c_contiguous()
+
+
+def _address(d) -> int:
+    """Address of element 0 (a host address under the simulator)."""
     iface = getattr(d, "__cuda_array_interface__", None) or d.__array_interface__
-    start = iface["data"][0]
-    return start, start + d.size * d.dtype.itemsize
+    return iface["data"][0]
 
 
-def _same_memory(a, b) -> bool:
-    return _span(a) == _span(b)
+def _extent(d):
+    """(first, last + 1) byte addresses the elements of ``d`` lie in."""
+    start = _address(d)
+    reach = [(n - 1) * stride for n, stride in zip(d.shape, d.strides)]
+    return (start + sum(r for r in reach if r < 0),
+            start + sum(r for r in reach if r > 0) + d.dtype.itemsize)
+
+
+def _same_view(a, b) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of the same memory."""
+    return (_address(a), tuple(a.shape), tuple(a.strides), np.dtype(a.dtype)) == \
+        (_address(b), tuple(b.shape), tuple(b.strides), np.dtype(b.dtype))
 
 
 def _overlaps(a, b) -> bool:
     if b is None or a.size == 0 or b.size == 0:
         return False
-    (a0, a1), (b0, b1) = _span(a), _span(b)
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
     return a0 < b1 and b0 < a1
 
 
-def _as_dtype(d, dtype):
-    """``d`` itself if it has ``dtype``, else a converted device copy."""
-    if np.dtype(d.dtype) == dtype:
+def _copy_strided(src, dst) -> None:
+    """``dst`` <- ``src`` (same shape, any strides), converted to ``dst``'s dtype."""
+    n = src.size
+    if n:
+        threads = _threads()
+        blocks = min(math.ceil(n / threads), MAX_BLOCKS)
+        K.strided_copy(len(src.shape))[blocks, threads](src, dst, n)
+
+
+def _contiguous(d, dtype):
+    """``d`` as a C-contiguous device array of ``dtype``: ``d`` itself where
+    it is one, else a copy made on the device (a strided view gathered, or
+    converted)."""
+    dtype = np.dtype(dtype)
+    contiguous = _is_contiguous(d)
+    if contiguous and np.dtype(d.dtype) == dtype:
         return d
     out = cuda.device_array(d.shape, dtype=dtype)
-    if d.size:
+    if d.size == 0:
+        return out
+    if contiguous:
         threads = _threads()
         blocks = min(math.ceil(d.size / threads), MAX_BLOCKS)
         K.cast[blocks, threads](_flat(d), _flat(out))
+    else:
+        _copy_strided(d, out)
     return out
 
 
@@ -192,25 +232,37 @@ def _small_to_device(a, dtype):
     return host, cuda.to_device(host)
 
 
-def _destination(grad, x, shape, dtype, inputs):
+def _destination(grad, logits, x, shape, dtype, inputs):
     """(array the kernel writes, caller's destination or None).
 
-    The caller's array is written directly when it is the logits themselves
-    (each element is read before it is written, by the same thread) or
-    overlaps no input; otherwise through a temporary copied in at the end.
+    ``grad``: ``"new"`` or the caller's device array; ``logits``: the
+    caller's logits as given, ``x``: them as the kernel reads them
+    (``_contiguous``); ``inputs``: every array the kernel reads. The kernel
+    writes a C-contiguous array: the caller's when it is the logits
+    themselves read in place (each element is read before it is written, by
+    the same thread), or overlaps no input; for strided logits written in
+    place, ``x``, the gathered copy; otherwise a temporary. The last two are
+    copied into the caller's array by ``_finish_destination``.
     """
     if isinstance(grad, str):
         return cuda.device_array(shape, dtype=dtype), None
-    if _same_memory(grad, x) or not any(_overlaps(grad, a) for a in inputs):
+    if _same_view(grad, logits):
+        return (grad if x is logits else x), grad
+    if _is_contiguous(grad) and not any(_overlaps(grad, a) for a in inputs):
         return grad, grad
     return cuda.device_array(shape, dtype=dtype), grad
 
 
 def _finish_destination(written, dest, like):
+    """The result the caller gets, once the kernel has written ``written``:
+    copied (or, for a strided destination, scattered) into ``dest``."""
     if dest is None:
         return _to_caller(written, like)
     if written is not dest:
-        dest.copy_to_device(written)
+        if _is_contiguous(dest):
+            dest.copy_to_device(written)
+        else:
+            _copy_strided(written, dest)
     return _deliver(dest)
 
 
@@ -408,7 +460,7 @@ def _device_sum(values) -> float:
 
 def _reduce(losses, denominator, reduction, problem: ClassProblem, like):
     if reduction == "none":
-        out = _as_dtype(losses, problem.dtype)
+        out = _contiguous(losses, problem.dtype)
         return _to_caller(out.reshape(problem.batch_shape), like)
     return finish_loss(_device_sum(losses), denominator, reduction, problem.dtype)
 
@@ -435,15 +487,15 @@ def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
     w_host, w = (None, None) if weight is None else _small_to_device(weight, dtype)
     wsum = float(C) if w_host is None else float(w_host.sum(dtype=np.float64))
     if spec.soft:
-        y, q = None, _flat(_as_dtype(target, dtype))
+        y, q = None, _flat(_contiguous(target, dtype))
         denominator = float(problem.n_rows)
     else:
         (y, denominator), q = _hard_targets(spec, target, w_host), None
-    x = _as_dtype(logits, dtype)
+    x = _contiguous(logits, dtype)
     scale = 1.0 / denominator if spec.reduction == "mean" and denominator != 0 else 1.0
     g = dest = None
     if grad is not None:
-        g, dest = _destination(grad, x, problem.shape, dtype, (x, q))
+        g, dest = _destination(grad, logits, x, problem.shape, dtype, (x, q))
     losses = cuda.device_array(problem.n_rows, dtype=np.float64)
     if problem.n_rows:
         g_flat = None if g is None else _flat(g)
@@ -459,7 +511,7 @@ def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
     problem = spec.problem
     w_host, w = (None, None) if weight is None else _small_to_device(weight, problem.dtype)
     y, denominator = _hard_targets(spec, target, w_host)
-    lp = _as_dtype(log_probs, problem.dtype)
+    lp = _contiguous(log_probs, problem.dtype)
     losses = cuda.device_array(problem.n_rows, dtype=np.float64)
     if problem.n_rows:
         tpb = _threads()
@@ -470,8 +522,8 @@ def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
 
 
 def softmax(problem: ClassProblem, x, out, log: bool):
-    xd = _as_dtype(x, problem.dtype)
-    written, dest = _destination("new" if out is None else out, xd, problem.shape,
+    xd = _contiguous(x, problem.dtype)
+    written, dest = _destination("new" if out is None else out, x, xd, problem.shape,
                                  problem.dtype, (xd,))
     if problem.n_rows:
         _launch_rows(lambda cached: K.softmax(problem.dtype, cached, log), problem, 1,
@@ -484,7 +536,7 @@ def logsumexp(problem: ClassProblem, x):
     if problem.n_classes == 0 or problem.n_rows == 0:
         empty = np.full(problem.batch_shape, -np.inf, dtype=problem.dtype)
         return _to_caller(cuda.to_device(empty), x)
-    xd = _as_dtype(x, problem.dtype)
+    xd = _contiguous(x, problem.dtype)
     out = cuda.device_array(problem.n_rows, dtype=problem.dtype)
     _launch_rows(lambda cached: K.logsumexp(problem.dtype), problem, 0,
                  lambda group: (_flat(xd), out, problem.n_rows, problem.n_classes,
@@ -501,7 +553,7 @@ def _broadcast_operand(a, shape, dtype):
     if a is None:
         return None
     if tuple(a.shape) == tuple(shape):
-        return _flat(_as_dtype(a, dtype))
+        return _flat(_contiguous(a, dtype))
     host = np.ascontiguousarray(np.broadcast_to(_host(a).astype(dtype), shape))
     return _flat(cuda.to_device(host))
 
@@ -510,13 +562,13 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
     """Elementwise BCE; gradient as in ``cross_entropy``."""
     shape, dtype = spec.shape, spec.dtype
     n = math.prod(shape)
-    x = _as_dtype(logits, dtype)
-    t = _flat(_as_dtype(target, dtype))
+    x = _contiguous(logits, dtype)
+    t = _flat(_contiguous(target, dtype))
     w = _broadcast_operand(weight, shape, dtype)
     pw = _broadcast_operand(pos_weight, shape, dtype)
     g = dest = None
     if grad is not None:
-        g, dest = _destination(grad, x, shape, dtype, (x, t, w, pw))
+        g, dest = _destination(grad, logits, x, shape, dtype, (x, t, w, pw))
     elements = cuda.device_array(n, dtype=dtype) if spec.reduction == "none" else None
     tpb = _threads()
     blocks = max(1, min(math.ceil(n / tpb), MAX_BLOCKS))

@@ -3,7 +3,8 @@
 Imported only by ``_cuda``, never at ``fastxent`` import time, so the CPU
 package works where no CUDA library is installed.
 
-Layout. Every array is a flat, C-contiguous device array. An input with a
+Layout. Every array is a flat, C-contiguous device array (``strided_copy``
+gathers strided inputs into such arrays and scatters results back). An input with a
 class axis is seen as ``(outer, C, inner)`` (``inner`` is 1 when the class
 axis is last): row ``r`` starts at ``(r // inner) * C * inner + r % inner``
 and its elements are ``inner`` apart. Indices are int64 throughout, so
@@ -476,6 +477,32 @@ def cast_py(src, dst):
         dst[i] = src[i]
 
 
+@lru_cache(maxsize=None)
+def strided_copy_py(ndim):
+    """``dst`` <- ``src``, two arrays of one shape with ``ndim`` dimensions and
+    any strides, converted to ``dst``'s dtype: gathers a strided input into a
+    contiguous buffer, or scatters a contiguous result into a strided
+    destination. ``n``: the number of elements.
+
+    Indexing an array of any strides needs an index tuple of ``ndim``
+    values, so the function is generated per ``ndim``: element ``k`` (in C
+    order) is ``dst[i0, i1, ...] = src[i0, i1, ...]`` with ``k`` unravelled
+    over the shape, in int64.
+    """
+    lines = ["def strided_copy(src, dst, n):",
+             "    for k in range(cuda.grid(1), n, cuda.gridsize(1)):",
+             "        rest = np.int64(k)"]
+    for axis in range(ndim - 1, 0, -1):
+        lines += [f"        i{axis} = rest % dst.shape[{axis}]",
+                  f"        rest //= dst.shape[{axis}]"]
+    index = ", ".join(f"i{axis}" for axis in range(ndim))
+    lines += ["        i0 = rest", f"        dst[{index}] = src[{index}]"]
+    namespace = {}
+    exec(compile("\n".join(lines), f"<fastxent strided_copy {ndim}-D>", "exec"),
+         {"cuda": cuda, "np": np}, namespace)
+    return namespace["strided_copy"]
+
+
 # Compiled (lazily, per argument types) kernels.
 
 @lru_cache(maxsize=None)
@@ -496,6 +523,11 @@ def logsumexp(dtype):
 @lru_cache(maxsize=None)
 def bce(dtype):
     return cuda.jit(bce_py(np.dtype(dtype).name))
+
+
+@lru_cache(maxsize=None)
+def strided_copy(ndim):
+    return cuda.jit(strided_copy_py(ndim))
 
 
 nll = cuda.jit(nll_py)

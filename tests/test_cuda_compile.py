@@ -55,6 +55,12 @@ def _kernels(dtype):
     out.append(("bce", K.bce_py(dtype), (a, a, a, a, a, a, f64[::1], i64, f64)))
     out.append(("nll", K.nll_py, _sig(a, i64[::1], a, f64[::1], i64, i64, i64, i64)))
     out.append(("cast", K.cast_py, (f64[::1], a)))
+    for ndim in (1, 2, 3):
+        strided, contiguous = T.Array(ft, ndim, "A"), T.Array(ft, ndim, "C")
+        out.append((f"strided_copy gather {ndim}-D", K.strided_copy_py(ndim),
+                    (strided, contiguous, i64)))
+        out.append((f"strided_copy scatter {ndim}-D", K.strided_copy_py(ndim),
+                    (contiguous, strided, i64)))
     return out
 
 
