@@ -434,3 +434,19 @@ def test_bce_with_strided_inputs_and_out():
     after = out_base.copy_to_host()
     _close(after[:, 1::2], xt.grad, np.float64)
     np.testing.assert_array_equal(after[:, ::2], 0.0)
+
+
+def test_broadcast_class_probabilities():
+    """A zero-stride view (as torch's ``expand`` exports), made in the
+    simulator by wrapping a broadcast NumPy view of a device array."""
+    rng = np.random.default_rng(42)
+    x = rng.standard_normal((5, 12))
+    q = rng.random(12)
+    q /= q.sum()
+    qd = cuda.to_device(q)
+    expanded = type(qd)(np.broadcast_to(qd._ary, (5, 12)))
+    assert expanded.strides == (0, 8)
+    loss, grad = fastxent.cross_entropy_with_grad(cuda.to_device(x), expanded)
+    ref, ref_grad = _torch_ce(x, np.broadcast_to(q, (5, 12)))
+    _close(loss, ref, np.float64)
+    _close(grad, ref_grad, np.float64)
