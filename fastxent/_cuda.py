@@ -371,7 +371,6 @@ def _opt_in_shared(dispatcher, args, dynamic_bytes: int, block_limit: int) -> in
     """
     if K.SIMULATED:
         return int(WIDE_THREADS_PER_BLOCK)
-    key = None
     try:
         from numba.cuda.cudadrv.driver import binding, driver
 
