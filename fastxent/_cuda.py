@@ -11,17 +11,49 @@ input come back in the caller's form: a PyTorch tensor for a PyTorch
 tensor, a CuPy array for a CuPy array, a Numba device array otherwise, and
 a NumPy array where the input was on the host. Mean and sum losses are host
 NumPy scalars of the logits' dtype (the reduction's result is copied back:
-one synchronisation per call). GPU inputs must be C-contiguous.
+one synchronisation per call). Strided GPU inputs (slices, transposes,
+broadcasts) are gathered into C-contiguous device buffers by a kernel
+(``_contiguous``), and a strided ``out=`` or in-place destination is
+written through such a buffer and scattered into at the end: the same
+results as contiguous inputs, for one more read and write of each element.
 
 Target checks copy the class indices to the host (N integers) and reuse the
 CPU scan, so an out-of-range target raises ``IndexError`` before any kernel
 writes.
+
+Shared memory. A row worked on by a whole block is kept in shared memory
+(read from global memory once) when it fits: up to 48 KiB per block on any
+GPU, and up to the device's opt-in maximum
+(``MAX_SHARED_MEMORY_PER_BLOCK_OPTIN``: 227 KiB on H100 and H200, so C up to
+58048 float32 or 28992 float64 with class indices, half that with class
+probabilities) once the kernel has opted in. numba-cuda 0.30 has no API for
+the opt-in (NVIDIA/numba-cuda issue #94), so ``_opt_in_shared`` sets
+``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` with
+``cuKernelSetAttribute`` on the handle of numba-cuda's compiled kernel (a
+private attribute), once per kernel and device. Such blocks are few per SM,
+so they get ``WIDE_THREADS_PER_BLOCK`` threads, or as many as the compiled
+kernel can launch. If the opt-in or the launch is refused, the uncached
+variant runs instead, with a ``SharedMemoryOptInWarning``.
+``plan_row_launch`` makes these decisions from sizes alone.
+
+Verified without a GPU (no GPU was available while this was written): the
+kernels' results under Numba's CUDA simulator (``tests/cuda_sim``, which
+also runs the opt-in launch path with the driver call a no-op); the launch
+decisions and the opt-in's bookkeeping and fallbacks against stand-ins for
+the kernel and the driver (``tests/test_cuda_launch.py``); the PTX and
+ptxas's register and spill report for sm_90 (``tests/test_cuda_compile.py``).
+Not verified on hardware: that the driver accepts the attribute on
+numba-cuda's kernel handle and a launch with more than 48 KiB then
+succeeds, the register-limited block size read at run time, and any speed.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import threading
+import warnings
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
@@ -35,14 +67,23 @@ from ._validate import (BCESpec, ClassProblem, CrossEntropySpec, check_targets,
 #: Threads per block (a power of two, at most 1024; at least 32 on a GPU).
 #: The simulator tests patch it small.
 THREADS_PER_BLOCK = 256
+#: Threads per block for a row cached in more than the default 48 KiB of
+#: shared memory: such blocks are few per SM (one above 114 KB), so they need
+#: more threads to keep enough loads in flight. Lowered at run time to what
+#: the compiled kernel can launch (its registers: ptxas gives the fused
+#: cross-entropy 75 to 102 registers per thread on sm_90, so 512 threads).
+WIDE_THREADS_PER_BLOCK = 1024
 #: Columns per thread below which rows share a block: a row gets the
 #: smallest power-of-two group of threads giving each about this many.
 ELEMENTS_PER_THREAD = 4
-#: Dynamic shared memory a block may use to keep its row (the default
-#: per-block limit is 48 KiB; the reduction scratch takes the rest). Rows that
-#: fit are read from global memory once: float32 rows up to C = 11776 (hard
-#: targets), float64 up to 5888.
-SHARED_CACHE_BYTES = 46 * 1024
+#: Shared memory (static + dynamic) any block may use without opting in.
+DEFAULT_BLOCK_SHARED_BYTES = 48 * 1024
+#: The opt-in maximum per block of H100 and H200 (227 KiB), taken as the
+#: device's under the simulator, which has no such limit.
+SIMULATED_BLOCK_SHARED_BYTES = 232448
+#: Optional cap on the shared memory per block of the cached kernels (None:
+#: the device's opt-in maximum). Tests set it to 0 for the uncached kernels.
+SHARED_BYTES_CAP = None
 #: Grid size cap; kernels loop over further rows (grid-stride).
 MAX_BLOCKS = 65535
 
@@ -62,11 +103,8 @@ def _to_device(a):
         if _is_numba_array(a):
             d = a
         else:
-            d = cuda.as_cuda_array(a)
+            d = cuda.as_cuda_array(a)  # keeps the strides of a view
             setattr(d, _ORIGIN, a)
-        if d.size and not d.is_c_contiguous():
-            raise ValueError(f"GPU arrays must be C-contiguous, got one of shape {d.shape} "
-                             f"with strides {d.strides}: make a contiguous copy first")
         return d
     host = np.asarray(a)
     # copy(order="C"), not ascontiguousarray, which turns 0-d into 1-d
@@ -113,39 +151,78 @@ def _deliver(dest):
 
 def _host(a):
     """A host NumPy copy (device arrays) or view (host arrays)."""
-    return a.copy_to_host() if _is_numba_array(a) else np.asarray(a)
+    if _is_numba_array(a):
+        return _contiguous(a, a.dtype).copy_to_host()
+    return np.asarray(a)
 
 
 def _flat(d):
+    """The 1-D form kernels index; ``d`` must be C-contiguous (gathered by
+    ``_contiguous``): numba-cuda refuses to reshape a strided array, and the
+    simulator would silently reshape a copy, so this says so on both."""
+    if not _is_contiguous(d):
+        raise AssertionError(f"internal error: a strided array (strides {d.strides}) reached "
+                             f"a kernel without being gathered")
     return d.reshape(d.size)
 
 
-def _span(d):
+def _is_contiguous(d) -> bool:
+    return d.size == 0 or d.is_c_contiguous()
+
+
+def _address(d) -> int:
+    """Address of element 0 (a host address under the simulator)."""
     iface = getattr(d, "__cuda_array_interface__", None) or d.__array_interface__
-    start = iface["data"][0]
-    return start, start + d.size * d.dtype.itemsize
+    return iface["data"][0]
 
 
-def _same_memory(a, b) -> bool:
-    return _span(a) == _span(b)
+def _extent(d):
+    """(first, last + 1) byte addresses the elements of ``d`` lie in."""
+    start = _address(d)
+    reach = [(n - 1) * stride for n, stride in zip(d.shape, d.strides)]
+    return (start + sum(r for r in reach if r < 0),
+            start + sum(r for r in reach if r > 0) + d.dtype.itemsize)
+
+
+def _same_view(a, b) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of the same memory."""
+    return (_address(a), tuple(a.shape), tuple(a.strides), np.dtype(a.dtype)) == \
+        (_address(b), tuple(b.shape), tuple(b.strides), np.dtype(b.dtype))
 
 
 def _overlaps(a, b) -> bool:
     if b is None or a.size == 0 or b.size == 0:
         return False
-    (a0, a1), (b0, b1) = _span(a), _span(b)
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
     return a0 < b1 and b0 < a1
 
 
-def _as_dtype(d, dtype):
-    """``d`` itself if it has ``dtype``, else a converted device copy."""
-    if np.dtype(d.dtype) == dtype:
+def _copy_strided(src, dst) -> None:
+    """``dst`` <- ``src`` (same shape, any strides), converted to ``dst``'s dtype."""
+    n = src.size
+    if n:
+        threads = _threads()
+        blocks = min(math.ceil(n / threads), MAX_BLOCKS)
+        K.strided_copy(len(src.shape))[blocks, threads](src, dst, n)
+
+
+def _contiguous(d, dtype):
+    """``d`` as a C-contiguous device array of ``dtype``: ``d`` itself where
+    it is one, else a copy made on the device (a strided view gathered, or
+    converted)."""
+    dtype = np.dtype(dtype)
+    contiguous = _is_contiguous(d)
+    if contiguous and np.dtype(d.dtype) == dtype:
         return d
     out = cuda.device_array(d.shape, dtype=dtype)
-    if d.size:
+    if d.size == 0:
+        return out
+    if contiguous:
         threads = _threads()
         blocks = min(math.ceil(d.size / threads), MAX_BLOCKS)
         K.cast[blocks, threads](_flat(d), _flat(out))
+    else:
+        _copy_strided(d, out)
     return out
 
 
@@ -155,25 +232,37 @@ def _small_to_device(a, dtype):
     return host, cuda.to_device(host)
 
 
-def _destination(grad, x, shape, dtype, inputs):
+def _destination(grad, logits, x, shape, dtype, inputs):
     """(array the kernel writes, caller's destination or None).
 
-    The caller's array is written directly when it is the logits themselves
-    (each element is read before it is written, by the same thread) or
-    overlaps no input; otherwise through a temporary copied in at the end.
+    ``grad``: ``"new"`` or the caller's device array; ``logits``: the
+    caller's logits as given, ``x``: them as the kernel reads them
+    (``_contiguous``); ``inputs``: every array the kernel reads. The kernel
+    writes a C-contiguous array: the caller's when it is the logits
+    themselves read in place (each element is read before it is written, by
+    the same thread), or overlaps no input; for strided logits written in
+    place, ``x``, the gathered copy; otherwise a temporary. The last two are
+    copied into the caller's array by ``_finish_destination``.
     """
     if isinstance(grad, str):
         return cuda.device_array(shape, dtype=dtype), None
-    if _same_memory(grad, x) or not any(_overlaps(grad, a) for a in inputs):
+    if _same_view(grad, logits):
+        return (grad if x is logits else x), grad
+    if _is_contiguous(grad) and not any(_overlaps(grad, a) for a in inputs):
         return grad, grad
     return cuda.device_array(shape, dtype=dtype), grad
 
 
 def _finish_destination(written, dest, like):
+    """The result the caller gets, once the kernel has written ``written``:
+    copied (or, for a strided destination, scattered) into ``dest``."""
     if dest is None:
         return _to_caller(written, like)
     if written is not dest:
-        dest.copy_to_device(written)
+        if _is_contiguous(dest):
+            dest.copy_to_device(written)
+        else:
+            _copy_strided(written, dest)
     return _deliver(dest)
 
 
@@ -190,23 +279,173 @@ def _threads() -> int:
     return tpb
 
 
-def _row_launch(problem: ClassProblem, cache_rows: int):
-    """(blocks, threads, group, cached, shared bytes) for a row kernel.
+class RowLaunch(NamedTuple):
+    """How a row kernel is launched (see ``plan_row_launch``)."""
 
-    ``cache_rows``: how many row-sized arrays the cached variant keeps in
-    shared memory (0: the kernel has no cached variant).
+    blocks: int
+    threads: int  # per block
+    group: int  # threads per row
+    cached: bool  # the variant keeping the row in shared memory
+    shared_bytes: int  # dynamic shared memory per block (0 when not cached)
+    opt_in: bool  # needs more than the default 48 KiB per block
+
+
+def plan_row_launch(n_rows: int, n_classes: int, itemsize: int, cache_rows: int, threads: int,
+                    block_shared_limit: int, wide_threads: int | None = None) -> RowLaunch:
+    """Launch geometry of a row kernel, from sizes and limits only (no device).
+
+    Parameters
+    ----------
+    n_rows, n_classes : int
+        The problem's rows and classes (C).
+    itemsize : int
+        Bytes per value: 4 (float32) or 8 (float64).
+    cache_rows : int
+        Row-sized arrays the cached variant keeps in shared memory: 1 (the
+        logits), 2 (logits and class probabilities), 0 (no cached variant).
+    threads : int
+        Threads per block (``THREADS_PER_BLOCK``).
+    block_shared_limit : int
+        Shared memory, static and dynamic, one block may use: the device's
+        opt-in maximum (232448 bytes on H100) once the kernel has opted in,
+        else 48 KiB.
+    wide_threads : int, optional
+        Threads per block for a row cached above the default 48 KiB (None:
+        ``threads``).
+
+    Returns
+    -------
+    RowLaunch
+        The row is cached when a whole block works on it (large C) and its
+        ``cache_rows * C * itemsize`` bytes, plus the kernel's reduction
+        scratch, fit ``block_shared_limit``; ``opt_in`` says the block needs
+        more than 48 KiB.
     """
-    tpb = _threads()
-    C = problem.n_classes
     group = 1
-    while group < tpb and group * ELEMENTS_PER_THREAD < C:
+    while group < threads and group * ELEMENTS_PER_THREAD < n_classes:
         group *= 2
     if group > K.WARP:
-        group = tpb  # several warps on a row: the whole block
-    shared = cache_rows * C * problem.dtype.itemsize
-    cached = cache_rows > 0 and group == tpb and shared <= SHARED_CACHE_BYTES
-    blocks = min(math.ceil(problem.n_rows / (tpb // group)), MAX_BLOCKS)
-    return blocks, tpb, group, cached, (shared if cached else 0)
+        group = threads  # several warps on a row: the whole block
+    shared = cache_rows * n_classes * itemsize
+    static = K.SCRATCH * itemsize  # the reduction scratch, a static shared array
+    cached = cache_rows > 0 and group == threads and shared + static <= block_shared_limit
+    opt_in = cached and shared + static > DEFAULT_BLOCK_SHARED_BYTES
+    if opt_in and wide_threads:
+        threads = group = max(threads, wide_threads)
+    blocks = min(math.ceil(n_rows / (threads // group)), MAX_BLOCKS)
+    return RowLaunch(blocks, threads, group, cached, shared if cached else 0, opt_in)
+
+
+def _block_shared_limit() -> int:
+    """Shared memory one block of the cached kernels may use on this device."""
+    if K.SIMULATED:
+        limit = SIMULATED_BLOCK_SHARED_BYTES
+    else:
+        # Device caches its attributes after the first query.
+        limit = int(cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+    limit = max(limit, DEFAULT_BLOCK_SHARED_BYTES)
+    return limit if SHARED_BYTES_CAP is None else min(limit, int(SHARED_BYTES_CAP))
+
+
+class SharedMemoryOptInWarning(RuntimeWarning):
+    """A kernel could not get more than 48 KiB of shared memory per block and
+    runs its uncached variant (correct, but reading each row twice)."""
+
+
+#: Dynamic shared memory granted per (compiled kernel, device id); 0 where
+#: the opt-in failed (not retried).
+_GRANTED: dict = {}
+_GRANTED_LOCK = threading.Lock()
+
+
+def _opt_in_shared(dispatcher, args, dynamic_bytes: int, block_limit: int) -> int:
+    """Let the kernel ``dispatcher`` compiles for ``args`` use ``dynamic_bytes``
+    of dynamic shared memory; the most threads per block it can then launch,
+    or 0 where the opt-in failed.
+
+    numba-cuda (0.30) has no API for this (NVIDIA/numba-cuda issue #94): the
+    attribute is set on the kernel's driver handle with
+    ``cuKernelSetAttribute``, as numba-cuda's own ``set_shared_memory_carveout``
+    does, to the device's maximum less the kernel's static shared memory,
+    once per compiled kernel and device. A no-op under the simulator.
+    """
+    if K.SIMULATED:
+        return int(WIDE_THREADS_PER_BLOCK)
+    try:
+        from numba.cuda.cudadrv.driver import binding, driver
+
+        # ``compile`` returns the kernel a launch with these argument types
+        # runs (compiling it now if needed).
+        kernel = dispatcher.compile(tuple(dispatcher.typeof_pyval(a) for a in args))
+        cufunc = kernel._codelibrary.get_cufunc()  # not public API (see above)
+        device_id = cufunc.device.id
+        key = (kernel, device_id)
+        with _GRANTED_LOCK:
+            granted = _GRANTED.get(key)
+            if granted is None:
+                granted = _GRANTED[key] = 0  # until the driver accepts it
+                value = block_limit - int(kernel.shared_mem_per_block)
+                attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+                driver.cuKernelSetAttribute(attr, value, cufunc.handle, device_id)
+                granted = _GRANTED[key] = value
+        if dynamic_bytes > granted:
+            return 0
+        return int(kernel.max_threads_per_block)
+    except Exception as exc:  # a driver or numba-cuda refusal: run uncached
+        warnings.warn(f"could not opt in to {dynamic_bytes} bytes of shared memory per block "
+                      f"({type(exc).__name__}: {exc}); using the kernel that reads each row "
+                      f"twice", SharedMemoryOptInWarning, stacklevel=4)
+        return 0
+
+
+def _forget_opt_in(dispatcher, args) -> None:
+    """Record that a launch with the opt-in failed: later calls run uncached."""
+    if not K.SIMULATED:
+        kernel = dispatcher.compile(tuple(dispatcher.typeof_pyval(a) for a in args))
+        with _GRANTED_LOCK:
+            for key in [k for k in _GRANTED if k[0] is kernel]:
+                _GRANTED[key] = 0
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def _launch_rows(kernel_for, problem: ClassProblem, cache_rows: int, args_for) -> None:
+    """Launch a row kernel over ``problem``'s rows.
+
+    ``kernel_for(cached)``: the compiled kernel (dispatcher) of a variant;
+    ``args_for(group)``: its arguments. The cached variant runs when the rows
+    fit shared memory; above 48 KiB per block only once the kernel has opted
+    in to more, with ``WIDE_THREADS_PER_BLOCK`` threads (or as many as it can
+    launch). Where the opt-in or such a launch fails, the uncached variant
+    runs instead (a refused launch has not started, so nothing was written).
+    """
+    tpb = _threads()
+    sizes = (problem.n_rows, problem.n_classes, problem.dtype.itemsize, cache_rows, tpb)
+    limit = _block_shared_limit()
+    plan = plan_row_launch(*sizes, limit)
+    if plan.opt_in:
+        kernel = kernel_for(True)
+        max_threads = _opt_in_shared(kernel, args_for(plan.group), plan.shared_bytes, limit)
+        if max_threads >= tpb:
+            wide = _power_of_two_at_most(min(int(WIDE_THREADS_PER_BLOCK), max_threads))
+            plan = plan_row_launch(*sizes, limit, wide)
+            if K.SIMULATED:  # nothing to refuse there; let kernel errors surface
+                kernel[plan.blocks, plan.threads, 0, plan.shared_bytes](*args_for(plan.group))
+                return
+            try:
+                kernel[plan.blocks, plan.threads, 0, plan.shared_bytes](*args_for(plan.group))
+                return
+            except Exception as exc:  # refused at launch (e.g. resources)
+                _forget_opt_in(kernel, args_for(plan.group))
+                warnings.warn(f"launch with {plan.shared_bytes} bytes of shared memory per "
+                              f"block failed ({type(exc).__name__}: {exc}); using the kernel "
+                              f"that reads each row twice", SharedMemoryOptInWarning,
+                              stacklevel=3)
+        plan = plan_row_launch(*sizes, min(limit, DEFAULT_BLOCK_SHARED_BYTES))
+    kernel_for(plan.cached)[plan.blocks, plan.threads, 0, plan.shared_bytes](
+        *args_for(plan.group))
 
 
 def _device_sum(values) -> float:
@@ -220,7 +459,7 @@ def _device_sum(values) -> float:
 
 def _reduce(losses, denominator, reduction, problem: ClassProblem, like):
     if reduction == "none":
-        out = _as_dtype(losses, problem.dtype)
+        out = _contiguous(losses, problem.dtype)
         return _to_caller(out.reshape(problem.batch_shape), like)
     return finish_loss(_device_sum(losses), denominator, reduction, problem.dtype)
 
@@ -247,22 +486,22 @@ def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
     w_host, w = (None, None) if weight is None else _small_to_device(weight, dtype)
     wsum = float(C) if w_host is None else float(w_host.sum(dtype=np.float64))
     if spec.soft:
-        y, q = None, _flat(_as_dtype(target, dtype))
+        y, q = None, _flat(_contiguous(target, dtype))
         denominator = float(problem.n_rows)
     else:
         (y, denominator), q = _hard_targets(spec, target, w_host), None
-    x = _as_dtype(logits, dtype)
+    x = _contiguous(logits, dtype)
     scale = 1.0 / denominator if spec.reduction == "mean" and denominator != 0 else 1.0
     g = dest = None
     if grad is not None:
-        g, dest = _destination(grad, x, problem.shape, dtype, (x, q))
+        g, dest = _destination(grad, logits, x, problem.shape, dtype, (x, q))
     losses = cuda.device_array(problem.n_rows, dtype=np.float64)
     if problem.n_rows:
-        blocks, tpb, group, cached, shared = _row_launch(problem, 2 if spec.soft else 1)
-        K.ce(dtype, cached)[blocks, tpb, 0, shared](
-            _flat(x), y, q, w, None if g is None else _flat(g), losses,
-            problem.n_rows, C, problem.inner, group, spec.ignore_index, wsum, spec.smoothing,
-            scale)
+        g_flat = None if g is None else _flat(g)
+        _launch_rows(lambda cached: K.ce(dtype, cached), problem, 2 if spec.soft else 1,
+                     lambda group: (_flat(x), y, q, w, g_flat, losses, problem.n_rows, C,
+                                    problem.inner, group, spec.ignore_index, wsum,
+                                    spec.smoothing, scale))
     loss = _reduce(losses, denominator, spec.reduction, problem, logits)
     return loss, (None if g is None else _finish_destination(g, dest, logits))
 
@@ -271,7 +510,7 @@ def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
     problem = spec.problem
     w_host, w = (None, None) if weight is None else _small_to_device(weight, problem.dtype)
     y, denominator = _hard_targets(spec, target, w_host)
-    lp = _as_dtype(log_probs, problem.dtype)
+    lp = _contiguous(log_probs, problem.dtype)
     losses = cuda.device_array(problem.n_rows, dtype=np.float64)
     if problem.n_rows:
         tpb = _threads()
@@ -282,13 +521,13 @@ def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
 
 
 def softmax(problem: ClassProblem, x, out, log: bool):
-    xd = _as_dtype(x, problem.dtype)
-    written, dest = _destination("new" if out is None else out, xd, problem.shape,
+    xd = _contiguous(x, problem.dtype)
+    written, dest = _destination("new" if out is None else out, x, xd, problem.shape,
                                  problem.dtype, (xd,))
     if problem.n_rows:
-        blocks, tpb, group, cached, shared = _row_launch(problem, 1)
-        K.softmax(problem.dtype, cached, log)[blocks, tpb, 0, shared](
-            _flat(xd), _flat(written), problem.n_rows, problem.n_classes, problem.inner, group)
+        _launch_rows(lambda cached: K.softmax(problem.dtype, cached, log), problem, 1,
+                     lambda group: (_flat(xd), _flat(written), problem.n_rows,
+                                    problem.n_classes, problem.inner, group))
     return _finish_destination(written, dest, x)
 
 
@@ -296,11 +535,11 @@ def logsumexp(problem: ClassProblem, x):
     if problem.n_classes == 0 or problem.n_rows == 0:
         empty = np.full(problem.batch_shape, -np.inf, dtype=problem.dtype)
         return _to_caller(cuda.to_device(empty), x)
-    xd = _as_dtype(x, problem.dtype)
+    xd = _contiguous(x, problem.dtype)
     out = cuda.device_array(problem.n_rows, dtype=problem.dtype)
-    blocks, tpb, group, _, _ = _row_launch(problem, 0)
-    K.logsumexp(problem.dtype)[blocks, tpb](_flat(xd), out, problem.n_rows, problem.n_classes,
-                                            problem.inner, group)
+    _launch_rows(lambda cached: K.logsumexp(problem.dtype), problem, 0,
+                 lambda group: (_flat(xd), out, problem.n_rows, problem.n_classes,
+                                problem.inner, group))
     return _to_caller(out.reshape(problem.batch_shape), x)
 
 
@@ -313,7 +552,7 @@ def _broadcast_operand(a, shape, dtype):
     if a is None:
         return None
     if tuple(a.shape) == tuple(shape):
-        return _flat(_as_dtype(a, dtype))
+        return _flat(_contiguous(a, dtype))
     host = np.ascontiguousarray(np.broadcast_to(_host(a).astype(dtype), shape))
     return _flat(cuda.to_device(host))
 
@@ -322,13 +561,13 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
     """Elementwise BCE; gradient as in ``cross_entropy``."""
     shape, dtype = spec.shape, spec.dtype
     n = math.prod(shape)
-    x = _as_dtype(logits, dtype)
-    t = _flat(_as_dtype(target, dtype))
+    x = _contiguous(logits, dtype)
+    t = _flat(_contiguous(target, dtype))
     w = _broadcast_operand(weight, shape, dtype)
     pw = _broadcast_operand(pos_weight, shape, dtype)
     g = dest = None
     if grad is not None:
-        g, dest = _destination(grad, x, shape, dtype, (x, t, w, pw))
+        g, dest = _destination(grad, logits, x, shape, dtype, (x, t, w, pw))
     elements = cuda.device_array(n, dtype=dtype) if spec.reduction == "none" else None
     tpb = _threads()
     blocks = max(1, min(math.ceil(n / tpb), MAX_BLOCKS))

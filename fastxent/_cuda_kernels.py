@@ -3,7 +3,8 @@
 Imported only by ``_cuda``, never at ``fastxent`` import time, so the CPU
 package works where no CUDA library is installed.
 
-Layout. Every array is a flat, C-contiguous device array. An input with a
+Layout. Every array is a flat, C-contiguous device array (``strided_copy``
+gathers strided inputs into such arrays and scatters results back). An input with a
 class axis is seen as ``(outer, C, inner)`` (``inner`` is 1 when the class
 axis is last): row ``r`` starts at ``(r // inner) * C * inner + r % inner``
 and its elements are ``inner`` apart. Indices are int64 throughout, so
@@ -88,6 +89,17 @@ else:
 def _row_start(r, n_classes, inner):
     """Flat index of element 0 of row ``r`` in the ``(outer, C, inner)`` form."""
     return (r // inner) * n_classes * inner + r % inner
+
+
+@cuda.jit(device=True, inline=True)
+def _row_slot(group):
+    """Where this thread starts in a grid-stride loop over rows, a ``group``
+    of threads a row: (its row's offset in the block's rows, its lane in the
+    group, the block's first row, the step to the block's next rows)."""
+    tid = cuda.threadIdx.x
+    per_block = cuda.blockDim.x // group
+    return (tid // group, tid % group, np.int64(cuda.blockIdx.x) * per_block,
+            np.int64(cuda.gridDim.x) * per_block)
 
 
 @cuda.jit(device=True, inline=True)
@@ -209,13 +221,9 @@ def ce_py(dtype, cached):
         keep_q = FT(1.0 - smooth)
         uniform_q = FT(smooth / n_classes)
         scale_f = FT(scale)
-        tid = cuda.threadIdx.x
-        lane = tid % group
-        per_block = cuda.blockDim.x // group
-        base = np.int64(cuda.blockIdx.x) * per_block
-        step = np.int64(cuda.gridDim.x) * per_block
+        offset, lane, base, step = _row_slot(group)
         while base < n_rows:
-            r = base + tid // group
+            r = base + offset
             active = r < n_rows
             t = np.int64(0)
             take = active
@@ -312,34 +320,46 @@ def ce_py(dtype, cached):
 
 
 @lru_cache(maxsize=None)
+def _online_row_pass(dtype, cached):
+    """Device function: the first pass of ``softmax`` and ``logsumexp`` over
+    a row (the elements ``lane, lane + group, ...`` of each thread, when
+    ``active``), keeping the values in ``cache`` when ``cached``; returns the
+    row's running (max, sum of exp) merged over the group."""
+    FT = _float_type(dtype)
+
+    @cuda.jit(device=True, inline=True)
+    def online_row_pass(x, start, active, lane, group, n_classes, inner, cache, scratch):
+        one = FT(1.0)
+        m = FT(NEG_INF)
+        s = FT(0.0)
+        if active:
+            for c in range(lane, n_classes, group):
+                v = x[start + c * inner]
+                if cached:
+                    cache[c] = v
+                m, s = _online(m, s, v, one)
+        return _group_max_sum(m, s, group, scratch)
+
+    return online_row_pass
+
+
+@lru_cache(maxsize=None)
 def softmax_py(dtype, cached, log):
     """``out`` <- softmax or log_softmax of the rows of ``x`` (``out`` may be
     ``x``); the formulas of ``_cpu_kernels._softmax``."""
     FT = _float_type(dtype)
     ST = _shared_type(FT)
+    first_pass = _online_row_pass(dtype, cached)
 
     def softmax(x, out, n_rows, n_classes, inner, group):
         scratch = cuda.shared.array(SCRATCH, ST)
         cache = cuda.shared.array(0, ST)
-        one = FT(1.0)
-        tid = cuda.threadIdx.x
-        lane = tid % group
-        per_block = cuda.blockDim.x // group
-        base = np.int64(cuda.blockIdx.x) * per_block
-        step = np.int64(cuda.gridDim.x) * per_block
+        offset, lane, base, step = _row_slot(group)
         while base < n_rows:
-            r = base + tid // group
+            r = base + offset
             active = r < n_rows
             start = _row_start(r, n_classes, inner)
-            m = FT(NEG_INF)
-            s = FT(0.0)
-            if active:
-                for c in range(lane, n_classes, group):
-                    v = x[start + c * inner]
-                    if cached:
-                        cache[c] = v
-                    m, s = _online(m, s, v, one)
-            m, s = _group_max_sum(m, s, group, scratch)
+            m, s = first_pass(x, start, active, lane, group, n_classes, inner, cache, scratch)
             s = _finish_sum(m, s)
             if active:
                 if log:
@@ -364,27 +384,18 @@ def softmax_py(dtype, cached, log):
 @lru_cache(maxsize=None)
 def logsumexp_py(dtype):
     """``out[r]`` <- log(sum(exp(row r))), as ``torch.logsumexp``."""
-    FT = _float_type(dtype)
-    ST = _shared_type(FT)
+    ST = _shared_type(_float_type(dtype))
+    first_pass = _online_row_pass(dtype, False)
 
     def logsumexp(x, out, n_rows, n_classes, inner, group):
         scratch = cuda.shared.array(SCRATCH, ST)
-        one = FT(1.0)
-        tid = cuda.threadIdx.x
-        lane = tid % group
-        per_block = cuda.blockDim.x // group
-        base = np.int64(cuda.blockIdx.x) * per_block
-        step = np.int64(cuda.gridDim.x) * per_block
+        offset, lane, base, step = _row_slot(group)
         while base < n_rows:
-            r = base + tid // group
+            r = base + offset
             active = r < n_rows
             start = _row_start(r, n_classes, inner)
-            m = FT(NEG_INF)
-            s = FT(0.0)
-            if active:
-                for c in range(lane, n_classes, group):
-                    m, s = _online(m, s, x[start + c * inner], one)
-            m, s = _group_max_sum(m, s, group, scratch)
+            # no cache: ``scratch`` stands in for it, unused
+            m, s = first_pass(x, start, active, lane, group, n_classes, inner, scratch, scratch)
             if active and lane == 0:
                 # An infinite max is the answer itself (torch does not
                 # subtract it): -inf for rows of -inf, +inf for rows with +inf.
@@ -476,6 +487,32 @@ def cast_py(src, dst):
         dst[i] = src[i]
 
 
+@lru_cache(maxsize=None)
+def strided_copy_py(ndim):
+    """``dst`` <- ``src``, two arrays of one shape with ``ndim`` dimensions and
+    any strides, converted to ``dst``'s dtype: gathers a strided input into a
+    contiguous buffer, or scatters a contiguous result into a strided
+    destination. ``n``: the number of elements.
+
+    Indexing an array of any strides needs an index tuple of ``ndim``
+    values, so the function is generated per ``ndim``: element ``k`` (in C
+    order) is ``dst[i0, i1, ...] = src[i0, i1, ...]`` with ``k`` unravelled
+    over the shape, in int64.
+    """
+    lines = ["def strided_copy(src, dst, n):",
+             "    for k in range(cuda.grid(1), n, cuda.gridsize(1)):",
+             "        rest = np.int64(k)"]
+    for axis in range(ndim - 1, 0, -1):
+        lines += [f"        i{axis} = rest % dst.shape[{axis}]",
+                  f"        rest //= dst.shape[{axis}]"]
+    index = ", ".join(f"i{axis}" for axis in range(ndim))
+    lines += ["        i0 = rest", f"        dst[{index}] = src[{index}]"]
+    namespace = {}
+    exec(compile("\n".join(lines), f"<fastxent strided_copy {ndim}-D>", "exec"),
+         {"cuda": cuda, "np": np}, namespace)
+    return namespace["strided_copy"]
+
+
 # Compiled (lazily, per argument types) kernels.
 
 @lru_cache(maxsize=None)
@@ -496,6 +533,11 @@ def logsumexp(dtype):
 @lru_cache(maxsize=None)
 def bce(dtype):
     return cuda.jit(bce_py(np.dtype(dtype).name))
+
+
+@lru_cache(maxsize=None)
+def strided_copy(ndim):
+    return cuda.jit(strided_copy_py(ndim))
 
 
 nll = cuda.jit(nll_py)

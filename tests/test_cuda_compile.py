@@ -55,6 +55,12 @@ def _kernels(dtype):
     out.append(("bce", K.bce_py(dtype), (a, a, a, a, a, a, f64[::1], i64, f64)))
     out.append(("nll", K.nll_py, _sig(a, i64[::1], a, f64[::1], i64, i64, i64, i64)))
     out.append(("cast", K.cast_py, (f64[::1], a)))
+    for ndim in (1, 2, 3):
+        strided, contiguous = T.Array(ft, ndim, "A"), T.Array(ft, ndim, "C")
+        out.append((f"strided_copy gather {ndim}-D", K.strided_copy_py(ndim),
+                    (strided, contiguous, i64)))
+        out.append((f"strided_copy scatter {ndim}-D", K.strided_copy_py(ndim),
+                    (contiguous, strided, i64)))
     return out
 
 
@@ -97,3 +103,35 @@ def test_fused_cross_entropy_moves_each_element_at_most_twice(dtype, cached):
         assert all(lp.shared_stores > 0 for lp in first), "first pass does not fill the cache"
     assert "ld.local" not in ptx and "st.local" not in ptx
     assert ptx.count("shfl.sync.bfly") >= 2
+
+
+def _ptxas_report(ptx: str) -> str:
+    """nvJitLink's verbose log of assembling ``ptx`` for sm_90 (no GPU needed)."""
+    from cuda.bindings import nvjitlink
+
+    options = ["-arch=sm_90", "-verbose"]
+    handle = nvjitlink.create(len(options), options)
+    try:
+        data = ptx.encode()
+        nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "kernel")
+        nvjitlink.complete(handle)
+        log = bytearray(nvjitlink.get_info_log_size(handle))
+        nvjitlink.get_info_log(handle, log)
+    finally:
+        nvjitlink.destroy(handle)
+    return log.decode(errors="replace").rstrip("\x00")
+
+
+@pytest.mark.parametrize("dtype", sorted(FLOATS))
+@pytest.mark.parametrize("soft", [False, True])
+def test_cached_cross_entropy_assembles_for_wide_blocks_without_spills(dtype, soft):
+    """Rows cached above 48 KiB run in blocks of up to 1024 threads, as many
+    as the kernel's registers allow (``_cuda._launch_rows``): at most 128
+    registers per thread keep 512-thread blocks launchable (65536 per SM), and
+    ptxas spills nothing."""
+    ptx = _ptx(K.ce_py(dtype, True), _sig(*_ce_sig(FLOATS[dtype], soft, True, True)))
+    log = _ptxas_report(ptx)
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", log)]
+    assert registers and max(registers) <= 128, log
+    assert "0 bytes spill stores, 0 bytes spill loads" in log, log
+    assert not re.search(r"[1-9]\d* bytes spill", log), log

@@ -14,10 +14,12 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
 else:
     @pytest.fixture(autouse=True)
     def small_blocks(monkeypatch):
-        """Blocks of 8 threads in "warps" of 4: the simulator runs each
-        thread as a Python thread, and small warps still exercise every
-        reduction stage (shuffles, then shared memory across warps)."""
+        """Blocks of 8 threads (16 for rows cached above 48 KiB) in "warps"
+        of 4: the simulator runs each thread as a Python thread, and small
+        warps still exercise every reduction stage (shuffles, then shared
+        memory across warps)."""
         from fastxent import _cuda, _cuda_kernels
 
         monkeypatch.setattr(_cuda, "THREADS_PER_BLOCK", 8)
+        monkeypatch.setattr(_cuda, "WIDE_THREADS_PER_BLOCK", 16)
         monkeypatch.setattr(_cuda_kernels, "WARP", 4)

@@ -3,7 +3,7 @@
 Shapes are tiny: the simulator runs every CUDA thread as a Python thread.
 C = 3 gives a thread per row, C = 12 a 4-thread "warp" per row, C = 40 the
 whole 8-thread block on a row (shuffles, then shared memory), with the row
-kept in shared memory or (``SHARED_CACHE_BYTES`` = 0) read twice.
+kept in shared memory or (``SHARED_BYTES_CAP`` = 0) read twice.
 """
 
 from __future__ import annotations
@@ -78,10 +78,10 @@ def test_cross_entropy_with_grad_matches_torch(soft, weighted, ignore, smooth, r
     assert cuda.devicearray.is_cuda_ndarray(grad)
 
 
-@pytest.mark.parametrize("cache_bytes", [0, 1 << 20])
+@pytest.mark.parametrize("cache_bytes", [0, None])
 @pytest.mark.parametrize("soft", [False, True])
 def test_cross_entropy_large_rows_cached_or_not_in_place(cache_bytes, soft, monkeypatch):
-    monkeypatch.setattr(_cuda, "SHARED_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(_cuda, "SHARED_BYTES_CAP", cache_bytes)
     rng = np.random.default_rng(7)
     x, t = _problem(rng, False, 40, np.float64, soft, None if soft else -100)
     w = rng.random(40) + 0.5
@@ -94,6 +94,49 @@ def test_cross_entropy_large_rows_cached_or_not_in_place(cache_bytes, soft, monk
     _close(loss, ref, np.float64)
     _close(xd, xt.grad, np.float64)  # written over the logits
     assert grad is xd
+
+
+def _record_plans(monkeypatch):
+    """The launch plans of the row kernels, in order."""
+    plans = []
+    plan = _cuda.plan_row_launch
+
+    def recording(*args, **kwargs):
+        plans.append(plan(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(_cuda, "plan_row_launch", recording)
+    return plans
+
+
+@pytest.mark.parametrize("refused", [False, True])
+@pytest.mark.parametrize("soft", [False, True])
+def test_rows_above_the_default_shared_limit_opt_in_or_fall_back(soft, refused, monkeypatch):
+    """A default limit of 600 bytes makes the 40-class float64 rows (320 or
+    640 bytes, plus 512 of scratch) need the opt-in: they run cached with the
+    wide block of 16 threads, or, when the opt-in is refused, uncached."""
+    monkeypatch.setattr(_cuda, "DEFAULT_BLOCK_SHARED_BYTES", 600)
+    if refused:
+        monkeypatch.setattr(_cuda, "_opt_in_shared", lambda *args: 0)
+    plans = _record_plans(monkeypatch)
+    rng = np.random.default_rng(8)
+    x, t = _problem(rng, False, 40, np.float64, soft, None)
+    xt = torch.tensor(x, requires_grad=True)
+    ref = F.cross_entropy(xt, torch.tensor(t), label_smoothing=0.1)
+    ref.backward()
+    loss, grad = fastxent.cross_entropy_with_grad(cuda.to_device(x), cuda.to_device(t),
+                                                  label_smoothing=0.1)
+    _close(loss, ref, np.float64)
+    _close(grad, xt.grad, np.float64)
+    last = plans[-1]
+    if refused:
+        assert not last.cached and last.threads == 8, plans
+    else:
+        assert last.opt_in and last.cached and last.threads == last.group == 16, plans
+        assert last.shared_bytes == (2 if soft else 1) * 40 * 8
+    probs = fastxent.softmax(cuda.to_device(x))
+    _close(probs, torch.softmax(torch.tensor(x), -1), np.float64)
+    assert plans[-1].cached != refused and plans[-1].threads == (8 if refused else 16)
 
 
 def test_cross_entropy_loss_only_and_out():
@@ -264,3 +307,146 @@ def test_conversions_and_edge_shapes():
     ref.backward()
     assert loss.shape == () and grad.shape == ()
     np.testing.assert_allclose([loss, grad], [ref.item(), xt.grad.item()], rtol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# Strided (non-contiguous) device arrays: gathered, and scattered back into
+
+
+def _torch_ce(x, t, **kw):
+    """torch's loss and gradient on contiguous copies."""
+    xt = torch.tensor(np.ascontiguousarray(x), requires_grad=True)
+    ref = F.cross_entropy(xt, torch.tensor(np.ascontiguousarray(t)), **kw)
+    ref.sum().backward()
+    return ref, xt.grad
+
+
+@pytest.mark.parametrize("C", [12, 40])
+def test_strided_logits_targets_and_weights(C):
+    """Column slices and a transpose (class axis 0) of device arrays, with
+    strided targets and weights, give torch's loss and gradient."""
+    rng = np.random.default_rng(20 + C)
+    base = rng.standard_normal((5, 2 * C)).astype(np.float32)
+    y = rng.integers(0, C, 10)
+    w = rng.random(2 * C).astype(np.float32) + 0.5
+    xd, yd, wd = cuda.to_device(base), cuda.to_device(y), cuda.to_device(w)
+    assert not xd[:, ::2].is_c_contiguous()
+    loss, grad = fastxent.cross_entropy_with_grad(xd[:, ::2], yd[::2], weight=wd[1::2],
+                                                  label_smoothing=0.1)
+    ref, ref_grad = _torch_ce(base[:, ::2], y[::2], weight=torch.tensor(w[1::2]),
+                              label_smoothing=0.1)
+    _close(loss, ref, np.float32)
+    _close(grad, ref_grad, np.float32)
+    # the transpose of a (2C, 5) array, classes along axis 0
+    xt = cuda.to_device(np.ascontiguousarray(base[:, :C].T))
+    losses = fastxent.cross_entropy(xt.T, yd[:5], axis=-1, reduction="none")
+    _close(losses, _torch_ce(base[:, :C], y[:5], reduction="none")[0], np.float32)
+    losses = fastxent.cross_entropy(xt, yd[:5], axis=0, reduction="none")
+    _close(losses, _torch_ce(base[:, :C], y[:5], reduction="none")[0], np.float32)
+
+
+def test_strided_class_probabilities_and_kdim_layout():
+    rng = np.random.default_rng(23)
+    base = rng.standard_normal((3, 12, 4)).astype(np.float64)
+    q = rng.random((3, 12, 4))
+    q /= q.sum(axis=1, keepdims=True)
+    xd, qd = cuda.to_device(base), cuda.to_device(q)
+    # (N, C, d) = (3, 12, 2) views, classes on axis 1
+    loss, grad = fastxent.cross_entropy_with_grad(xd[:, :, ::2], qd[:, :, 1::2], axis=1)
+    ref, ref_grad = _torch_ce(base[:, :, ::2], q[:, :, 1::2])
+    _close(loss, ref, np.float64)
+    _close(grad, ref_grad, np.float64)
+
+
+@pytest.mark.parametrize("C", [12, 40])
+def test_in_place_and_out_into_strided_views(C):
+    """The gradient is scattered into the view; the rest of its array is
+    untouched."""
+    rng = np.random.default_rng(30 + C)
+    base = rng.standard_normal((5, 2 * C))
+    y = rng.integers(0, C, 5)
+    ref, ref_grad = _torch_ce(base[:, 1::2], y, reduction="sum")
+    xd = cuda.to_device(base)
+    view = xd[:, 1::2]
+    loss, grad = fastxent.cross_entropy_with_grad(view, cuda.to_device(y), reduction="sum",
+                                                  inplace=True)
+    assert grad is view
+    _close(loss, ref, np.float64)
+    after = xd.copy_to_host()
+    _close(after[:, 1::2], ref_grad, np.float64)
+    np.testing.assert_array_equal(after[:, ::2], base[:, ::2])
+    # out= a strided view of another array
+    out_base = cuda.to_device(np.full((5, 2 * C), 7.0))
+    out = out_base[:, ::2]
+    loss, grad = fastxent.cross_entropy_with_grad(cuda.to_device(base)[:, 1::2],
+                                                  cuda.to_device(y), reduction="sum", out=out)
+    assert grad is out
+    after = out_base.copy_to_host()
+    _close(after[:, ::2], ref_grad, np.float64)
+    np.testing.assert_array_equal(after[:, 1::2], 7.0)
+
+
+def test_strided_destinations_untouched_on_error():
+    base = np.arange(24.0).reshape(4, 6)
+    xd = cuda.to_device(base)
+    out_base = cuda.to_device(np.full((4, 6), 5.0))
+    bad = cuda.to_device(np.array([0, 1, 3, 0]))
+    with pytest.raises(IndexError, match="target 3"):
+        fastxent.cross_entropy_with_grad(xd[:, ::2], bad, inplace=True)
+    with pytest.raises(IndexError, match="target 3"):
+        fastxent.cross_entropy_with_grad(xd[:, ::2], bad, out=out_base[:, 1::2])
+    np.testing.assert_array_equal(xd.copy_to_host(), base)
+    np.testing.assert_array_equal(out_base.copy_to_host(), 5.0)
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_and_logsumexp_of_strided_views(log):
+    rng = np.random.default_rng(40)
+    base = rng.standard_normal((4, 6, 3))
+    fn, ref_fn = (fastxent.log_softmax, torch.log_softmax) if log else (fastxent.softmax,
+                                                                       torch.softmax)
+    xd = cuda.to_device(base)
+    view = xd.transpose((2, 0, 1))[:, ::2]  # (3, 2, 6), classes last
+    expect = base.transpose(2, 0, 1)[:, ::2]
+    _close(fn(view), ref_fn(torch.tensor(expect), -1), np.float64)
+    _close(fastxent.logsumexp(view, axis=1), torch.logsumexp(torch.tensor(expect), 1),
+           np.float64)
+    fn(view, out=view)  # in place, through a contiguous copy
+    after = xd.copy_to_host()
+    _close(after.transpose(2, 0, 1)[:, ::2], ref_fn(torch.tensor(expect), -1), np.float64)
+    np.testing.assert_array_equal(after[1::2], base[1::2])
+
+
+def test_bce_with_strided_inputs_and_out():
+    rng = np.random.default_rng(41)
+    x = rng.standard_normal((4, 10)) * 3
+    t = rng.random((4, 10))
+    w = rng.random((4, 10))
+    xd, td, wd = cuda.to_device(x), cuda.to_device(t), cuda.to_device(w)
+    out_base = cuda.to_device(np.zeros((4, 10)))
+    loss, grad = fastxent.binary_cross_entropy_with_logits_with_grad(
+        xd[:, ::2], td[:, 1::2], weight=wd[:, ::2], out=out_base[:, 1::2])
+    xt = torch.tensor(x[:, ::2], requires_grad=True)
+    ref = F.binary_cross_entropy_with_logits(xt, torch.tensor(t[:, 1::2]),
+                                             weight=torch.tensor(w[:, ::2]))
+    ref.backward()
+    _close(loss, ref, np.float64)
+    after = out_base.copy_to_host()
+    _close(after[:, 1::2], xt.grad, np.float64)
+    np.testing.assert_array_equal(after[:, ::2], 0.0)
+
+
+def test_broadcast_class_probabilities():
+    """A zero-stride view (as torch's ``expand`` exports), made in the
+    simulator by wrapping a broadcast NumPy view of a device array."""
+    rng = np.random.default_rng(42)
+    x = rng.standard_normal((5, 12))
+    q = rng.random(12)
+    q /= q.sum()
+    qd = cuda.to_device(q)
+    expanded = type(qd)(np.broadcast_to(qd._ary, (5, 12)))
+    assert expanded.strides == (0, 8)
+    loss, grad = fastxent.cross_entropy_with_grad(cuda.to_device(x), expanded)
+    ref, ref_grad = _torch_ce(x, np.broadcast_to(q, (5, 12)))
+    _close(loss, ref, np.float64)
+    _close(grad, ref_grad, np.float64)
