@@ -215,7 +215,10 @@ def logsumexp(problem: ClassProblem, x):
         return np.full(problem.batch_shape, -np.inf, dtype=problem.dtype)
     x_rows, form = rows_of(x, problem)
     out = np.empty(problem.n_rows, dtype=problem.dtype)
-    K.logsumexp(x_rows, out, _inner(problem, form))
+    if _direct(x_rows, form):
+        K.logsumexp(x_rows, out, _inner(problem, form))
+    else:
+        K.logsumexp_buffered(x_rows, out, _inner(problem, form))
     return out.reshape(problem.batch_shape)
 
 

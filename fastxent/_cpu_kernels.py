@@ -67,6 +67,20 @@ def _row_impl(a, r, inner):
     return None
 
 
+def _next_row(a, r, inner):
+    """The row after ``r`` (``r`` itself for the last row): the row to prefetch."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_next_row, jit_options=_JIT_OPTIONS, inline="always")
+def _next_row_impl(a, r, inner):
+    if isinstance(a, types.Array) and a.ndim == 2:
+        return lambda a, r, inner: a[min(r + 1, a.shape[0] - 1)]
+    if isinstance(a, types.Array) and a.ndim == 3:
+        return lambda a, r, inner: _row(a, min(r + 1, a.shape[0] * inner - 1), inner)
+    return None
+
+
 def _span(a, r, s0, n):
     """``a[r, s0:s0 + n]``, or None when ``a`` is None (typed None, not Optional)."""
     raise NotImplementedError  # only called from compiled code
@@ -130,11 +144,12 @@ def _max_pass(x, g, inplace):
 
 
 @_jit(inline=True)
-def _exp_pass(x, g, m):
-    """sum(exp(x - m)); the exponentials replace ``g``'s copy of the row."""
+def _exp_pass(x, g, m, ahead):
+    """sum(exp(x - m)); the exponentials replace ``g``'s copy of the row.
+    The row ``ahead`` is prefetched meanwhile."""
     if g is None:
-        return exp_sum(x, m)
-    return exp_sum_inplace(g, m)
+        return exp_sum(x, m, ahead)
+    return exp_sum_inplace(g, m, ahead)
 
 
 @_jit(inline=True)
@@ -188,16 +203,18 @@ def _hard_coeffs(m, log_s, s, xt, t, w, wsum, sx, smooth, scale, C):
 
 
 @_jit
-def _ce_hard_row(x, g, inplace, t, w, wsum, smooth, scale):
+def _ce_hard_row(x, g, inplace, t, w, wsum, smooth, scale, ahead):
     """Cross-entropy of one contiguous row against class ``t``; gradient into ``g``.
 
-    The exponentials are kept in ``g`` itself between the two sweeps.
+    The exponentials are kept in ``g`` itself between the two sweeps. The
+    next row, ``ahead``, is prefetched during the exponentials: memory
+    streams it in while this row is computed in cache.
     """
     xt = np.float64(x[t])
     m = _max_pass(x, g, inplace)
     # sum(w * (x - m)), read before the gradient replaces the row
     sx = lane_dot(x, w, m) if smooth > 0.0 else 0.0
-    s = _exp_pass(x, g, m)
+    s = _exp_pass(x, g, m, ahead)
     loss, k1, k2, kt = _hard_coeffs(np.float64(m), np.log(s), s, xt, t, w, wsum, sx, smooth,
                                     scale, x.shape[0])
     if g is not None:
@@ -232,7 +249,7 @@ def _ce_soft_finish(x, e, m, log_s, s, q, w, smooth, scale, g):
     C = x.shape[0]
     keep = _cast_like(1.0 - smooth, x)
     uniform = _cast_like(smooth / C, x)
-    total, qxm = soft_sums(x, q, w, keep, uniform, m)
+    total, qxm = soft_sums(x, q, w, keep, uniform, m, None)
     if g is not None:
         _soft_grad(e, g, q, w, _cast_like(scale * total / s, g),
                    _cast_like(scale * (1.0 - smooth), g), _cast_like(scale * smooth / C, g))
@@ -240,15 +257,17 @@ def _ce_soft_finish(x, e, m, log_s, s, q, w, smooth, scale, g):
 
 
 @_jit
-def _ce_soft_row(x, g, inplace, q, w, smooth, scale):
-    """Cross-entropy of one contiguous row against probabilities ``q``."""
+def _ce_soft_row(x, g, inplace, q, w, smooth, scale, ahead, q_ahead):
+    """Cross-entropy of one contiguous row against probabilities ``q``
+    (``ahead`` as in ``_ce_hard_row``; ``q_ahead``, the next row of
+    probabilities, is prefetched while this one's are summed)."""
     m = _max_pass(x, g, inplace)
     C = x.shape[0]
     keep = _cast_like(1.0 - smooth, x)
     uniform = _cast_like(smooth / C, x)
     # The sums read the logits before the exponentials replace them.
-    total, qxm = soft_sums(x, q, w, keep, uniform, m)
-    s = _exp_pass(x, g, m)
+    total, qxm = soft_sums(x, q, w, keep, uniform, m, q_ahead)
+    s = _exp_pass(x, g, m, ahead)
     if g is not None:
         _soft_grad(None, g, q, w, _cast_like(scale * total / s, g),
                    _cast_like(scale * (1.0 - smooth), g), _cast_like(scale * smooth / C, g))
@@ -358,9 +377,10 @@ def _ce_hard_direct(x, y, w, wsum, ignore_index, smooth, scale, g, inplace, inne
             _zero(_row(g, r, inner))
         return 0.0
     if g is None:
-        return _ce_hard_row(_row(x, r, inner), None, False, t, w, wsum, smooth, scale)
+        return _ce_hard_row(_row(x, r, inner), None, False, t, w, wsum, smooth, scale,
+                            _next_row(x, r, inner))
     return _ce_hard_row(_row(x, r, inner), _row(g, r, inner), inplace, t, w, wsum, smooth,
-                        scale)
+                        scale, _next_row(g, r, inner))
 
 
 @_jit
@@ -448,9 +468,9 @@ def _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner,
 def _ce_soft_direct(x, q, w, smooth, scale, g, inplace, inner, r):
     if g is None:
         return _ce_soft_row(_row(x, r, inner), None, False, _row(q, r, inner), w, smooth,
-                            scale)
+                            scale, _next_row(x, r, inner), _next_row(q, r, inner))
     return _ce_soft_row(_row(x, r, inner), _row(g, r, inner), inplace, _row(q, r, inner), w,
-                        smooth, scale)
+                        smooth, scale, _next_row(g, r, inner), _next_row(q, r, inner))
 
 
 @_jit
@@ -524,19 +544,19 @@ def _softmax_direct(x, out, inplace, inner, log, r):
         # o <- (x - m) - log(sum exp(x - m)), rounded as torch.log_softmax
         if inplace:
             m = row_max(o, None)
-            log_s = _cast_like(np.log(exp_sum(o, m)), o)
+            log_s = _cast_like(np.log(exp_sum(o, m, _next_row(out, r, inner))), o)
             for c in range(o.shape[0]):
                 o[c] = (o[c] - m) - log_s
         else:
             xr = _row(x, r, inner)
             m = row_max(xr, None)
-            log_s = _cast_like(np.log(exp_sum(xr, m)), o)
+            log_s = _cast_like(np.log(exp_sum(xr, m, _next_row(out, r, inner))), o)
             for c in range(o.shape[0]):
                 o[c] = (xr[c] - m) - log_s
     else:
         xr = _row(x, r, inner)
         m = _max_pass(xr, o, inplace)
-        inv_s = _cast_like(1.0 / exp_sum_inplace(o, m), o)
+        inv_s = _cast_like(1.0 / exp_sum_inplace(o, m, _next_row(out, r, inner)), o)
         for c in range(o.shape[0]):
             o[c] = o[c] * inv_s
 
@@ -567,6 +587,16 @@ def _softmax_block(x, out, inner, log, r0, n):
     else:
         e, m, s, log_s = _exp_wide(x, r0, n, inner, False)
         _softmax_rows(x, out, inner, log, r0, n, e, m, s, log_s)
+
+
+@_jit
+def _logsumexp_direct(x, inner, r):
+    # As torch.logsumexp: an infinite max is not subtracted (see below).
+    xr = _row(x, r, inner)
+    m = row_max(xr, None)
+    if np.isinf(m):
+        m = _cast_like(0.0, x)
+    return np.float64(m) + np.log(exp_sum(xr, m, _next_row(x, r, inner)))
 
 
 @_jit
@@ -814,6 +844,11 @@ def _softmax_buffered(x, out, n_rows, inner, log):
 
 
 def _logsumexp(x, out, inner):
+    for r in prange(out.shape[0]):
+        out[r] = _logsumexp_direct(x, inner, r)
+
+
+def _logsumexp_buffered(x, out, inner):
     n_rows, per = out.shape[0], _rows_per_block(x.shape[1])
     for b in prange((n_rows + per - 1) // per):
         _logsumexp_block(x, out, inner, b * per, min(per, n_rows - b * per))
@@ -879,4 +914,5 @@ nll = _Kernel(_nll)
 softmax = _Kernel(_softmax)
 softmax_buffered = _Kernel(_softmax_buffered)
 logsumexp = _Kernel(_logsumexp)
+logsumexp_buffered = _Kernel(_logsumexp_buffered)
 bce = _Kernel(_bce)

@@ -11,27 +11,29 @@ ran at about 0.4 ns per element, 20 times slower than a vector loop.
 The intrinsics here emit the loop themselves on ``<LANES x T>`` vectors (T
 the rows' float type). The order, for every function: the row is cut into
 blocks of ``BLOCK`` elements; in a block, lane ``j`` sums the terms of
-elements ``j, j + LANES, j + 2 LANES, ...`` of the block's whole vectors, in
-T; the lanes are folded pairwise (lane ``j`` plus lane ``j + 8``, then
-``j + 4``, ``j + 2``, ``j + 1``); the block's leftover elements are summed in
-order in T; and the total, in float64, gains ``float64(lanes) +
-float64(leftover)`` block after block. The float64 totals keep float32 sums
-of 100000 terms accurate.
+elements ``j, j + LANES, j + 2 LANES, ...``, in T (the block's last vector,
+if partial, is a masked one: its missing lanes add 0); the lanes are folded
+pairwise (lane ``j`` plus lane ``j + 8``, then ``j + 4``, ``j + 2``,
+``j + 1``); and the total, in float64, gains ``float64(lanes)`` block after
+block. The float64 totals keep float32 sums of 100000 terms accurate.
 
 Functions (rows are 1-D arrays of one float type; ``w`` may be None):
 
 * ``lane_dot(x, w, shift)``: sum of ``w * (x - shift)`` (of ``x - shift``
   without ``w``).
-* ``exp_sum(x, m)``: sum of ``exp(x - m)``.
-* ``exp_sum_inplace(g, m)``: ``g <- exp(g - m)``, returns the sum.
-* ``soft_sums(x, q, w, keep, uniform, m)``: ``(sum q', sum q' * (x - m))``
-  with ``q' = (keep * q + uniform) * w``.
-* ``row_max(x, copy_to)``: the IEEE maximum of ``x`` (NaN-propagating, exact
-  in any order), copying ``x`` into ``copy_to`` on the way unless it is None.
+* ``exp_sum(x, m, ahead)``: sum of ``exp(x - m)``.
+* ``exp_sum_inplace(g, m, ahead)``: ``g <- exp(g - m)``, returns the sum.
+  Both prefetch the row ``ahead`` (None: none) as they go: a kernel passes
+  the next row, which memory then streams in while this one is computed.
+* ``soft_sums(x, q, w, keep, uniform, m, ahead)``: ``(sum q', sum q' *
+  (x - m))`` with ``q' = (keep * q + uniform) * w``, prefetching ``ahead``.
+* ``row_max(x, copy_to)``: the maximum of ``x``, NaN if ``x`` holds a NaN
+  (exact in any order: ``MAX_LANES`` lanes), copying ``x`` into ``copy_to``
+  on the way unless it is None.
 
 The exponential is ``_fastmath``'s, on whole vectors. Rows may be strided:
 a row whose type does not promise unit stride is checked when called, and a
-strided one is gathered lane by lane (same order, same bits).
+strided one is gathered (and scattered) lane by lane: same order, same bits.
 """
 
 from __future__ import annotations
@@ -43,16 +45,29 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._fastmath import _call, _const, _exp_ir, _prefer_wide_vectors
+from ._fastmath import _const, _exp_ir, _prefer_wide_vectors
 
 #: Partial sums per vector (one 512-bit register of float32).
 LANES = 16
+#: Lanes of the max: its order does not matter, and four independent
+#: vector registers keep its loop from waiting on one register.
+MAX_LANES = 64
 #: Elements per block: the lanes are folded into the float64 total per block.
 BLOCK = 512
 
 
+def _i32(v):
+    return ir.Constant(ir.IntType(32), v)
+
+
 class _RowAccess:
-    """Loads and stores of one 1-D array argument, as vectors or scalars."""
+    """Vector loads and stores of one 1-D array argument.
+
+    ``remaining`` (None: a whole vector) limits an access to the lanes
+    below it: masked loads and stores for a contiguous row, lane by lane
+    for a strided one (masked-off lanes read element ``index`` again and
+    write nothing). Masked-off lanes of a load hold no particular value.
+    """
 
     def __init__(self, context, builder, aryty, value):
         ary = context.make_array(aryty)(context, builder, value)
@@ -69,31 +84,65 @@ class _RowAccess:
         byte = builder.gep(byte, [builder.mul(index, self.stride)], inbounds=True)
         return builder.bitcast(byte, self.data.type)
 
-    def load(self, builder, index, vty, contiguous):
-        """Element ``index`` (scalar ``vty`` None) or the vector from it."""
-        if vty is None:
-            return builder.load(self._pointer(builder, index, contiguous), align=self.itemsize)
+    def _masked(self, builder, name, vty, args):
+        fnty = ir.FunctionType(vty if name == "load" else ir.VoidType(),
+                               [a.type for a in args])
+        suffix = f"v{vty.count}{vty.element.intrinsic_name}.p0"
+        fn = builder.module.declare_intrinsic(f"llvm.masked.{name}.{suffix}", (), fnty)
+        return builder.call(fn, args)
+
+    def _lane_index(self, builder, index, j, remaining):
+        """index + j, or index where lane j is masked off (always in bounds)."""
+        at = builder.add(index, ir.Constant(index.type, j))
+        if remaining is None:
+            return at
+        return builder.select(builder.icmp_signed("<", ir.Constant(index.type, j), remaining),
+                              at, index)
+
+    def load(self, builder, index, vty, contiguous, mask=None, remaining=None):
         if contiguous:
             ptr = builder.bitcast(self._pointer(builder, index, True), vty.as_pointer())
-            return builder.load(ptr, align=self.itemsize)
+            if mask is None:
+                return builder.load(ptr, align=self.itemsize)
+            return self._masked(builder, "load", vty,
+                                [ptr, _i32(self.itemsize), mask, ir.Constant(vty, None)])
         vec = ir.Constant(vty, ir.Undefined)
         for j in range(vty.count):
-            at = builder.add(index, ir.Constant(index.type, j))
-            vec = builder.insert_element(vec, self.load(builder, at, None, False),
-                                         ir.Constant(ir.IntType(32), j))
+            at = self._lane_index(builder, index, j, remaining)
+            value = builder.load(self._pointer(builder, at, False), align=self.itemsize)
+            vec = builder.insert_element(vec, value, _i32(j))
         return vec
 
-    def store(self, builder, index, value, contiguous):
-        if not isinstance(value.type, ir.VectorType):
-            builder.store(value, self._pointer(builder, index, contiguous), align=self.itemsize)
-        elif contiguous:
-            ptr = builder.bitcast(self._pointer(builder, index, True), value.type.as_pointer())
-            builder.store(value, ptr, align=self.itemsize)
-        else:
-            for j in range(value.type.count):
-                at = builder.add(index, ir.Constant(index.type, j))
-                self.store(builder, at, builder.extract_element(value, ir.Constant(ir.IntType(32), j)),
-                           False)
+    def prefetch(self, builder, index, count):
+        """Start loading elements [index, index + count) into cache (for
+        writing: the kernels overwrite the rows they prefetch, or read them)."""
+        byte = builder.bitcast(self.data, ir.IntType(8).as_pointer())
+        fnty = ir.FunctionType(ir.VoidType(), [byte.type] + [ir.IntType(32)] * 3)
+        fn = builder.module.declare_intrinsic("llvm.prefetch.p0", (), fnty)
+        start = builder.mul(index, self.stride)
+        for line in range(0, count * self.itemsize, 64):
+            # a plain (not inbounds) address: prefetching past the row is harmless
+            at = builder.gep(byte, [builder.add(start, ir.Constant(start.type, line))])
+            builder.call(fn, [at, _i32(1), _i32(3), _i32(1)])
+
+    def store(self, builder, index, value, contiguous, mask=None, remaining=None):
+        vty = value.type
+        if contiguous:
+            ptr = builder.bitcast(self._pointer(builder, index, True), vty.as_pointer())
+            if mask is None:
+                builder.store(value, ptr, align=self.itemsize)
+            else:
+                self._masked(builder, "store", vty, [value, ptr, _i32(self.itemsize), mask])
+            return
+        for j in range(vty.count):
+            at = builder.add(index, ir.Constant(index.type, j))
+            lane = builder.extract_element(value, _i32(j))
+            if remaining is None:
+                builder.store(lane, self._pointer(builder, at, False), align=self.itemsize)
+            else:
+                in_row = builder.icmp_signed("<", ir.Constant(index.type, j), remaining)
+                with builder.if_then(in_row):
+                    builder.store(lane, self._pointer(builder, at, False), align=self.itemsize)
 
 
 def _indices(js):
@@ -110,58 +159,67 @@ def _fold(builder, vec, add):
         hi = builder.shuffle_vector(vec, vec, _indices(range(half, width)))
         vec = add(lo, hi)
         width = half
-    return builder.extract_element(vec, ir.Constant(ir.IntType(32), 0))
+    return builder.extract_element(vec, _i32(0))
 
 
-def _emit_lanes(context, builder, rows, scalars, body, n_sums, target=None, combine="sum"):
+def _emit_lanes(context, builder, rows, scalars, body, n_sums, target=None, combine="sum",
+                ahead=None):
     """Emit the blocked lane loop; returns ``n_sums`` float64 results.
 
     ``rows``: _RowAccess objects to load (None for an absent optional row),
     the first one gives the length. ``scalars``: LLVM values of the rows'
-    float type. ``body(builder, values, scalars)`` gets the rows' elements
-    (vectors in the main loop, scalars in the leftover loop; None for absent
-    rows) and the scalars in the same shape, and returns ``(terms, stored)``:
-    ``n_sums`` values to combine and a value to store into the row
-    ``target`` (or None). ``combine``: "sum", or "max" for the IEEE maximum
-    (NaN-propagating; exact, so its order does not matter).
+    float type. ``body(builder, values, scalars)`` gets vectors of the rows'
+    elements (None for absent rows) and of the scalars, and returns
+    ``(terms, stored)``: ``n_sums`` vectors to combine and a vector to store
+    into the row ``target`` (or None). ``combine``: "sum", or "max" for the
+    largest value that is not NaN (-inf if none; exact, so its order does
+    not matter; one compare-and-select, x86's ``vmaxps``). A block's last,
+    partial vector is masked: its missing lanes add the identity (0, -inf).
+    ``ahead``: a row (the next one a kernel will read) prefetched at the same
+    offsets as the loop goes, so that memory streams it while this row is
+    worked on in cache.
     """
     _prefer_wide_vectors(builder)
     fty = rows[0].data.type.pointee
-    vty = ir.VectorType(fty, LANES)
+    vty = ir.VectorType(fty, LANES if combine == "sum" else MAX_LANES)
     f64 = ir.DoubleType()
     intp = rows[0].size.type
     size = rows[0].size
-    present = [r for r in rows + [target] if r is not None]
+    present = [r for r in rows + [target] if r is not None]  # ``ahead`` need not be unit-stride
     start = 0.0 if combine == "sum" else -math.inf
+    identity = _const(vty, start)
 
     def add(a, b):
         if combine == "sum":
             return builder.fadd(a, b)
-        return _call(builder, "llvm.maximum", a.type, a, b)
+        return builder.select(builder.fcmp_ordered(">", b, a), b, a)
 
     totals = [cgutils.alloca_once_value(builder, ir.Constant(f64, start)) for _ in range(n_sums)]
     lanes = [cgutils.alloca_once(builder, vty) for _ in range(n_sums)]
-    leftovers = [cgutils.alloca_once(builder, fty) for _ in range(n_sums)]
 
-    def splat(value):
-        vec = builder.insert_element(ir.Constant(vty, ir.Undefined), value,
-                                     ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), LANES),
-                                                            None))
+    def splat(value, ty):
+        vec = builder.insert_element(ir.Constant(ty, ir.Undefined), value, _i32(0))
+        return builder.shuffle_vector(vec, vec, ir.Constant(
+            ir.VectorType(ir.IntType(32), ty.count), None))
 
-    vector_scalars = [splat(s) for s in scalars]
+    vector_scalars = [splat(s, vty) for s in scalars]
+    lane_numbers = ir.Constant(ir.VectorType(intp, vty.count), list(range(vty.count)))
 
-    def widen(value):
-        return value if fty == f64 else builder.fpext(value, f64)
-
-    def step(index, vector, contiguous, accumulators):
-        vty_or_none = vty if vector else None
-        values = [None if r is None else r.load(builder, index, vty_or_none, contiguous)
+    def step(index, contiguous, remaining=None):
+        mask = None
+        if remaining is not None:
+            mask = builder.icmp_signed("<", lane_numbers,
+                                       splat(remaining, ir.VectorType(intp, vty.count)))
+        values = [None if r is None else r.load(builder, index, vty, contiguous, mask, remaining)
                   for r in rows]
-        terms, stored = body(builder, values, vector_scalars if vector else scalars)
+        if ahead is not None and remaining is None:
+            ahead.prefetch(builder, index, vty.count)
+        terms, stored = body(builder, values, vector_scalars)
         if stored is not None and target is not None:
-            target.store(builder, index, stored, contiguous)
-        for acc, term in zip(accumulators, terms):
+            target.store(builder, index, stored, contiguous, mask, remaining)
+        for acc, term in zip(lanes, terms):
+            if mask is not None:
+                term = builder.select(mask, term, identity)
             builder.store(add(builder.load(acc), term), acc)
 
     def loop(contiguous):
@@ -169,20 +227,21 @@ def _emit_lanes(context, builder, rows, scalars, body, n_sums, target=None, comb
         with cgutils.for_range_slice(builder, ir.Constant(intp, 0), size, block, intp) as (b0, _):
             rest = builder.sub(size, b0)
             n = builder.select(builder.icmp_signed("<", rest, block), rest, block)
-            full = builder.and_(n, ir.Constant(intp, -LANES))
+            full = builder.and_(n, ir.Constant(intp, -vty.count))
             for acc in lanes:
-                builder.store(_const(vty, start), acc)
-            for acc in leftovers:
-                builder.store(ir.Constant(fty, start), acc)
+                builder.store(identity, acc)
             with cgutils.for_range_slice(builder, b0, builder.add(b0, full),
-                                         ir.Constant(intp, LANES), intp) as (c, _):
-                step(c, True, contiguous, lanes)
-            with cgutils.for_range_slice(builder, builder.add(b0, full), builder.add(b0, n),
-                                         ir.Constant(intp, 1), intp) as (c, _):
-                step(c, False, contiguous, leftovers)
-            for total, acc, left in zip(totals, lanes, leftovers):
-                block = add(widen(_fold(builder, builder.load(acc), add)), widen(builder.load(left)))
-                builder.store(add(builder.load(total), block), total)
+                                         ir.Constant(intp, vty.count), intp) as (c, _):
+                step(c, contiguous)
+            remaining = builder.sub(n, full)
+            with builder.if_then(builder.icmp_signed(">", remaining, ir.Constant(intp, 0))):
+                step(builder.add(b0, full), contiguous, remaining)
+            for total, acc in zip(totals, lanes):
+                folded = _fold(builder, builder.load(acc), add)
+                builder.store(add(builder.load(total), widen(folded)), total)
+
+    def widen(value):
+        return value if fty == f64 else builder.fpext(value, f64)
 
     if all(r.unit_stride_type for r in present):
         loop(True)
@@ -249,10 +308,15 @@ def lane_dot(typingctx, x, w, shift):
     return types.float64(x, w, shift), codegen
 
 
+def _is_ahead(a, like):
+    return isinstance(a, types.NoneType) or _is_row(a, like.dtype)
+
+
 @intrinsic
-def exp_sum(typingctx, x, m):
-    """Sum of ``exp(x - m)`` in float64; ``x`` is not written."""
-    if not (_is_row(x) and _is_scalar(m)):
+def exp_sum(typingctx, x, m, ahead):
+    """Sum of ``exp(x - m)`` in float64; ``x`` is not written. ``ahead``
+    (a row or None) is prefetched on the way."""
+    if not (_is_row(x) and _is_scalar(m) and _is_ahead(ahead, x)):
         return None
 
     def body(builder, values, scalars):
@@ -260,15 +324,18 @@ def exp_sum(typingctx, x, m):
 
     def codegen(context, builder, sig, args):
         rows, scalars = _setup(context, builder, sig, args, (0,), (1,))
-        return _result(context, builder, sig, _emit_lanes(context, builder, rows, scalars, body, 1))
+        return _result(context, builder, sig, _emit_lanes(
+            context, builder, rows, scalars, body, 1,
+            ahead=_access(context, builder, sig, args, 2)))
 
-    return types.float64(x, m), codegen
+    return types.float64(x, m, ahead), codegen
 
 
 @intrinsic
-def exp_sum_inplace(typingctx, g, m):
-    """``g <- exp(g - m)``; returns the sum in float64."""
-    if not (_is_row(g) and g.mutable and _is_scalar(m)):
+def exp_sum_inplace(typingctx, g, m, ahead):
+    """``g <- exp(g - m)``; returns the sum in float64. ``ahead`` (a row or
+    None) is prefetched on the way."""
+    if not (_is_row(g) and g.mutable and _is_scalar(m) and _is_ahead(ahead, g)):
         return None
 
     def body(builder, values, scalars):
@@ -277,18 +344,21 @@ def exp_sum_inplace(typingctx, g, m):
 
     def codegen(context, builder, sig, args):
         rows, scalars = _setup(context, builder, sig, args, (0,), (1,))
-        return _result(context, builder, sig,
-                       _emit_lanes(context, builder, rows, scalars, body, 1, target=rows[0]))
+        return _result(context, builder, sig, _emit_lanes(
+            context, builder, rows, scalars, body, 1, target=rows[0],
+            ahead=_access(context, builder, sig, args, 2)))
 
-    return types.float64(g, m), codegen
+    return types.float64(g, m, ahead), codegen
 
 
 @intrinsic
-def soft_sums(typingctx, x, q, w, keep, uniform, m):
-    """``(sum q', sum q' (x - m))`` in float64, ``q' = (keep q + uniform) w``."""
+def soft_sums(typingctx, x, q, w, keep, uniform, m, ahead):
+    """``(sum q', sum q' (x - m))`` in float64, ``q' = (keep q + uniform) w``;
+    ``ahead`` (a row or None) is prefetched on the way."""
     if not (_is_row(x) and _is_row(q, x.dtype)
             and (isinstance(w, types.NoneType) or _is_row(w, x.dtype))
-            and _is_scalar(keep) and _is_scalar(uniform) and _is_scalar(m)):
+            and _is_scalar(keep) and _is_scalar(uniform) and _is_scalar(m)
+            and _is_ahead(ahead, x)):
         return None
 
     def body(builder, values, scalars):
@@ -301,9 +371,11 @@ def soft_sums(typingctx, x, q, w, keep, uniform, m):
 
     def codegen(context, builder, sig, args):
         rows, scalars = _setup(context, builder, sig, args, (0, 1, 2), (3, 4, 5))
-        return _result(context, builder, sig, _emit_lanes(context, builder, rows, scalars, body, 2))
+        return _result(context, builder, sig, _emit_lanes(
+            context, builder, rows, scalars, body, 2,
+            ahead=_access(context, builder, sig, args, 6)))
 
-    return types.UniTuple(types.float64, 2)(x, q, w, keep, uniform, m), codegen
+    return types.UniTuple(types.float64, 2)(x, q, w, keep, uniform, m, ahead), codegen
 
 
 @intrinsic
@@ -315,12 +387,21 @@ def row_max(typingctx, x, copy_to):
         return None
 
     def body(builder, values, scalars):
-        return [values[0]], values[0]
+        x = values[0]
+        # The max skips NaN; a second max over "is NaN" (1 or 0) finds them.
+        is_nan = builder.select(builder.fcmp_unordered("uno", x, x), _const(x.type, 1.0),
+                                _const(x.type, 0.0))
+        return [x, is_nan], x
 
     def codegen(context, builder, sig, args):
         rows = [_access(context, builder, sig, args, 0)]
         target = _access(context, builder, sig, args, 1)
-        result = _emit_lanes(context, builder, rows, [], body, 1, target=target, combine="max")[0]
+        largest, nan_seen = _emit_lanes(context, builder, rows, [], body, 2, target=target,
+                                        combine="max")
+        f64 = ir.DoubleType()
+        result = builder.select(builder.fcmp_ordered(">", nan_seen, ir.Constant(f64, 0.0)),
+                                ir.Constant(f64, math.nan), largest)
         return context.cast(builder, result, types.float64, x.dtype)
 
     return x.dtype(x, copy_to), codegen
+

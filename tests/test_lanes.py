@@ -23,18 +23,18 @@ def _dot(x, w, shift):
 
 
 @njit(fastmath=FASTMATH)
-def _exp_sum(x, m):
-    return exp_sum(x, m)
+def _exp_sum(x, m, ahead=None):
+    return exp_sum(x, m, ahead)
 
 
 @njit(fastmath=FASTMATH)
-def _exp_sum_inplace(g, m):
-    return exp_sum_inplace(g, m)
+def _exp_sum_inplace(g, m, ahead=None):
+    return exp_sum_inplace(g, m, ahead)
 
 
 @njit(fastmath=FASTMATH)
-def _soft_sums(x, q, w, keep, uniform, m):
-    return soft_sums(x, q, w, keep, uniform, m)
+def _soft_sums(x, q, w, keep, uniform, m, ahead=None):
+    return soft_sums(x, q, w, keep, uniform, m, ahead)
 
 
 @njit(fastmath=FASTMATH)
@@ -44,23 +44,22 @@ def _row_max(x, copy_to):
 
 def documented_order_sum(terms):
     """The order the module doc states, in NumPy: lanes per block in the
-    terms' type, folded pairwise, plus the leftover, into a float64 total."""
+    terms' type (a partial last vector padded with zeros), folded pairwise,
+    into a float64 total."""
     dt = terms.dtype.type
     total = 0.0
     for b0 in range(0, terms.size, BLOCK):
         block = terms[b0:b0 + BLOCK]
-        full = block.size - block.size % LANES
+        padded = np.zeros(-(-block.size // LANES) * LANES, dt)
+        padded[:block.size] = block
         lanes = np.zeros(LANES, dt)
-        for c0 in range(0, full, LANES):
-            lanes = lanes + block[c0:c0 + LANES]
+        for c0 in range(0, padded.size, LANES):
+            lanes = lanes + padded[c0:c0 + LANES]
         width = LANES
         while width > 1:
             width //= 2
             lanes = lanes[:width] + lanes[width:2 * width]
-        leftover = dt(0.0)
-        for v in block[full:]:
-            leftover = dt(leftover + v)
-        total += np.float64(lanes[0]) + np.float64(leftover)
+        total += np.float64(lanes[0])
     return total
 
 
@@ -107,6 +106,11 @@ def test_inplace_exponentials_and_their_sum(n, dt):
     g = x.copy()
     total = _exp_sum_inplace(g, m)
     assert total == _exp_sum(x, m)
+    ahead = np.ones(max(n, 1), dt)  # prefetching another row changes nothing
+    assert _exp_sum(x, m, ahead) == total
+    g2 = x.copy()
+    assert _exp_sum_inplace(g2, m, ahead) == total
+    np.testing.assert_array_equal(g2, g)
     # the argument x - m is rounded to the rows' type first
     np.testing.assert_allclose(g, np.exp((x - m).astype(np.float64)),
                                rtol=2.4e-7 if dt == np.float32 else 4.5e-16)
