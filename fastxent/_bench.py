@@ -12,8 +12,9 @@ For each (N, C) shape it times, side by side in interleaved rounds:
   loss and gradient, and JAX's jitted ``value_and_grad`` (see
   :mod:`fastxent._peers`, shared with the asv suite).
 
-Each round times every implementation once, in a rotating order, and the
-table reports medians over rounds. On a busy machine only the ratios of one
+Each round times every implementation once, in a rotating order, after a
+short pause (``COOLDOWN_SECONDS``), and the table reports medians over
+rounds. On a busy machine only the ratios of one
 run mean anything: they compare times taken moments apart.
 """
 
@@ -57,6 +58,12 @@ QUICK_ROUNDS = 3
 #: that sub-millisecond kernels are not measured at the timer's resolution.
 SAMPLE_SECONDS = 0.05
 QUICK_SAMPLE_SECONDS = 0.005
+#: Pause before each sample. OpenMP and Eigen thread pools (PyTorch's, JAX's,
+#: Numba's own) keep spinning for a while after a call; on a machine with
+#: few cores the next implementation timed would share them with those
+#: spinning threads. The pause lets each one run on a quiet machine, as it
+#: does in a program that uses only it.
+COOLDOWN_SECONDS = 0.1
 
 
 class ProgressBar:
@@ -182,7 +189,7 @@ def calibrate(runner: _peers.Runner, sample_seconds: float) -> int:
 
 
 def bench_shape(shape, dtype, rounds: int, sample_seconds: float, progress: ProgressBar,
-                seed: int = 0) -> Dict[str, Timing]:
+                seed: int = 0, cooldown: float = COOLDOWN_SECONDS) -> Dict[str, Timing]:
     """Time every column of :data:`COLUMNS` on one shape; returns label -> Timing."""
     n, c = shape
     rng = np.random.default_rng(seed)
@@ -209,6 +216,7 @@ def bench_shape(shape, dtype, rounds: int, sample_seconds: float, progress: Prog
         shift = round_index % max(len(labels), 1)
         for label in labels[shift:] + labels[:shift]:
             progress.step(f"{label_shape} round {round_index + 1}/{rounds} {label}")
+            time.sleep(cooldown)
             timings[label].samples.append(time_sample(runners[label], numbers[label]))
     for _ in range(len(COLUMNS) * rounds - len(labels) * rounds):
         progress.step(label_shape)  # the unavailable peers' share of the bar
@@ -324,8 +332,9 @@ def main(quick: bool = False, rounds: Optional[int] = None,
     start = time.perf_counter()
     try:
         for shape in shape_list:
-            results[_peers.format_shape(shape)] = bench_shape(shape, dtype, rounds,
-                                                              sample_seconds, progress)
+            results[_peers.format_shape(shape)] = bench_shape(
+                shape, dtype, rounds, sample_seconds, progress,
+                cooldown=0.0 if quick else COOLDOWN_SECONDS)
     finally:
         progress.close()
     print("\n".join(machine_header(dtype, rounds)), file=stream)
