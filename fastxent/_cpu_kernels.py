@@ -32,7 +32,7 @@ from numba.extending import overload
 
 from . import _cache
 from ._fastmath import FASTMATH, fast_exp, fast_log, maximum
-from ._lanes import exp_sum, exp_sum_inplace, lane_dot, row_max, soft_sums
+from ._lanes import exp_sum, exp_sum_inplace, lane_dot, row_max, scale_minus, soft_sums
 
 # Before any kernel is defined: their cache entries depend on every source
 # they inline, not only on this file.
@@ -159,28 +159,6 @@ def _zero(g):
 
 
 @_jit(inline=True)
-def _scale_minus(g, k1, k2, w):
-    """g <- g * k1 - k2 * w  (``- k2`` when ``w`` is None)."""
-    if w is None:
-        for c in range(g.shape[0]):
-            g[c] = g[c] * k1 - k2
-    else:
-        for c in range(g.shape[0]):
-            g[c] = g[c] * k1 - k2 * w[c]
-
-
-@_jit(inline=True)
-def _scale_minus_from(e, g, k1, k2, w):
-    """g <- e * k1 - k2 * w  (``- k2`` when ``w`` is None); ``e`` is not ``g``."""
-    if w is None:
-        for c in range(g.shape[0]):
-            g[c] = e[c] * k1 - k2
-    else:
-        for c in range(g.shape[0]):
-            g[c] = e[c] * k1 - k2 * w[c]
-
-
-@_jit(inline=True)
 def _hard_coeffs(m, log_s, s, xt, t, w, wsum, sx, smooth, scale, C):
     """Loss of a row and its gradient's coefficients, for class target ``t``.
 
@@ -218,7 +196,7 @@ def _ce_hard_row(x, g, inplace, t, w, wsum, smooth, scale, ahead):
     loss, k1, k2, kt = _hard_coeffs(np.float64(m), np.log(s), s, xt, t, w, wsum, sx, smooth,
                                     scale, x.shape[0])
     if g is not None:
-        _scale_minus(g, _cast_like(k1, g), _cast_like(k2, g), w)
+        scale_minus(g, g, _cast_like(k1, g), _cast_like(k2, g), w)
         g[t] = g[t] - kt
     return loss
 
@@ -403,7 +381,7 @@ def _ce_hard_rows(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, 
         losses[r] = loss
         if g is not None:
             gr = _row(g, r, inner)
-            _scale_minus_from(e[i], gr, _cast_like(k1, gr), _cast_like(k2, gr), w)
+            scale_minus(e[i], gr, _cast_like(k1, gr), _cast_like(k2, gr), w)
             gr[t] = gr[t] - kt
 
 

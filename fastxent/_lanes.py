@@ -405,3 +405,28 @@ def row_max(typingctx, x, copy_to):
 
     return x.dtype(x, copy_to), codegen
 
+
+
+
+@intrinsic
+def scale_minus(typingctx, e, g, k1, k2, w):
+    """``g <- e * k1 - k2 * w`` (``- k2`` when ``w`` is None): a map in masked
+    vectors to the row's end, with no scalar remainder loop for short rows.
+    ``e`` may be ``g``."""
+    if not (_is_row(e) and _is_row(g, e.dtype) and g.mutable and _is_scalar(k1)
+            and _is_scalar(k2) and (isinstance(w, types.NoneType) or _is_row(w, e.dtype))):
+        return None
+
+    def body(builder, values, scalars):
+        ev, wv = values
+        k1_, k2_ = scalars
+        shift = k2_ if wv is None else builder.fmul(k2_, wv)
+        return [], builder.fsub(builder.fmul(ev, k1_), shift)
+
+    def codegen(context, builder, sig, args):
+        rows, scalars = _setup(context, builder, sig, args, (0, 4), (2, 3))
+        _emit_lanes(context, builder, rows, scalars, body, 0,
+                    target=_access(context, builder, sig, args, 1))
+        return context.get_dummy_value()
+
+    return types.none(e, g, k1, k2, w), codegen

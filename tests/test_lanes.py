@@ -11,7 +11,7 @@ from numba import njit
 
 from fastxent._fastmath import FASTMATH
 from fastxent._lanes import (BLOCK, LANES, exp_sum, exp_sum_inplace, lane_dot, row_max,
-                              soft_sums)
+                              scale_minus, soft_sums)
 
 LENGTHS = [0, 1, LANES - 1, LANES, LANES + 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 37]
 DTYPES = [np.float32, np.float64]
@@ -35,6 +35,11 @@ def _exp_sum_inplace(g, m, ahead=None):
 @njit(fastmath=FASTMATH)
 def _soft_sums(x, q, w, keep, uniform, m, ahead=None):
     return soft_sums(x, q, w, keep, uniform, m, ahead)
+
+
+@njit(fastmath=FASTMATH)
+def _scale_minus(e, g, k1, k2, w):
+    scale_minus(e, g, k1, k2, w)
 
 
 @njit(fastmath=FASTMATH)
@@ -156,6 +161,26 @@ def test_row_max_and_copy(n, dt):
     assert _row_max(wide[:, 0], out[:, 1]) == x.max()
     np.testing.assert_array_equal(out[:, 1], x)
     np.testing.assert_array_equal(out[:, 0], 0.0)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("n", LENGTHS)
+def test_scale_minus_writes_the_whole_row_and_nothing_else(n, dt):
+    e, w = _rows(n, dt)
+    k1, k2 = dt(0.5), dt(0.25)
+    wide = np.full((n + 1, 2), 7.0, dt)
+    g = wide[:n, 1]  # strided, with guard values around it
+    # (LLVM may fuse the multiply and subtract: equal to rounding)
+    tol = dict(rtol=1e-6 if dt == np.float32 else 1e-15, atol=1e-7 if dt == np.float32 else 1e-16)
+    _scale_minus(e, g, k1, k2, w)
+    np.testing.assert_allclose(g, e * k1 - k2 * w, **tol)
+    _scale_minus(e, g, k1, k2, None)
+    np.testing.assert_allclose(g, e * k1 - k2, **tol)
+    np.testing.assert_array_equal(wide[:, 0], 7.0)
+    assert wide[n, 1] == 7.0
+    out = e.copy()  # in place: e is g
+    _scale_minus(out, out, k1, k2, w)
+    np.testing.assert_allclose(out, e * k1 - k2 * w, **tol)
 
 
 def test_main_loop_is_vector_code():
