@@ -163,7 +163,7 @@ def _fold(builder, vec, add):
 
 
 def _emit_lanes(context, builder, rows, scalars, body, n_sums, target=None, combine="sum",
-                ahead=None):
+                ahead=None, lanes_per_vector=None):
     """Emit the blocked lane loop; returns ``n_sums`` float64 results.
 
     ``rows``: _RowAccess objects to load (None for an absent optional row),
@@ -177,11 +177,14 @@ def _emit_lanes(context, builder, rows, scalars, body, n_sums, target=None, comb
     partial vector is masked: its missing lanes add the identity (0, -inf).
     ``ahead``: a row (the next one a kernel will read) prefetched at the same
     offsets as the loop goes, so that memory streams it while this row is
-    worked on in cache.
+    worked on in cache. ``lanes_per_vector``: LANES for sums (their order
+    depends on it), MAX_LANES or less for the max.
     """
     _prefer_wide_vectors(builder)
     fty = rows[0].data.type.pointee
-    vty = ir.VectorType(fty, LANES if combine == "sum" else MAX_LANES)
+    if lanes_per_vector is None:
+        lanes_per_vector = LANES if combine == "sum" else MAX_LANES
+    vty = ir.VectorType(fty, lanes_per_vector)
     f64 = ir.DoubleType()
     intp = rows[0].size.type
     size = rows[0].size
@@ -396,9 +399,20 @@ def row_max(typingctx, x, copy_to):
     def codegen(context, builder, sig, args):
         rows = [_access(context, builder, sig, args, 0)]
         target = _access(context, builder, sig, args, 1)
-        largest, nan_seen = _emit_lanes(context, builder, rows, [], body, 2, target=target,
-                                        combine="max")
         f64 = ir.DoubleType()
+        largest = cgutils.alloca_once(builder, f64)
+        nan_seen = cgutils.alloca_once(builder, f64)
+        # Rows up to 128: one register of lanes (a 64-lane partial vector
+        # and its fold cost more than the row); the max is the same.
+        short = builder.icmp_signed("<=", rows[0].size, ir.Constant(rows[0].size.type, 8 * LANES))
+        with builder.if_else(short) as (then, otherwise):
+            for branch, lanes in ((then, LANES), (otherwise, MAX_LANES)):
+                with branch:
+                    found = _emit_lanes(context, builder, rows, [], body, 2, target=target,
+                                        combine="max", lanes_per_vector=lanes)
+                    builder.store(found[0], largest)
+                    builder.store(found[1], nan_seen)
+        largest, nan_seen = builder.load(largest), builder.load(nan_seen)
         result = builder.select(builder.fcmp_ordered(">", nan_seen, ir.Constant(f64, 0.0)),
                                 ir.Constant(f64, math.nan), largest)
         return context.cast(builder, result, types.float64, x.dtype)
