@@ -31,7 +31,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from . import _cache
-from ._fastmath import FASTMATH, fast_exp, fast_log, maximum
+from ._fastmath import FASTMATH, fast_exp, fast_log, log1p_unit, maximum
 from ._lanes import exp_sum, exp_sum_inplace, lane_dot, row_max, scale_minus, soft_sums
 
 # Before any kernel is defined: their cache entries depend on every source
@@ -589,66 +589,6 @@ def _logsumexp_block(x, out, inner, r0, n):
         out[r0 + i] = m[i] + log_s[i]
 
 
-def _log1p_unit(e):
-    """log(1 + e) for e in [0, 1]."""
-    raise NotImplementedError  # only called from compiled code
-
-
-# log1p(e) = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...),  s = e / (2 + e) in
-# [0, 1/3]: no cancellation for small e (unlike log(1 + e)), one division,
-# and a polynomial that vectorizes. Terms until s^(2k) / (2k+1) is below the
-# type's rounding: 9 for float32, 18 for float64. The Horner steps are
-# written out because a loop over a tuple of coefficients does not vectorize.
-
-
-@_jit(inline=True)
-def _log1p_unit32(e):
-    s = e / (np.float32(2.0) + e)
-    s2 = s * s
-    p = np.float32(0.058823529411764705)
-    p = p * s2 + np.float32(0.06666666666666667)
-    p = p * s2 + np.float32(0.07692307692307693)
-    p = p * s2 + np.float32(0.09090909090909091)
-    p = p * s2 + np.float32(0.1111111111111111)
-    p = p * s2 + np.float32(0.14285714285714285)
-    p = p * s2 + np.float32(0.2)
-    p = p * s2 + np.float32(0.3333333333333333)
-    p = p * s2 + np.float32(1.0)
-    return (s + s) * p
-
-
-@_jit(inline=True)
-def _log1p_unit64(e):
-    s = e / (2.0 + e)
-    s2 = s * s
-    p = np.float64(0.02857142857142857)
-    p = p * s2 + np.float64(0.030303030303030304)
-    p = p * s2 + np.float64(0.03225806451612903)
-    p = p * s2 + np.float64(0.034482758620689655)
-    p = p * s2 + np.float64(0.037037037037037035)
-    p = p * s2 + np.float64(0.04)
-    p = p * s2 + np.float64(0.043478260869565216)
-    p = p * s2 + np.float64(0.047619047619047616)
-    p = p * s2 + np.float64(0.05263157894736842)
-    p = p * s2 + np.float64(0.058823529411764705)
-    p = p * s2 + np.float64(0.06666666666666667)
-    p = p * s2 + np.float64(0.07692307692307693)
-    p = p * s2 + np.float64(0.09090909090909091)
-    p = p * s2 + np.float64(0.1111111111111111)
-    p = p * s2 + np.float64(0.14285714285714285)
-    p = p * s2 + np.float64(0.2)
-    p = p * s2 + np.float64(0.3333333333333333)
-    p = p * s2 + np.float64(1.0)
-    return (s + s) * p
-
-
-@overload(_log1p_unit, jit_options=_JIT_OPTIONS, inline="always")
-def _log1p_unit_impl(e):
-    if e == types.float32:
-        return lambda e: _log1p_unit32(e)
-    return lambda e: _log1p_unit64(e)
-
-
 @_jit(inline=True)
 def _bce_element(xc, tc, w, pw, c):
     """(loss, gradient) of binary cross-entropy with logits for one element.
@@ -661,7 +601,7 @@ def _bce_element(xc, tc, w, pw, c):
     zero = _cast_like(0.0, tc)
     one = _cast_like(1.0, tc)
     e = fast_exp(-np.abs(xc))
-    log1p_e = _log1p_unit(e)
+    log1p_e = log1p_unit(e)
     # ``_at``, not ``if pw is not None``: inlined, the test would not be pruned
     lw = one + (_at(pw, c, one) - one) * tc
     # (1 - t) x - l (min(x, 0) - log1p(e)), with the x terms gathered first:

