@@ -10,12 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from . import _cpu_kernels as K
+from ._tiles import MAX_CLASSES
 from ._validate import (BCESpec, ClassProblem, CrossEntropySpec, check_targets,
                         finish_loss)
 
-#: Rows of at most this many classes take the buffered kernels (see
-#: ``_cpu_kernels``): per-row overheads dominate short rows.
-SHORT_ROW = 128
+#: Rows of at most this many classes take the tiled kernels (see
+#: ``_tiles``): per-row overheads dominate short rows.
+SHORT_ROW = MAX_CLASSES
 
 # Row forms: ROWS is (rows, C), a view when the class axis can be moved
 # last without copying; SLABS is (outer, C, inner), a view of any C-ordered
@@ -76,6 +77,11 @@ def _direct(x_rows, form) -> bool:
     """Whether the direct kernels apply: long rows, contiguous along the classes."""
     return (form == ROWS and x_rows.shape[1] > SHORT_ROW
             and x_rows.strides[1] == x_rows.itemsize)
+
+
+def _tiled(x_rows) -> bool:
+    """Whether the tiled kernels apply: short rows, any layout."""
+    return 0 < x_rows.shape[-2 if x_rows.ndim == 3 else 1] <= SHORT_ROW
 
 
 def _inner(problem: ClassProblem, form: int) -> int:
@@ -174,11 +180,16 @@ def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
     inner = _inner(problem, form)
     if spec.soft and _direct(x_rows, form):
         K.ce_soft(x_rows, q_rows, w, spec.smoothing, scale, g_rows, inplace, losses, inner)
+    elif spec.soft and _tiled(x_rows):
+        K.ce_soft_tiled(x_rows, q_rows, w, spec.smoothing, scale, g_rows, losses, inner)
     elif spec.soft:
         K.ce_soft_buffered(x_rows, q_rows, w, spec.smoothing, scale, g_rows, losses, inner)
     elif _direct(x_rows, form):
         K.ce_hard(x_rows, y, w, wsum, spec.ignore_index, spec.smoothing, scale, g_rows, inplace,
                   losses, inner)
+    elif _tiled(x_rows):
+        K.ce_hard_tiled(x_rows, y, w, wsum, spec.ignore_index, spec.smoothing, scale, g_rows,
+                        losses, inner)
     else:
         K.ce_hard_buffered(x_rows, y, w, wsum, spec.ignore_index, spec.smoothing, scale, g_rows,
                            losses, inner)
@@ -204,6 +215,8 @@ def softmax(problem: ClassProblem, x, out, log: bool):
     inner = _inner(problem, form)
     if _direct(x_rows, form):
         K.softmax(x_rows, result.rows, result.inplace, problem.n_rows, inner, log)
+    elif _tiled(x_rows):
+        K.softmax_tiled(x_rows, result.rows, inner, log)
     else:
         K.softmax_buffered(x_rows, result.rows, problem.n_rows, inner, log)
     return result.result()
@@ -217,6 +230,8 @@ def logsumexp(problem: ClassProblem, x):
     out = np.empty(problem.n_rows, dtype=problem.dtype)
     if _direct(x_rows, form):
         K.logsumexp(x_rows, out, _inner(problem, form))
+    elif _tiled(x_rows):
+        K.logsumexp_tiled(x_rows, out, _inner(problem, form))
     else:
         K.logsumexp_buffered(x_rows, out, _inner(problem, form))
     return out.reshape(problem.batch_shape)

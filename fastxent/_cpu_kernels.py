@@ -33,6 +33,7 @@ from numba.extending import overload
 from . import _cache
 from ._fastmath import FASTMATH, fast_exp, fast_log, log1p_unit, maximum
 from ._lanes import exp_sum, exp_sum_inplace, lane_dot, row_max, scale_minus, soft_sums
+from ._tiles import TILE, tile_dot, tile_exp_sums, tile_in, tile_max, tile_out, tile_scale_minus
 
 # Before any kernel is defined: their cache entries depend on every source
 # they inline, not only on this file.
@@ -78,6 +79,55 @@ def _next_row_impl(a, r, inner):
         return lambda a, r, inner: a[min(r + 1, a.shape[0] - 1)]
     if isinstance(a, types.Array) and a.ndim == 3:
         return lambda a, r, inner: _row(a, min(r + 1, a.shape[0] * inner - 1), inner)
+    return None
+
+
+def _tile_count(a, inner):
+    """Tiles of the rows of a canonical array (see ``_tile``)."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_tile_count, jit_options=_JIT_OPTIONS, inline="always")
+def _tile_count_impl(a, inner):
+    if isinstance(a, types.Array) and a.ndim == 2:
+        return lambda a, inner: (a.shape[0] + TILE - 1) // TILE
+    if isinstance(a, types.Array) and a.ndim == 3:
+        def count(a, inner):
+            outer = a.shape[0]
+            if inner >= TILE:
+                return outer * ((inner + TILE - 1) // TILE)
+            return inner * ((outer + TILE - 1) // TILE)
+        return count
+    return None
+
+
+def _tile(a, k, inner):
+    """Tile ``k``: (rows, r0, step), ``rows`` a (n <= TILE, C) view of rows
+    r0, r0 + step, ... Consecutive rows of a 2-D array; in the 3-D layout,
+    consecutive positions of one slab (a class is then contiguous across
+    the tile's rows), or, for slabs narrower than a tile, one position of
+    consecutive slabs."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_tile, jit_options=_JIT_OPTIONS, inline="always")
+def _tile_impl(a, k, inner):
+    if isinstance(a, types.Array) and a.ndim == 2:
+        def rows_2d(a, k, inner):
+            r0 = k * TILE
+            return a[r0:min(r0 + TILE, a.shape[0])], r0, 1
+        return rows_2d
+    if isinstance(a, types.Array) and a.ndim == 3:
+        def rows_3d(a, k, inner):
+            outer = a.shape[0]
+            if inner >= TILE:
+                per_slab = (inner + TILE - 1) // TILE
+                slab, b0 = k // per_slab, k % per_slab * TILE
+                return a[slab, :, b0:min(b0 + TILE, inner)].T, slab * inner + b0, 1
+            per_position = (outer + TILE - 1) // TILE
+            b, a0 = k // per_position, k % per_position * TILE
+            return a[a0:min(a0 + TILE, outer), :, b], a0 * inner + b, inner
+        return rows_3d
     return None
 
 
@@ -252,11 +302,6 @@ def _ce_soft_row(x, g, inplace, q, w, smooth, scale, ahead, q_ahead):
     return total * np.log(s) - qxm
 
 
-#: Rows of at most this many classes are handled transposed (see
-#: ``_exp_narrow``).
-_NARROW = 16
-
-
 @_jit
 def _log_block(s):
     log_s = np.empty(s.shape[0])
@@ -266,48 +311,12 @@ def _log_block(s):
 
 
 @_jit
-def _exp_narrow(x, r0, n, inner, finite_shift):
-    """Exponentials of a block of ``n`` rows from ``r0``, transposed.
-
-    Returns (e_t, m, s, log_s): e_t[c, i] = exp(x[r0+i, c] - m[i]) as a
-    (C, n) array, the rows' max m, sums s (float64, in class order) and
-    log(s). ``finite_shift``: an infinite max is not subtracted
-    (torch.logsumexp). Rows of a few classes are too short to vectorize
-    along; transposed, every sweep is a vector loop across the rows.
-    """
-    C = x.shape[1]
-    e_t = np.empty((C, n), x.dtype)
-    for i in range(n):
-        xr = _row(x, r0 + i, inner)
-        for c in range(C):
-            e_t[c, i] = xr[c]
-    m = e_t[0].copy()
-    for c in range(1, C):
-        ec = e_t[c]
-        for i in range(n):
-            m[i] = maximum(m[i], ec[i])
-    if finite_shift:
-        for i in range(n):
-            if np.isinf(m[i]):
-                m[i] = 0.0
-    s_part = np.zeros(n, x.dtype)
-    for c in range(C):
-        ec = e_t[c]
-        for i in range(n):
-            v = fast_exp(ec[i] - m[i])
-            ec[i] = v
-            s_part[i] += v
-    s = np.empty(n)
-    for i in range(n):
-        s[i] = s_part[i]
-    return e_t, m, s, _log_block(s)
-
-
-@_jit
 def _exp_wide(x, r0, n, inner, finite_shift):
-    """``_exp_narrow`` for longer rows: e[i, c] as a contiguous (n, C)
-    array; rows are copied shifted into it and exponentiated in one flat
-    vector sweep."""
+    """Exponentials of a block of ``n`` rows from ``r0``: (e, m, s, log_s),
+    e[i, c] = exp(x[r0+i, c] - m[i]) as a contiguous (n, C) array, the rows'
+    max m, sums s (float64) and log(s). Rows are copied shifted into ``e``
+    and exponentiated in one flat vector sweep. ``finite_shift``: an
+    infinite max is not subtracted (torch.logsumexp)."""
     C = x.shape[1]
     e = np.empty((n, C), x.dtype)
     m = np.empty(n, x.dtype)
@@ -343,7 +352,8 @@ def _rows_per_block(C):
 # Two shapes of each: "direct" routines take one contiguous row of many
 # classes and keep the exponentials in the gradient row itself; "block"
 # routines take blocks of rows of any length and layout and compute the
-# exponentials in a scratch buffer (see ``_exp_narrow`` and ``_exp_wide``).
+# exponentials in a scratch buffer (see ``_exp_wide``). Rows of at most
+# ``MAX_CLASSES`` classes go through the tiled routines below instead.
 # ``_cpu.py`` picks.
 
 
@@ -386,60 +396,10 @@ def _ce_hard_rows(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, 
 
 
 @_jit
-def _ce_hard_narrow(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n):
-    """``_ce_hard_rows`` for rows of at most _NARROW classes, transposed: the
-    per-row coefficients go to arrays and the gradient is one vector sweep
-    per class across the rows, stored back row by row at the end (the
-    logits are all read before, so ``g`` may be ``x``)."""
-    C = x.shape[1]
-    e_t, m, s, log_s = _exp_narrow(x, r0, n, inner, False)
-    k1 = np.empty(n, x.dtype)
-    k2 = np.empty(n, x.dtype)
-    kt = np.empty(n, x.dtype)
-    target = np.empty(n, np.int64)  # -1: ignored row
-    for i in range(n):
-        r = r0 + i
-        t = y[r]
-        if t == ignore_index:
-            losses[r] = 0.0
-            target[i], k1[i], k2[i], kt[i] = -1, 0.0, 0.0, 0.0
-            continue
-        xr = _row(x, r, inner)
-        sx = 0.0
-        if smooth > 0.0:
-            sx_part = _cast_like(0.0, x)
-            for c in range(C):
-                sx_part += _at(w, c, _cast_like(1.0, x)) * (xr[c] - m[i])
-            sx = np.float64(sx_part)
-        loss, a1, a2, at = _hard_coeffs(np.float64(m[i]), log_s[i], s[i], np.float64(xr[t]), t,
-                                        w, wsum, sx, smooth, scale, C)
-        losses[r] = loss
-        target[i] = t
-        k1[i], k2[i], kt[i] = a1, a2, at
-    if g is None:
-        return
-    zero = _cast_like(0.0, x)
-    for c in range(C):
-        ec = e_t[c]
-        wc = _at(w, c, _cast_like(1.0, x))
-        for i in range(n):
-            v = ec[i] * k1[i] - k2[i] * wc
-            v = v - kt[i] if target[i] == c else v
-            ec[i] = zero if target[i] < 0 else v  # ignored rows: 0, even for NaN logits
-    for i in range(n):
-        gr = _row(g, r0 + i, inner)
-        for c in range(C):
-            gr[c] = e_t[c, i]
-
-
-@_jit
 def _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n):
-    if x.shape[1] <= _NARROW:
-        _ce_hard_narrow(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n)
-    else:
-        e, m, s, log_s = _exp_wide(x, r0, n, inner, False)
-        _ce_hard_rows(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n,
-                      e, m, s, log_s)
+    e, m, s, log_s = _exp_wide(x, r0, n, inner, False)
+    _ce_hard_rows(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n,
+                  e, m, s, log_s)
 
 
 @_jit
@@ -464,46 +424,9 @@ def _ce_soft_rows(x, q, w, smooth, scale, g, losses, inner, r0, n, e, m, s, log_
 
 
 @_jit
-def _ce_soft_narrow(x, q, w, smooth, scale, g, losses, inner, r0, n):
-    """``_ce_soft_rows`` for rows of at most _NARROW classes: the sums of
-    ``_ce_soft_finish`` in class order (as ``_lanes`` sums a row shorter
-    than a vector), every row's before any gradient is written (``g`` may be
-    ``x``)."""
-    C = x.shape[1]
-    e_t, m, s, log_s = _exp_narrow(x, r0, n, inner, False)
-    one = _cast_like(1.0, x)
-    keep = _cast_like(1.0 - smooth, x)
-    uniform = _cast_like(smooth / C, x)
-    k1 = np.empty(n, x.dtype)
-    for i in range(n):
-        r = r0 + i
-        xr, qr = _row(x, r, inner), _row(q, r, inner)
-        total = _cast_like(0.0, x)
-        qxm = _cast_like(0.0, x)
-        for c in range(C):
-            qc = (keep * qr[c] + uniform) * _at(w, c, one)
-            total += qc
-            qxm += qc * (xr[c] - m[i])
-        losses[r] = np.float64(total) * log_s[i] - np.float64(qxm)
-        k1[i] = scale * np.float64(total) / s[i]
-    if g is None:
-        return
-    keep_s = _cast_like(scale * (1.0 - smooth), x)
-    uniform_s = _cast_like(scale * smooth / C, x)
-    for i in range(n):
-        r = r0 + i
-        gr, qr = _row(g, r, inner), _row(q, r, inner)
-        for c in range(C):
-            gr[c] = e_t[c, i] * k1[i] - (keep_s * qr[c] + uniform_s) * _at(w, c, one)
-
-
-@_jit
 def _ce_soft_block(x, q, w, smooth, scale, g, losses, inner, r0, n):
-    if x.shape[1] <= _NARROW:
-        _ce_soft_narrow(x, q, w, smooth, scale, g, losses, inner, r0, n)
-    else:
-        e, m, s, log_s = _exp_wide(x, r0, n, inner, False)
-        _ce_soft_rows(x, q, w, smooth, scale, g, losses, inner, r0, n, e, m, s, log_s)
+    e, m, s, log_s = _exp_wide(x, r0, n, inner, False)
+    _ce_soft_rows(x, q, w, smooth, scale, g, losses, inner, r0, n, e, m, s, log_s)
 
 
 @_jit
@@ -559,12 +482,8 @@ def _softmax_rows(x, out, inner, log, r0, n, e, m, s, log_s):
 
 @_jit
 def _softmax_block(x, out, inner, log, r0, n):
-    if x.shape[1] <= _NARROW:
-        e_t, m, s, log_s = _exp_narrow(x, r0, n, inner, False)
-        _softmax_rows(x, out, inner, log, r0, n, e_t.T, m, s, log_s)
-    else:
-        e, m, s, log_s = _exp_wide(x, r0, n, inner, False)
-        _softmax_rows(x, out, inner, log, r0, n, e, m, s, log_s)
+    e, m, s, log_s = _exp_wide(x, r0, n, inner, False)
+    _softmax_rows(x, out, inner, log, r0, n, e, m, s, log_s)
 
 
 @_jit
@@ -581,12 +500,150 @@ def _logsumexp_direct(x, inner, r):
 def _logsumexp_block(x, out, inner, r0, n):
     # As torch.logsumexp: an infinite max is not subtracted, so that rows of
     # -inf give -inf and rows holding +inf give +inf (not NaN).
-    if x.shape[1] <= _NARROW:
-        e_t, m, s, log_s = _exp_narrow(x, r0, n, inner, True)
-    else:
-        e, m, s, log_s = _exp_wide(x, r0, n, inner, True)
+    e, m, s, log_s = _exp_wide(x, r0, n, inner, True)
     for i in range(n):
         out[r0 + i] = m[i] + log_s[i]
+
+
+# --------------------------------------------------------------------------
+# Tiles: rows of at most MAX_CLASSES classes, TILE at a time, transposed
+# (see ``_tiles``): per-row values are vectors across the rows. A task is
+# a run of tiles sharing one set of scratch arrays.
+
+#: Elements per task of the tiled kernels.
+_TASK_ELEMENTS = 1 << 15
+
+
+@_jit
+def _tiles_per_task(C):
+    return max(1, _TASK_ELEMENTS // (TILE * max(C, 1)))
+
+
+@_jit
+def _lane_arrays(like):
+    """Four per-row arrays of a tile, of the array ``like``'s type (zeros: the
+    lanes past a short tile's rows then hold ordinary numbers)."""
+    a = np.zeros((4, TILE), like.dtype)
+    return a[0], a[1], a[2], a[3]
+
+
+@_jit
+def _tile_buffer(x):
+    """Scratch for one tile of ``x``'s rows: (C rounded up to TILE, TILE)."""
+    C = x.shape[1]
+    return np.zeros(((C + TILE - 1) // TILE * TILE, TILE), x.dtype)
+
+
+@_jit
+def _ce_hard_tiles(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, k0, k1):
+    """Cross-entropy against class indices for tiles k0 .. k1 - 1."""
+    C = x.shape[1]
+    t = _tile_buffer(x)
+    tc = t[:C]
+    m, a1, a2, at = _lane_arrays(x)
+    s, log_s, sx, xt = _lane_arrays(losses)
+    unused = np.zeros(TILE)
+    target = np.empty(TILE, np.int64)  # -1: ignored row
+    for k in range(k0, k1):
+        rows, r0, step = _tile(x, k, inner)
+        n = rows.shape[0]
+        tile_in(rows, t)
+        for i in range(n):  # the target logits, before the exponentials replace them
+            tgt = y[r0 + i * step]
+            target[i] = -1 if tgt == ignore_index else tgt
+            xt[i] = 0.0 if tgt == ignore_index else np.float64(t[tgt, i])
+        tile_max(tc, m, False)
+        if smooth > 0.0:
+            tile_dot(tc, None, w, 0.0, 1.0, m, unused, sx)
+        tile_exp_sums(tc, m, s, log_s, g is not None)
+        for i in range(n):
+            r = r0 + i * step
+            if target[i] < 0:
+                losses[r] = 0.0
+                continue
+            losses[r], c1, c2, ct = _hard_coeffs(np.float64(m[i]), log_s[i], s[i], xt[i],
+                                                 target[i], w, wsum, sx[i], smooth, scale, C)
+            a1[i], a2[i], at[i] = c1, c2, ct
+        if g is not None:
+            tile_scale_minus(tc, a1, a2, w, None, 0.0)
+            for i in range(n):
+                if target[i] < 0:  # ignored rows: 0, even for NaN logits
+                    for c in range(C):
+                        t[c, i] = 0.0
+                else:
+                    t[target[i], i] = t[target[i], i] - at[i]
+            tile_out(t, _tile(g, k, inner)[0])
+
+
+@_jit
+def _ce_soft_tiles(x, q, w, smooth, scale, g, losses, inner, k0, k1):
+    """Cross-entropy against probabilities for tiles k0 .. k1 - 1."""
+    C = x.shape[1]
+    t, qt = _tile_buffer(x), _tile_buffer(x)
+    tc, qc = t[:C], qt[:C]
+    m, a1, a2, _ = _lane_arrays(x)
+    a2[:] = scale * smooth / C
+    s, log_s, total, qxm = _lane_arrays(losses)
+    keep, uniform = _cast_like(1.0 - smooth, x), _cast_like(smooth / C, x)
+    keep_s = _cast_like(scale * (1.0 - smooth), x)
+    for k in range(k0, k1):
+        rows, r0, step = _tile(x, k, inner)
+        tile_in(rows, t)
+        tile_in(_tile(q, k, inner)[0], qt)
+        tile_max(tc, m, False)
+        tile_dot(tc, qc, w, keep, uniform, m, total, qxm)
+        tile_exp_sums(tc, m, s, log_s, g is not None)
+        for i in range(rows.shape[0]):
+            losses[r0 + i * step] = total[i] * log_s[i] - qxm[i]
+            a1[i] = scale * total[i] / s[i]
+        if g is not None:
+            tile_scale_minus(tc, a1, a2, w, qc, keep_s)
+            tile_out(t, _tile(g, k, inner)[0])
+
+
+@_jit
+def _softmax_tiles(x, out, inner, log, k0, k1):
+    """softmax or log_softmax for tiles k0 .. k1 - 1."""
+    C = x.shape[1]
+    t = _tile_buffer(x)
+    tc = t[:C]
+    m, a1, a2 = np.zeros(TILE, x.dtype), np.ones(TILE, x.dtype), np.zeros(TILE, x.dtype)
+    s, log_s = np.zeros(TILE), np.zeros(TILE)
+    for k in range(k0, k1):
+        tile_in(_tile(x, k, inner)[0], t)
+        tile_max(tc, m, False)
+        if log:
+            # (x - m) - log(s), rounded as torch.log_softmax: two sweeps
+            tile_exp_sums(tc, m, s, log_s, False)
+            tile_scale_minus(tc, a1, m, None, None, 0.0)
+            for i in range(TILE):
+                a2[i] = log_s[i]
+            tile_scale_minus(tc, a1, a2, None, None, 0.0)
+        else:
+            tile_exp_sums(tc, m, s, log_s, True)
+            inv_s = np.empty(TILE, x.dtype)
+            for i in range(TILE):
+                inv_s[i] = 1.0 / s[i]
+            tile_scale_minus(tc, inv_s, a2, None, None, 0.0)
+        tile_out(t, _tile(out, k, inner)[0])
+
+
+@_jit
+def _logsumexp_tiles(x, out, inner, k0, k1):
+    """logsumexp (as torch.logsumexp: an infinite max is not subtracted) for
+    tiles k0 .. k1 - 1."""
+    C = x.shape[1]
+    t = _tile_buffer(x)
+    tc = t[:C]
+    m = np.zeros(TILE, x.dtype)
+    s, log_s = np.zeros(TILE), np.zeros(TILE)
+    for k in range(k0, k1):
+        rows, r0, step = _tile(x, k, inner)
+        tile_in(rows, t)
+        tile_max(tc, m, True)
+        tile_exp_sums(tc, m, s, log_s, False)
+        for i in range(rows.shape[0]):
+            out[r0 + i * step] = m[i] + log_s[i]
 
 
 @_jit(inline=True)
@@ -745,6 +802,32 @@ def _ce_soft_buffered(x, q, w, smooth, scale, g, losses, inner):
                        min(per, n_rows - b * per))
 
 
+def _ce_hard_tiled(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner):
+    n_tiles, per = _tile_count(x, inner), _tiles_per_task(x.shape[1])
+    for j in prange((n_tiles + per - 1) // per):
+        _ce_hard_tiles(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, j * per,
+                       min(n_tiles, (j + 1) * per))
+
+
+def _ce_soft_tiled(x, q, w, smooth, scale, g, losses, inner):
+    n_tiles, per = _tile_count(x, inner), _tiles_per_task(x.shape[1])
+    for j in prange((n_tiles + per - 1) // per):
+        _ce_soft_tiles(x, q, w, smooth, scale, g, losses, inner, j * per,
+                       min(n_tiles, (j + 1) * per))
+
+
+def _softmax_tiled(x, out, inner, log):
+    n_tiles, per = _tile_count(x, inner), _tiles_per_task(x.shape[1])
+    for j in prange((n_tiles + per - 1) // per):
+        _softmax_tiles(x, out, inner, log, j * per, min(n_tiles, (j + 1) * per))
+
+
+def _logsumexp_tiled(x, out, inner):
+    n_tiles, per = _tile_count(x, inner), _tiles_per_task(x.shape[1])
+    for j in prange((n_tiles + per - 1) // per):
+        _logsumexp_tiles(x, out, inner, j * per, min(n_tiles, (j + 1) * per))
+
+
 def _nll(lp, y, w, ignore_index, losses, inner):
     for r in prange(losses.shape[0]):
         losses[r] = _nll_row(lp, y, w, ignore_index, inner, r)
@@ -826,11 +909,15 @@ class _Kernel:
 
 ce_hard = _Kernel(_ce_hard)
 ce_hard_buffered = _Kernel(_ce_hard_buffered)
+ce_hard_tiled = _Kernel(_ce_hard_tiled)
 ce_soft = _Kernel(_ce_soft)
 ce_soft_buffered = _Kernel(_ce_soft_buffered)
+ce_soft_tiled = _Kernel(_ce_soft_tiled)
 nll = _Kernel(_nll)
 softmax = _Kernel(_softmax)
 softmax_buffered = _Kernel(_softmax_buffered)
+softmax_tiled = _Kernel(_softmax_tiled)
 logsumexp = _Kernel(_logsumexp)
 logsumexp_buffered = _Kernel(_logsumexp_buffered)
+logsumexp_tiled = _Kernel(_logsumexp_tiled)
 bce = _Kernel(_bce)

@@ -1,0 +1,270 @@
+"""Tiles of short rows (``fastxent._tiles``) and the kernels built on them.
+
+The intrinsics are checked one by one against NumPy (the group sums bit for
+bit against an emulation of their documented order); the tiled kernels
+against PyTorch on every layout a tile is cut from: contiguous rows, strided
+rows, PyTorch's (N, C, d) layout with d at least a tile and narrower.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from numba import njit
+
+import fastxent
+from fastxent._fastmath import FASTMATH, fast_exp
+from fastxent._tiles import (GROUP, MAX_CLASSES, TILE, tile_dot, tile_exp_sums, tile_in,
+                             tile_max, tile_out, tile_scale_minus)
+
+DTYPES = [np.float32, np.float64]
+CLASSES = [1, TILE - 1, TILE, TILE + 1, 2 * TILE + 1, MAX_CLASSES]
+
+
+@njit(fastmath=FASTMATH)
+def _in(src, t):
+    tile_in(src, t)
+
+
+@njit(fastmath=FASTMATH)
+def _out(t, dst):
+    tile_out(t, dst)
+
+
+@njit(fastmath=FASTMATH)
+def _max(t, m, finite_shift):
+    tile_max(t, m, finite_shift)
+
+
+@njit(fastmath=FASTMATH)
+def _exp_sums(t, m, s, log_s, store):
+    tile_exp_sums(t, m, s, log_s, store)
+
+
+@njit(fastmath=FASTMATH)
+def _dot(t, q, w, keep, uniform, m, total, dot):
+    tile_dot(t, q, w, keep, uniform, m, total, dot)
+
+
+@njit(fastmath=FASTMATH)
+def _scale_minus(t, k1, k2, w, q, kq):
+    tile_scale_minus(t, k1, k2, w, q, kq)
+
+
+@njit(fastmath=FASTMATH)
+def _exp(a):
+    out = np.empty_like(a)
+    for k in range(a.size):
+        out.flat[k] = fast_exp(a.flat[k])
+    return out
+
+
+def _padded(C):
+    return -(-C // TILE) * TILE
+
+
+def _layouts(n, C, dt, rng):
+    """(name, an (n, C) view) for each layout tile_in tells apart."""
+    base = rng.standard_normal((MAX_CLASSES + 5, 3 * MAX_CLASSES + 5)).astype(dt)
+    return [("classes contiguous", base[:n, :C]),
+            ("rows contiguous", np.ascontiguousarray(base[:C, :n]).T),
+            ("strided", base[::2, ::3][:n, :C])]
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("n", [1, 7, TILE])
+def test_tile_in_transposes_and_zero_fills_and_tile_out_restores(n, C, dt):
+    rng = np.random.default_rng(C * 100 + n)
+    for name, src in _layouts(n, C, dt, rng):
+        t = np.full((_padded(C), TILE), np.nan, dt)
+        _in(src, t)
+        expected = np.zeros((C, TILE), dt)
+        expected[:, :n] = src.T
+        np.testing.assert_array_equal(t[:C], expected, err_msg=name)
+        dst = np.full_like(src, -7.0)
+        _out(t, dst)
+        np.testing.assert_array_equal(dst, src, err_msg=name)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_tile_out_writes_only_the_rows_and_classes_of_dst(dt):
+    C, n = TILE + 3, 5
+    t = np.arange(_padded(C) * TILE, dtype=dt).reshape(_padded(C), TILE)
+    big = np.full((TILE, C + 4), -1.0, dt)
+    _out(t, big[:n, :C])
+    np.testing.assert_array_equal(big[:n, :C], t[:C, :n].T)
+    assert np.all(big[n:] == -1.0) and np.all(big[:, C:] == -1.0)
+
+
+def _tile(C, dt, seed=0):
+    rng = np.random.default_rng(seed + C)
+    return (rng.standard_normal((C, TILE)) * 4).astype(dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("C", CLASSES)
+def test_tile_max_is_the_lane_max_and_propagates_nan_per_lane(C, dt):
+    t = _tile(C, dt)
+    t[C // 2, 3] = np.nan
+    t[:, 5] = -np.inf
+    t[C - 1, 6] = np.inf
+    m = np.empty(TILE, dt)
+    _max(t, m, False)
+    expected = t.max(axis=0)  # NumPy's max propagates NaN
+    np.testing.assert_array_equal(m, expected)
+    assert np.isnan(m[3]) and m[5] == -np.inf and m[6] == np.inf
+    _max(t, m, True)  # finite shift: infinite maxima become 0
+    expected[[5, 6]] = 0.0
+    np.testing.assert_array_equal(m, expected)
+
+
+def _group_order_sum(terms):
+    """The documented order: classes in groups of GROUP summed in the terms'
+    type, in class order; the groups' sums added in float64."""
+    total = np.zeros(terms.shape[1])
+    for c0 in range(0, terms.shape[0], GROUP):
+        group = np.zeros(terms.shape[1], terms.dtype)
+        for c in range(c0, min(c0 + GROUP, terms.shape[0])):
+            group = group + terms[c]
+        total += group.astype(np.float64)
+    return total
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("store", [True, False])
+def test_tile_exp_sums_follow_the_documented_order_bit_for_bit(C, dt, store):
+    t = _tile(C, dt)
+    m = t.max(axis=0)
+    s, log_s = np.empty(TILE), np.empty(TILE)
+    original = t.copy()
+    _exp_sums(t, m, s, log_s, store)
+    e = _exp(original - m)
+    np.testing.assert_array_equal(s, _group_order_sum(e))
+    np.testing.assert_allclose(log_s, np.log(s), rtol=1e-15)
+    np.testing.assert_array_equal(t, e if store else original)
+    # and the sum is right, against float64
+    exact = np.exp(original.astype(np.float64) - m).sum(axis=0)
+    np.testing.assert_allclose(s, exact, rtol=2e-6 if dt == np.float32 else 1e-14)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("C", CLASSES)
+@pytest.mark.parametrize("with_q", [True, False])
+@pytest.mark.parametrize("with_w", [True, False])
+def test_tile_dot_against_float64(C, dt, with_q, with_w):
+    rng = np.random.default_rng(C)
+    t = _tile(C, dt)
+    m = t.max(axis=0)
+    q = rng.random((C, TILE)).astype(dt) if with_q else None
+    w = rng.random(C).astype(dt) if with_w else None
+    keep, uniform = 0.8, 0.2 / C
+    total, dot = np.empty(TILE), np.empty(TILE)
+    _dot(t, q, w, keep, uniform, m, total, dot)
+    q64 = (keep * q.astype(np.float64) + uniform) if with_q else np.ones((C, TILE))
+    if with_w:
+        q64 = q64 * w.astype(np.float64)[:, None]
+    tol = dict(rtol=1e-5, atol=1e-5) if dt == np.float32 else dict(rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(total, q64.sum(axis=0), **tol)
+    np.testing.assert_allclose(dot, (q64 * (t.astype(np.float64) - m)).sum(axis=0), **tol)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("with_q", [True, False])
+@pytest.mark.parametrize("with_w", [True, False])
+def test_tile_scale_minus(dt, with_q, with_w):
+    C = TILE + 5
+    rng = np.random.default_rng(1)
+    t = _tile(C, dt)
+    k1, k2 = rng.random(TILE).astype(dt), rng.random(TILE).astype(dt)
+    q = rng.random((C, TILE)).astype(dt) if with_q else None
+    w = rng.random(C).astype(dt) if with_w else None
+    kq = 0.75
+    expected = t.astype(np.float64) * k1 - (kq * (q if with_q else 0.0) + k2) * (
+        w[:, None] if with_w else 1.0)
+    _scale_minus(t, k1, k2, w, q, kq)
+    tol = dict(rtol=1e-6, atol=1e-6) if dt == np.float32 else dict(rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(t, expected, **tol)
+
+
+# --------------------------------------------------------------------------
+# The tiled kernels, through the public functions, against PyTorch
+
+
+def _inputs(shape, dt, seed):
+    """Logits in the (N, C) or (N, C, d) layout, as the views to test."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 3).astype(dt)
+    views = [("contiguous", x)]
+    if len(shape) == 2:
+        views.append(("strided rows", (rng.standard_normal((2 * shape[0], shape[1] + 3)) * 3)
+                      .astype(dt)[::2, 1:shape[1] + 1]))
+        views.append(("transposed", np.ascontiguousarray(x.T).T))
+    return views
+
+
+SHAPES = [(37, 1), (37, TILE + 1), (5, 64), (37, MAX_CLASSES), (3, 40, 2 * TILE + 3),
+          (45, 17, 3), (2, 128, 20)]
+
+
+def _tol(dt):
+    return dict(rtol=2e-5, atol=2e-6) if dt == np.float32 else dict(rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_tiled_cross_entropy_against_torch(shape, dt):
+    C = shape[1]
+    rng = np.random.default_rng(sum(shape))
+    target_shape = (shape[0],) + shape[2:]
+    y = rng.integers(0, C, target_shape)
+    y.flat[1] = -100
+    w = rng.random(C).astype(dt) + 0.1
+    q = rng.random(shape).astype(dt)
+    q /= q.sum(axis=1, keepdims=True)
+    for name, x in _inputs(shape, dt, sum(shape)):
+        for target, kw in ((y, dict(weight=w, label_smoothing=0.1)), (y, {}),
+                           (q, dict(weight=w, label_smoothing=0.2)), (q, {})):
+            xt = torch.from_numpy(np.array(x)).requires_grad_(True)
+            t_loss = F.cross_entropy(xt, torch.from_numpy(target),
+                                     **{k: torch.from_numpy(v) if k == "weight" else v
+                                        for k, v in kw.items()})
+            t_loss.backward()
+            loss, grad = fastxent.cross_entropy_with_grad(x, target, axis=1, **kw)
+            np.testing.assert_allclose(loss, t_loss.item(), **_tol(dt), err_msg=name)
+            np.testing.assert_allclose(grad, xt.grad.numpy(), **_tol(dt), err_msg=name)
+            forward = fastxent.cross_entropy(x, target, axis=1, **kw)
+            assert forward == loss
+        losses = fastxent.cross_entropy(x, y, axis=1, reduction="none")
+        t_losses = F.cross_entropy(torch.from_numpy(np.array(x)), torch.from_numpy(y),
+                                   reduction="none").numpy()
+        np.testing.assert_allclose(losses, t_losses, **_tol(dt), err_msg=name)
+        inplace = np.array(x)
+        _, grad = fastxent.cross_entropy_with_grad(inplace, y, axis=1, inplace=True)
+        assert grad is inplace
+        np.testing.assert_array_equal(
+            grad, fastxent.cross_entropy_with_grad(x, y, axis=1)[1], err_msg=name)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_tiled_softmax_log_softmax_logsumexp_against_torch(shape, dt):
+    for name, x in _inputs(shape, dt, sum(shape) + 1):
+        xt = torch.from_numpy(np.array(x))
+        np.testing.assert_allclose(fastxent.softmax(x, axis=1), torch.softmax(xt, 1).numpy(),
+                                   **_tol(dt), err_msg=name)
+        np.testing.assert_allclose(fastxent.log_softmax(x, axis=1),
+                                   torch.log_softmax(xt, 1).numpy(), **_tol(dt), err_msg=name)
+        np.testing.assert_allclose(fastxent.logsumexp(x, axis=1), torch.logsumexp(xt, 1).numpy(),
+                                   **_tol(dt), err_msg=name)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_tiled_logsumexp_of_infinite_rows_as_torch(dt):
+    x = np.random.default_rng(0).standard_normal((TILE + 3, 20)).astype(dt)
+    x[2] = -np.inf
+    x[4, 7] = np.inf
+    x[5, 1] = np.nan
+    expected = torch.logsumexp(torch.from_numpy(x), 1).numpy()
+    np.testing.assert_allclose(fastxent.logsumexp(x), expected, **_tol(dt))  # inf, NaN equal
