@@ -43,7 +43,9 @@ def _form_shape(problem: ClassProblem, form: int) -> tuple:
 def _as_form(a, problem: ClassProblem, form: int):
     """A view of ``a`` in the given row form, or None."""
     if form == ROWS:
-        return _try_view(np.moveaxis(a, problem.axis, -1), _form_shape(problem, ROWS))
+        if problem.axis != a.ndim - 1:
+            a = np.moveaxis(a, problem.axis, -1)
+        return _try_view(a, _form_shape(problem, ROWS))
     return _try_view(a, _form_shape(problem, SLABS))
 
 
@@ -51,8 +53,8 @@ def _from_form(rows, problem: ClassProblem, form: int):
     """The caller's view (the input's shape) of an array in row form."""
     if form == SLABS:
         return rows.reshape(problem.shape)
-    moved = problem.batch_shape + (problem.n_classes,)
-    return np.moveaxis(rows.reshape(moved), -1, problem.axis)
+    moved = rows.reshape(problem.batch_shape + (problem.n_classes,))
+    return moved if problem.axis == moved.ndim - 1 else np.moveaxis(moved, -1, problem.axis)
 
 
 def rows_of(a, problem: ClassProblem, form: int | None = None):
@@ -81,7 +83,7 @@ def _direct(x_rows, form) -> bool:
 
 def _tiled(x_rows) -> bool:
     """Whether the tiled kernels apply: short rows, any layout."""
-    return 0 < x_rows.shape[-2 if x_rows.ndim == 3 else 1] <= SHORT_ROW
+    return 0 < x_rows.shape[1] <= SHORT_ROW
 
 
 def _inner(problem: ClassProblem, form: int) -> int:

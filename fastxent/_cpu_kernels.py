@@ -755,18 +755,28 @@ def scan_hard_targets(y, n_classes, ignore_index, w):
     """Check class indices; return (first bad position or -1, sum of weights).
 
     The sum of ``w[t]`` over targets that are not ignored (their count without
-    weights) is the denominator of PyTorch's mean reduction.
+    weights) is the denominator of PyTorch's mean reduction. The check and
+    the count are one branch-free (vectorized) sweep; the weights, a gather,
+    are summed in row order.
     """
+    n_bad = 0
+    kept = 0
+    for r in range(y.shape[0]):
+        t = y[r]
+        keep = np.int64(t != ignore_index)
+        kept += keep
+        n_bad += keep & np.int64((t < 0) | (t >= n_classes))
+    if n_bad:
+        for r in range(y.shape[0]):
+            t = y[r]
+            if t != ignore_index and (t < 0 or t >= n_classes):
+                return r, 0.0
+    if w is None:
+        return -1, float(kept)
     total = 0.0
     for r in range(y.shape[0]):
         t = y[r]
-        if t == ignore_index:
-            continue
-        if t < 0 or t >= n_classes:
-            return r, total
-        if w is None:
-            total += 1.0
-        else:
+        if t != ignore_index:
             total += w[t]
     return -1, total
 

@@ -51,6 +51,9 @@ from ._fastmath import _const, _exp_ir, _log_ir, _prefer_wide_vectors
 TILE = 16
 #: Rows of at most this many classes are worked on in tiles.
 MAX_CLASSES = 128
+#: Classes left at the end of a row from which a 16 x 16 transpose beats one
+#: gather (or scatter) per class.
+_TRANSPOSE_MIN = 4
 #: Independent running maxima in ``tile_max``.
 _MAX_CHAINS = 4
 #: Classes summed in the rows' type before a float64 total (see ``_group_sums``).
@@ -147,19 +150,69 @@ def _transpose(builder, rows):
     return rows
 
 
-def _rows_and_classes_order(builder, rows):
-    """For a (rows, classes) array: (n, C, row stride, class stride)."""
-    return rows.shape[0], rows.shape[1], rows.strides[0], rows.strides[1]
+def _transpose_block(builder, rows, tile, into_tile, n, c0, width):
+    """Classes c0 .. c0 + 15 (those below ``c0 + width``) of rows contiguous
+    along the classes, through a 16 x 16 register transpose."""
+    itemsize = _i64(rows.itemsize)
+    class_ok = _lanes_below(builder, width)
+
+    def row_access(i):
+        in_rows = builder.icmp_signed("<", _i64(i), n)
+        mask = builder.and_(class_ok, _splat(builder, in_rows, class_ok.type))
+        offset = builder.add(builder.mul(_i64(i), rows.strides[0]), builder.mul(c0, itemsize))
+        return rows.byte_pointer(builder, offset), mask
+
+    def tile_row(j):
+        return tile.row(builder, builder.add(c0, _i64(j)))
+
+    if into_tile:
+        loaded = []
+        for i in range(TILE):
+            ptr, mask = row_access(i)
+            loaded.append(_masked_load(builder, ptr, tile.vty, mask, rows.itemsize))
+        for j, vec in enumerate(_transpose(builder, loaded)):
+            builder.store(vec, tile_row(j), align=rows.itemsize)
+    else:
+        loaded = [builder.load(tile_row(j), align=rows.itemsize) for j in range(TILE)]
+        for i, vec in enumerate(_transpose(builder, loaded)):
+            ptr, mask = row_access(i)
+            _masked_store(builder, vec, ptr, mask, rows.itemsize)
+
+
+def _gather_class(builder, rows, tile, into_tile, row_ok, c):
+    """Class ``c`` of the rows, one gather (or scatter) across them: cheaper
+    than a transpose for the last few classes of a row."""
+    i64 = ir.IntType(64)
+    lanes = ir.VectorType(i64, TILE)
+    base = builder.add(builder.ptrtoint(rows.data, i64), builder.mul(c, _i64(rows.itemsize)))
+    offsets = builder.mul(ir.Constant(lanes, list(range(TILE))),
+                          _splat(builder, rows.strides[0], lanes))
+    pointers_ty = ir.VectorType(rows.data.type, TILE)
+    pointers = builder.inttoptr(builder.add(_splat(builder, base, lanes), offsets), pointers_ty)
+    vty = tile.vty
+    suffix = f"v{TILE}{vty.element.intrinsic_name}.v{TILE}p0"
+    at = tile.row(builder, c)
+    if into_tile:
+        fn = builder.module.declare_intrinsic(f"llvm.masked.gather.{suffix}", (), ir.FunctionType(
+            vty, [pointers_ty, ir.IntType(32), row_ok.type, vty]))
+        value = builder.call(fn, [pointers, _i32(rows.itemsize), row_ok, _const(vty, 0.0)])
+        builder.store(value, at, align=rows.itemsize)
+    else:
+        fn = builder.module.declare_intrinsic(f"llvm.masked.scatter.{suffix}", (), ir.FunctionType(
+            ir.VoidType(), [vty, pointers_ty, ir.IntType(32), row_ok.type]))
+        builder.call(fn, [builder.load(at, align=rows.itemsize), pointers, _i32(rows.itemsize),
+                          row_ok])
 
 
 def _copy_tile(builder, rows, tile, into_tile):
     """Move ``rows`` (n x C, any strides) into the tile, or the tile into it.
 
-    Three layouts: contiguous along the classes (transposed in registers),
-    contiguous along the rows (a vector per class, as in PyTorch's
-    (N, C, d1, ...) layout), or neither (element by element).
+    Three layouts: contiguous along the classes (transposed in registers,
+    the last few classes gathered), contiguous along the rows (a vector per
+    class, as in PyTorch's (N, C, d1, ...) layout), or neither (element by
+    element).
     """
-    n, C, row_stride, class_stride = _rows_and_classes_order(builder, rows)
+    (n, C), (row_stride, class_stride) = rows.shape, rows.strides
     itemsize = _i64(rows.itemsize)
     vty = tile.vty
     row_ok = _lanes_below(builder, n)
@@ -168,29 +221,13 @@ def _copy_tile(builder, rows, tile, into_tile):
         with classes_contiguous:
             with cgutils.for_range_slice(builder, _i64(0), C, _i64(TILE)) as (c0, _):
                 width = builder.sub(C, c0)
-                class_ok = _lanes_below(builder, width)
-                if into_tile:
-                    loaded = []
-                    for i in range(TILE):
-                        in_rows = builder.icmp_signed("<", _i64(i), n)
-                        mask = builder.and_(class_ok, _splat(builder, in_rows, class_ok.type))
-                        offset = builder.add(builder.mul(_i64(i), row_stride),
-                                             builder.mul(c0, itemsize))
-                        loaded.append(_masked_load(builder, rows.byte_pointer(builder, offset),
-                                                   vty, mask, rows.itemsize))
-                    for j, vec in enumerate(_transpose(builder, loaded)):
-                        builder.store(vec, tile.row(builder, builder.add(c0, _i64(j))),
-                                      align=rows.itemsize)
-                else:
-                    loaded = [builder.load(tile.row(builder, builder.add(c0, _i64(j))),
-                                           align=rows.itemsize) for j in range(TILE)]
-                    for i, vec in enumerate(_transpose(builder, loaded)):
-                        in_rows = builder.icmp_signed("<", _i64(i), n)
-                        mask = builder.and_(class_ok, _splat(builder, in_rows, class_ok.type))
-                        offset = builder.add(builder.mul(_i64(i), row_stride),
-                                             builder.mul(c0, itemsize))
-                        _masked_store(builder, vec, rows.byte_pointer(builder, offset), mask,
-                                      rows.itemsize)
+                with builder.if_else(builder.icmp_signed(">=", width, _i64(_TRANSPOSE_MIN)),
+                                     likely=True) as (block, last_few):
+                    with block:
+                        _transpose_block(builder, rows, tile, into_tile, n, c0, width)
+                    with last_few:
+                        with cgutils.for_range_slice(builder, c0, C, _i64(1)) as (c, _):
+                            _gather_class(builder, rows, tile, into_tile, row_ok, c)
         with other:
             with builder.if_else(builder.icmp_signed("==", row_stride, itemsize)) as (
                     rows_contiguous, strided):
