@@ -40,10 +40,11 @@ PEERS = ("torch", "numpy", "jax")
 MEMORY_LIMITS = ("np.copyto", "x.sum")
 
 #: The (N, C) shapes of the issue: LLM vocabularies (Llama 2, Llama 3), a
-#: classifier, and a small class count with many rows.
-MAIN_SHAPES = ((8192, 32000), (2048, 128256), (4096, 1000), (65536, 10))
+#: classifier, a medium class count (the tiled kernels) and a small class
+#: count with many rows.
+MAIN_SHAPES = ((8192, 32000), (2048, 128256), (4096, 1000), (6400, 64), (65536, 10))
 #: Same class counts, few rows: seconds, not minutes (``--quick``, CI).
-QUICK_SHAPES = ((256, 32000), (64, 128256), (1024, 1000), (8192, 10))
+QUICK_SHAPES = ((256, 32000), (64, 128256), (1024, 1000), (256, 64), (8192, 10))
 
 #: Share of hard targets set to ``ignore_index`` in the ignore_index variant.
 IGNORED_SHARE = 0.1

@@ -9,7 +9,8 @@ times next to fastxent's in ``asv show`` and the html pages, and lets
 for machine noise). ``MemoryLimitRatio.track_*`` records fastxent's time over
 ``np.copyto``'s, both measured moments apart in the same process.
 
-Shapes: small C, a classifier, an LLM vocabulary. The LLM shape is 1 GB per
+Shapes: small C, medium C (the tiled kernels), a classifier, an LLM
+vocabulary. The LLM shape is 1 GB per
 float32 array; ``FASTXENT_BENCH_SMALL=1`` shrinks every shape for CI.
 """
 
@@ -18,9 +19,9 @@ import numpy as np
 from fastxent import _bench, _peers
 
 if _peers.small_shapes_requested():
-    SHAPES = ["1024x10", "64x1000", "8x32000"]
+    SHAPES = ["1024x10", "256x64", "64x1000", "8x32000"]
 else:
-    SHAPES = ["65536x10", "4096x1000", "8192x32000"]
+    SHAPES = ["65536x10", "6400x64", "4096x1000", "8192x32000"]
 DTYPES = ["float32", "float64"]
 IMPLEMENTATIONS = ["fastxent", "np.copyto", "numpy", "torch", "jax"]
 
