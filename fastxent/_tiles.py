@@ -273,20 +273,25 @@ def _optional(a, check):
     return isinstance(a, types.NoneType) or check(a)
 
 
+def _copy_codegen(rows_arg, tile_arg, into_tile):
+    """Code generation of ``tile_in``/``tile_out``: the argument positions of
+    the rows and the tile, and the direction."""
+    def codegen(context, builder, sig, args):
+        _prefer_wide_vectors(builder)
+        _copy_tile(builder, _Array(context, builder, sig.args[rows_arg], args[rows_arg]),
+                   _Array(context, builder, sig.args[tile_arg], args[tile_arg]), into_tile)
+        return context.get_dummy_value()
+
+    return codegen
+
+
 @intrinsic
 def tile_in(typingctx, src, t):
     """``t[c, i] = src[i, c]``; lanes past ``src``'s rows are 0."""
     if not (isinstance(src, types.Array) and src.ndim == 2 and _is_tile(t, src.dtype)
             and t.mutable):
         return None
-
-    def codegen(context, builder, sig, args):
-        _prefer_wide_vectors(builder)
-        _copy_tile(builder, _Array(context, builder, sig.args[0], args[0]),
-                   _Array(context, builder, sig.args[1], args[1]), True)
-        return context.get_dummy_value()
-
-    return types.none(src, t), codegen
+    return types.none(src, t), _copy_codegen(0, 1, True)
 
 
 @intrinsic
@@ -295,14 +300,17 @@ def tile_out(typingctx, t, dst):
     if not (isinstance(dst, types.Array) and dst.ndim == 2 and dst.mutable
             and _is_tile(t, dst.dtype)):
         return None
+    return types.none(t, dst), _copy_codegen(1, 0, False)
 
-    def codegen(context, builder, sig, args):
-        _prefer_wide_vectors(builder)
-        _copy_tile(builder, _Array(context, builder, sig.args[1], args[1]),
-                   _Array(context, builder, sig.args[0], args[0]), False)
-        return context.get_dummy_value()
 
-    return types.none(t, dst), codegen
+def _finite_shift(builder, m, enabled):
+    """``m`` with infinite lanes set to 0 where ``enabled`` (an i1) holds."""
+    vty = m.type
+    fabs = builder.module.declare_intrinsic(f"llvm.fabs.v{TILE}{vty.element.intrinsic_name}",
+                                            (), ir.FunctionType(vty, [vty]))
+    infinite = builder.fcmp_ordered("==", builder.call(fabs, [m]), _const(vty, math.inf))
+    shift = builder.and_(infinite, _splat(builder, enabled, infinite.type))
+    return builder.select(shift, _const(vty, 0.0), m)
 
 
 def _class_loop(builder, tile):
@@ -344,12 +352,7 @@ def tile_max(typingctx, t, m, finite_shift):
             best = builder.select(builder.fcmp_ordered(">", x, best), x, best)
         largest = best
         result = builder.select(builder.load(nan_seen), _const(vty, math.nan), largest)
-        infinite = builder.fcmp_ordered("==", builder.call(
-            builder.module.declare_intrinsic(f"llvm.fabs.v{TILE}{vty.element.intrinsic_name}",
-                                             (), ir.FunctionType(vty, [vty])), [result]),
-            _const(vty, math.inf))
-        shift = builder.and_(infinite, _splat(builder, args[2], infinite.type))
-        result = builder.select(shift, _const(vty, 0.0), result)
+        result = _finite_shift(builder, result, args[2])
         builder.store(result, out.lanes(builder), align=tile.itemsize)
         return context.get_dummy_value()
 
@@ -525,3 +528,5 @@ def tile_scale_minus(typingctx, t, k1, k2, w, q, kq):
         return context.get_dummy_value()
 
     return types.none(t, k1, k2, w, q, kq), codegen
+
+
