@@ -16,7 +16,9 @@ type, or its first ``C`` rows; per-row arrays hold ``TILE`` elements):
 * ``tile_in(src, t)``: ``t[c, i] = src[i, c]`` for the ``n <= TILE`` rows of
   ``src`` (shape ``(n, C)``, any strides); lanes ``i >= n`` are 0. Rows
   contiguous along the classes are transposed in registers, 16 x 16 at a
-  time, so ``t`` needs ``C`` rounded up to 16 rows.
+  time (the last 1 to 3 classes of a row gathered), so ``t`` needs ``C``
+  rounded up to 16 rows; rows contiguous along the rows (a class contiguous
+  across them) are copied a vector per class.
 * ``tile_out(t, dst)``: the reverse, ``dst[i, c] = t[c, i]``.
 * ``tile_max(t, m, finite_shift)``: ``m`` gets each row's maximum, NaN if
   the row holds a NaN; ``finite_shift``: an infinite max becomes 0 (as in
@@ -30,10 +32,10 @@ type, or its first ``C`` rows; per-row arrays hold ``TILE`` elements):
 * ``tile_scale_minus(t, k1, k2, w, q, kq)``:
   ``t[c] <- t[c] k1 - (kq q[c] + k2) w[c]`` (``q``, ``w`` None: left out).
 
-Sums run over the classes in order, one float64 accumulator per row: each
-term is rounded to the rows' type and added in float64, which is at least
-as accurate as the lane sums of ``_lanes`` used for long rows. The order
-does not depend on anything but the code, so results are reproducible.
+Sums run over the classes in order: groups of ``GROUP`` classes are summed
+in the rows' type and the groups' sums added in float64 (one lane per row),
+at least as accurate as the lane sums of ``_lanes`` used for long rows. The
+order depends on nothing but the code, so results are reproducible.
 """
 
 from __future__ import annotations
