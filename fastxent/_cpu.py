@@ -10,13 +10,26 @@ from __future__ import annotations
 import numpy as np
 
 from . import _cpu_kernels as K
-from ._tiles import MAX_CLASSES
+from ._tiles import TILE
 from ._validate import (BCESpec, ClassProblem, CrossEntropySpec, check_targets,
                         finish_loss)
 
-#: Rows of at most this many classes take the tiled kernels (see
-#: ``_tiles``): per-row overheads dominate short rows.
-SHORT_ROW = MAX_CLASSES
+#: Rows of more classes than this, contiguous along the classes, take the
+#: direct kernels (one row at a time).
+SHORT_ROW = 128
+#: Rows contiguous along the classes take the tiled kernels (see ``_tiles``)
+#: up to this many classes: their tiles are transposed in registers, and
+#: above these counts the transposes cost more than the per-row work they
+#: batch (measured side by side against the block kernels).
+TRANSPOSED_TILE_CLASSES = {np.dtype(np.float32): 64, np.dtype(np.float64): 16}
+#: Rows whose class is contiguous across rows (PyTorch's (N, C, d) layout, a
+#: transposed array) need no transpose, and their tiles beat the blocks at
+#: every class count measured: up to this many (a tile's scratch is C x 16).
+TILE_CLASSES = 1 << 16
+#: Rows strided both ways load each tile element on its own: their tiles win
+#: while a tile's scratch (C x 16 elements) stays in cache, up to this many
+#: bytes (2048 classes in float32, 1024 in float64).
+STRIDED_TILE_BYTES = 1 << 17
 
 # Row forms: ROWS is (rows, C), a view when the class axis can be moved
 # last without copying; SLABS is (outer, C, inner), a view of any C-ordered
@@ -82,8 +95,16 @@ def _direct(x_rows, form) -> bool:
 
 
 def _tiled(x_rows) -> bool:
-    """Whether the tiled kernels apply: short rows, any layout."""
-    return 0 < x_rows.shape[1] <= SHORT_ROW
+    """Whether the tiled kernels apply (2-D rows or 3-D slabs, the classes
+    on axis 1)."""
+    n_classes, item = x_rows.shape[1], x_rows.itemsize
+    if x_rows.strides[1] == item:
+        limit = TRANSPOSED_TILE_CLASSES[x_rows.dtype]
+    elif x_rows.strides[-1 if x_rows.ndim == 3 else 0] == item:
+        limit = TILE_CLASSES
+    else:
+        limit = STRIDED_TILE_BYTES // (TILE * item)
+    return 0 < n_classes <= limit
 
 
 def _inner(problem: ClassProblem, form: int) -> int:

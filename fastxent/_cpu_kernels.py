@@ -352,8 +352,8 @@ def _rows_per_block(C):
 # Two shapes of each: "direct" routines take one contiguous row of many
 # classes and keep the exponentials in the gradient row itself; "block"
 # routines take blocks of rows of any length and layout and compute the
-# exponentials in a scratch buffer (see ``_exp_wide``). Rows of at most
-# ``MAX_CLASSES`` classes go through the tiled routines below instead.
+# exponentials in a scratch buffer (see ``_exp_wide``). Short rows, and rows
+# whose classes are strided, go through the tiled routines below instead.
 # ``_cpu.py`` picks.
 
 
@@ -506,9 +506,9 @@ def _logsumexp_block(x, out, inner, r0, n):
 
 
 # --------------------------------------------------------------------------
-# Tiles: rows of at most MAX_CLASSES classes, TILE at a time, transposed
-# (see ``_tiles``): per-row values are vectors across the rows. A task is
-# a run of tiles sharing one set of scratch arrays.
+# Tiles: TILE rows at a time, transposed (see ``_tiles``): per-row values
+# are vectors across the rows. A task is a run of tiles sharing one set of
+# scratch arrays. ``_cpu.py`` decides which rows take them.
 
 #: Elements per task of the tiled kernels.
 _TASK_ELEMENTS = 1 << 15

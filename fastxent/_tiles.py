@@ -2,10 +2,12 @@
 
 A row of a few dozen classes is too short to vectorize along: the max, the
 sum and the logarithm of each row would be horizontal (across the lanes of a
-register) and cost more than the row's exponentials. The kernels for rows of
-at most ``MAX_CLASSES`` classes therefore work on *tiles*: ``TILE`` rows
-copied transposed into a scratch array ``t`` of shape ``(classes, TILE)``,
-so that ``t[c]`` holds class ``c`` of the sixteen rows, one row per lane.
+register) and cost more than the row's exponentials. The kernels for short
+rows therefore work on *tiles*: ``TILE`` rows copied transposed into a
+scratch array ``t`` of shape ``(classes, TILE)``, so that ``t[c]`` holds
+class ``c`` of the sixteen rows, one row per lane. Rows whose classes are
+strided (a class contiguous across rows, as in the ``(N, C, d)`` layout)
+need no transpose and take the tiles at any length (``_cpu.py`` decides).
 Every per-row quantity (max, sum, log, the gradient's coefficients) is then
 a vector with one lane per row, and every sweep is a loop over the classes
 of vertical vector operations.
@@ -51,8 +53,6 @@ from ._fastmath import _const, _exp_ir, _log_ir, _prefer_wide_vectors
 
 #: Rows per tile: the lanes of a vector.
 TILE = 16
-#: Rows of at most this many classes are worked on in tiles.
-MAX_CLASSES = 128
 #: Classes left at the end of a row from which a 16 x 16 transpose beats one
 #: gather (or scatter) per class.
 _TRANSPOSE_MIN = 4

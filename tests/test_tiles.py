@@ -14,11 +14,13 @@ from numba import njit
 
 import fastxent
 from fastxent._fastmath import FASTMATH, fast_exp
-from fastxent._tiles import (GROUP, MAX_CLASSES, TILE, tile_dot, tile_exp_sums, tile_in,
+from fastxent import _cpu
+from fastxent._tiles import (GROUP, TILE, tile_dot, tile_exp_sums, tile_in,
                              tile_max, tile_out, tile_scale_minus)
 
 DTYPES = [np.float32, np.float64]
-CLASSES = [1, TILE - 1, TILE, TILE + 1, 2 * TILE + 1, MAX_CLASSES]
+WIDEST = 8 * TILE
+CLASSES = [1, TILE - 1, TILE, TILE + 1, 2 * TILE + 1, WIDEST]
 
 
 @njit(fastmath=FASTMATH)
@@ -65,7 +67,7 @@ def _padded(C):
 
 def _layouts(n, C, dt, rng):
     """(name, an (n, C) view) for each layout tile_in tells apart."""
-    base = rng.standard_normal((MAX_CLASSES + 5, 3 * MAX_CLASSES + 5)).astype(dt)
+    base = rng.standard_normal((WIDEST + 5, 3 * WIDEST + 5)).astype(dt)
     return [("classes contiguous", base[:n, :C]),
             ("rows contiguous", np.ascontiguousarray(base[:C, :n]).T),
             ("strided", base[::2, ::3][:n, :C])]
@@ -201,11 +203,16 @@ def _inputs(shape, dt, seed):
         views.append(("strided rows", (rng.standard_normal((2 * shape[0], shape[1] + 3)) * 3)
                       .astype(dt)[::2, 1:shape[1] + 1]))
         views.append(("transposed", np.ascontiguousarray(x.T).T))
+        views.append(("strided both ways", (rng.standard_normal((2 * shape[0], 2 * shape[1]))
+                                             * 3).astype(dt)[::2, 1::2]))
     return views
 
 
-SHAPES = [(37, 1), (37, TILE + 1), (5, 64), (37, MAX_CLASSES), (3, 40, 2 * TILE + 3),
-          (45, 17, 3), (2, 128, 20)]
+# Contiguous rows take the tiles up to 64 (float32) / 16 (float64) classes;
+# the transposed views and the (N, C, d) layout at every size; rows strided
+# both ways up to 2048 (float32) / 1024 (float64): (6, 1500) falls between.
+SHAPES = [(37, 1), (37, TILE + 1), (5, 64), (37, 128), (20, 300), (6, 1500),
+          (3, 40, 2 * TILE + 3), (45, 17, 3), (2, 128, 20), (2, 300, 20)]
 
 
 def _tol(dt):
@@ -240,7 +247,7 @@ def test_tiled_cross_entropy_against_torch(shape, dt):
         t_losses = F.cross_entropy(torch.from_numpy(np.array(x)), torch.from_numpy(y),
                                    reduction="none").numpy()
         np.testing.assert_allclose(losses, t_losses, **_tol(dt), err_msg=name)
-        inplace = np.array(x)
+        inplace = dict(_inputs(shape, dt, sum(shape)))[name]  # a copy in the same layout
         _, grad = fastxent.cross_entropy_with_grad(inplace, y, axis=1, inplace=True)
         assert grad is inplace
         np.testing.assert_array_equal(
@@ -268,3 +275,20 @@ def test_tiled_logsumexp_of_infinite_rows_as_torch(dt):
     x[5, 1] = np.nan
     expected = torch.logsumexp(torch.from_numpy(x), 1).numpy()
     np.testing.assert_allclose(fastxent.logsumexp(x), expected, **_tol(dt))  # inf, NaN equal
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_which_rows_take_the_tiles(dt):
+    """Rows contiguous along the classes up to the dtype's count (their tiles
+    are transposed); a class contiguous across rows at any size; rows strided
+    both ways while a tile's scratch stays small."""
+    limit = _cpu.TRANSPOSED_TILE_CLASSES[np.dtype(dt)]
+    assert _cpu._tiled(np.zeros((5, limit), dt))
+    assert not _cpu._tiled(np.zeros((5, limit + 1), dt))
+    assert not _cpu._tiled(np.zeros((5, 0), dt))
+    assert _cpu._tiled(np.zeros((3000, 5), dt).T)            # a transposed array
+    assert _cpu._tiled(np.zeros((2, 3000, 20), dt))          # (N, C, d)
+    assert not _cpu._tiled(np.zeros((2, _cpu.TILE_CLASSES + 1, 2), dt))
+    strided = _cpu.STRIDED_TILE_BYTES // (TILE * np.dtype(dt).itemsize)
+    assert _cpu._tiled(np.zeros((10, 3 * strided), dt)[:, ::3])
+    assert not _cpu._tiled(np.zeros((10, 3 * strided + 3), dt)[:, ::3])
