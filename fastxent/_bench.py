@@ -12,9 +12,9 @@ For each (N, C) shape it times, side by side in interleaved rounds:
   loss and gradient, and JAX's jitted ``value_and_grad`` (see
   :mod:`fastxent._peers`, shared with the asv suite).
 
-Each round times every implementation once, in a rotating order, after a
-short pause (``COOLDOWN_SECONDS``), and the table reports medians over
-rounds. On a busy machine only the ratios of one
+Each round times every implementation once (a sample: the median of calls
+lasting about ``SAMPLE_SECONDS``), in a rotating order, after a short pause
+(``COOLDOWN_SECONDS``), and the table reports medians over rounds. On a busy machine only the ratios of one
 run mean anything: they compare times taken moments apart.
 """
 
@@ -168,24 +168,31 @@ class Timing:
 
 
 def time_sample(runner: _peers.Runner, number: int) -> float:
-    """Mean seconds per call over ``number`` calls, each after an untimed reset."""
-    total = 0.0
+    """Median seconds per call over ``number`` calls, each after an untimed reset.
+
+    The median, not the mean: with PyTorch's and JAX's thread pools loaded
+    in the same process, a parallel call now and then waits milliseconds for
+    a thread the OS scheduled away (seen on 2 cores: 3 calls of 12 taking 7
+    ms where the rest took 0.3 ms), which a program using one library alone
+    does not see.
+    """
+    times = []
     for _ in range(number):
         runner.prepare()
         start = time.perf_counter()
         runner.run()
-        total += time.perf_counter() - start
-    return total / number
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def calibrate(runner: _peers.Runner, sample_seconds: float) -> int:
     """Calls per sample so that a sample lasts about ``sample_seconds``.
 
     The first call (already made, as warm-up) compiled what needed compiling;
-    this one is timed.
+    these are timed.
     """
-    once = time_sample(runner, 1)
-    return max(1, min(1000, int(sample_seconds / max(once, 1e-9))))
+    typical = time_sample(runner, 3)
+    return max(1, min(1000, int(sample_seconds / max(typical, 1e-9))))
 
 
 def bench_shape(shape, dtype, rounds: int, sample_seconds: float, progress: ProgressBar,

@@ -151,6 +151,31 @@ def test_parse_shape():
         _peers.parse_shape("8192")
 
 
+class _ScriptedClock:
+    """Stands in for ``time`` in ``_bench``: each run takes the next scripted
+    duration, resets take none."""
+
+    def __init__(self, durations):
+        self.now, self.durations = 0.0, list(durations)
+
+    def perf_counter(self):
+        return self.now
+
+    def run(self):
+        self.now += self.durations.pop(0)
+
+
+def test_a_sample_is_the_median_call_so_a_stalled_call_does_not_weigh(monkeypatch):
+    clock = _ScriptedClock([1e-3, 7e-3, 1e-3, 1e-3, 2e-3])
+    monkeypatch.setattr(_bench, "time", clock)
+    resets = []
+    runner = _peers.Runner(clock.run, reset=lambda: resets.append(clock.now))
+    assert _bench.time_sample(runner, 5) == pytest.approx(1e-3)
+    assert len(resets) == 5 and not clock.durations
+    clock.durations = [4e-3, 1.0, 3e-3]
+    assert _bench.calibrate(runner, 0.05) == 12  # 50 ms / the median 4 ms
+
+
 def _as_float64(value):
     if hasattr(value, "detach"):  # torch
         value = value.detach()
