@@ -14,8 +14,9 @@ For each (N, C) shape it times, side by side in interleaved rounds:
 
 Each round times every implementation once (a sample: the median of calls
 lasting about ``SAMPLE_SECONDS``), in a rotating order, after a short pause
-(``COOLDOWN_SECONDS``), and the table reports medians over rounds. On a busy machine only the ratios of one
-run mean anything: they compare times taken moments apart.
+(``COOLDOWN_SECONDS``), and the table reports medians over rounds. On a
+busy machine only the ratios of one run mean anything: they compare times
+taken moments apart.
 """
 
 from __future__ import annotations

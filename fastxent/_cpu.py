@@ -98,9 +98,12 @@ def _tiled(x_rows) -> bool:
     """Whether the tiled kernels apply (2-D rows or 3-D slabs, the classes
     on axis 1)."""
     n_classes, item = x_rows.shape[1], x_rows.itemsize
+    # The stride from a row to the next one whose class c lies beside it:
+    # across rows in 2-D, along the inner axis of slabs.
+    across_rows = x_rows.strides[2] if x_rows.ndim == 3 else x_rows.strides[0]
     if x_rows.strides[1] == item:
         limit = TRANSPOSED_TILE_CLASSES[x_rows.dtype]
-    elif x_rows.strides[-1 if x_rows.ndim == 3 else 0] == item:
+    elif across_rows == item:
         limit = TILE_CLASSES
     else:
         limit = STRIDED_TILE_BYTES // (TILE * item)

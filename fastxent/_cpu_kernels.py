@@ -352,9 +352,9 @@ def _rows_per_block(C):
 # Two shapes of each: "direct" routines take one contiguous row of many
 # classes and keep the exponentials in the gradient row itself; "block"
 # routines take blocks of rows of any length and layout and compute the
-# exponentials in a scratch buffer (see ``_exp_wide``). Short rows, and rows
-# whose classes are strided, go through the tiled routines below instead.
-# ``_cpu.py`` picks.
+# exponentials in a scratch buffer (see ``_exp_wide``). Short rows, and most
+# rows whose classes are strided, go through the tiled routines below
+# instead. ``_cpu.py`` picks.
 
 
 @_jit

@@ -7,7 +7,8 @@ rows therefore work on *tiles*: ``TILE`` rows copied transposed into a
 scratch array ``t`` of shape ``(classes, TILE)``, so that ``t[c]`` holds
 class ``c`` of the sixteen rows, one row per lane. Rows whose classes are
 strided (a class contiguous across rows, as in the ``(N, C, d)`` layout)
-need no transpose and take the tiles at any length (``_cpu.py`` decides).
+need no transpose and take the tiles at much greater lengths (``_cpu.py``
+decides).
 Every per-row quantity (max, sum, log, the gradient's coefficients) is then
 a vector with one lane per row, and every sweep is a loop over the classes
 of vertical vector operations.

@@ -230,6 +230,7 @@ def test_tiled_cross_entropy_against_torch(shape, dt):
     w = rng.random(C).astype(dt) + 0.1
     q = rng.random(shape).astype(dt)
     q /= q.sum(axis=1, keepdims=True)
+    copies = dict(_inputs(shape, dt, sum(shape)))  # for in place: same values, same layout
     for name, x in _inputs(shape, dt, sum(shape)):
         for target, kw in ((y, dict(weight=w, label_smoothing=0.1)), (y, {}),
                            (q, dict(weight=w, label_smoothing=0.2)), (q, {})):
@@ -247,7 +248,7 @@ def test_tiled_cross_entropy_against_torch(shape, dt):
         t_losses = F.cross_entropy(torch.from_numpy(np.array(x)), torch.from_numpy(y),
                                    reduction="none").numpy()
         np.testing.assert_allclose(losses, t_losses, **_tol(dt), err_msg=name)
-        inplace = dict(_inputs(shape, dt, sum(shape)))[name]  # a copy in the same layout
+        inplace = copies[name]
         _, grad = fastxent.cross_entropy_with_grad(inplace, y, axis=1, inplace=True)
         assert grad is inplace
         np.testing.assert_array_equal(
