@@ -26,11 +26,13 @@ Accuracy (checked in ``tests/test_fastmath.py`` against float64/long double):
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
 from llvmlite import ir
 from numba import types
+from numba.core import codegen, config
 from numba.extending import intrinsic
 
 #: The fast-math flags the kernels use: flags that keep NaN and inf
@@ -62,6 +64,25 @@ def _prefer_wide_vectors(builder):
         set.add(attrs, '"min-legal-vector-width"="512"')
     except TypeError:  # a future llvmlite with a different attribute type
         pass
+
+
+@functools.cache
+def native_vector_bytes() -> int:
+    """Bytes in one vector register of the CPU Numba compiles for: 64 with
+    AVX-512, 32 with AVX, else 16 (SSE, NEON).
+
+    The kernels' vectors have a fixed number of lanes (their sums' order
+    depends on it); on a narrower CPU LLVM splits each into several
+    registers, and code that keeps many such vectors live must know it, or
+    it runs out of registers (AVX2 has 16) and spills to the stack.
+    """
+    features = config.CPU_FEATURES
+    if features is None:
+        features = codegen.get_host_cpu_features()
+    enabled = {f[1:] for f in features.split(",") if f.startswith("+")}
+    if "avx512f" in enabled:
+        return 64
+    return 32 if "avx" in enabled else 16
 
 
 def _suffix(ty):

@@ -28,7 +28,7 @@ Functions (rows are 1-D arrays of one float type; ``w`` may be None):
 * ``soft_sums(x, q, w, keep, uniform, m, ahead)``: ``(sum q', sum q' *
   (x - m))`` with ``q' = (keep * q + uniform) * w``, prefetching ``ahead``.
 * ``row_max(x, copy_to)``: the maximum of ``x``, NaN if ``x`` holds a NaN
-  (exact in any order: ``MAX_LANES`` lanes), copying ``x`` into ``copy_to``
+  (exact in any order: ``max_lanes`` lanes), copying ``x`` into ``copy_to``
   on the way unless it is None.
 
 The exponential is ``_fastmath``'s, on whole vectors. Rows may be strided:
@@ -45,13 +45,13 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._fastmath import _const, _exp_ir, _prefer_wide_vectors
+from ._fastmath import _const, _exp_ir, _prefer_wide_vectors, native_vector_bytes
 
 #: Partial sums per vector (one 512-bit register of float32).
 LANES = 16
-#: Lanes of the max: its order does not matter, and four independent
-#: vector registers keep its loop from waiting on one register.
-MAX_LANES = 64
+#: Native registers per accumulator of the max: its order does not matter,
+#: and four independent registers keep its loop from waiting on one.
+MAX_REGISTERS = 4
 #: Elements per block: the lanes are folded into the float64 total per block.
 BLOCK = 512
 
@@ -145,6 +145,15 @@ class _RowAccess:
                     builder.store(lane, self._pointer(builder, at, False), align=self.itemsize)
 
 
+def max_lanes(fty) -> int:
+    """Lanes of the max's vectors for float type ``fty``: ``MAX_REGISTERS``
+    native registers, at most 64. The max keeps two such accumulators (the
+    max and the NaN flag): with more lanes they no longer fit in AVX2's 16
+    registers and the loop spills to the stack (float64 ran 2x slower)."""
+    itemsize = 8 if isinstance(fty, ir.DoubleType) else 4
+    return min(64, MAX_REGISTERS * native_vector_bytes() // itemsize)
+
+
 def _indices(js):
     js = list(js)
     return ir.Constant(ir.VectorType(ir.IntType(32), len(js)), js)
@@ -178,12 +187,12 @@ def _emit_lanes(context, builder, rows, scalars, body, n_sums, target=None, comb
     ``ahead``: a row (the next one a kernel will read) prefetched at the same
     offsets as the loop goes, so that memory streams it while this row is
     worked on in cache. ``lanes_per_vector``: LANES for sums (their order
-    depends on it), MAX_LANES or less for the max.
+    depends on it), ``max_lanes`` or less for the max.
     """
     _prefer_wide_vectors(builder)
     fty = rows[0].data.type.pointee
     if lanes_per_vector is None:
-        lanes_per_vector = LANES if combine == "sum" else MAX_LANES
+        lanes_per_vector = LANES if combine == "sum" else max_lanes(fty)
     vty = ir.VectorType(fty, lanes_per_vector)
     f64 = ir.DoubleType()
     intp = rows[0].size.type
@@ -405,8 +414,9 @@ def row_max(typingctx, x, copy_to):
         # Rows up to 128: one register of lanes (a 64-lane partial vector
         # and its fold cost more than the row); the max is the same.
         short = builder.icmp_signed("<=", rows[0].size, ir.Constant(rows[0].size.type, 8 * LANES))
+        widest = max_lanes(rows[0].data.type.pointee)
         with builder.if_else(short) as (then, otherwise):
-            for branch, lanes in ((then, LANES), (otherwise, MAX_LANES)):
+            for branch, lanes in ((then, LANES), (otherwise, widest)):
                 with branch:
                     found = _emit_lanes(context, builder, rows, [], body, 2, target=target,
                                         combine="max", lanes_per_vector=lanes)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
+from llvmlite import ir
 
+from fastxent import _fastmath, _lanes
 from fastxent._fastmath import FASTMATH, fast_exp, fast_log, log1p_unit, maximum
 
 LONG = np.longdouble
@@ -189,3 +191,30 @@ def test_maximum_propagates_nan(dtype):
     _max_loop(a, b, out)
     np.testing.assert_array_equal(out, [2.0, np.nan, np.nan, -1.0, np.inf, -1.0, np.nan])
     np.testing.assert_array_equal(out, np.maximum(a, b))
+
+
+@pytest.mark.parametrize("features, expected", [
+    ("+64bit,+avx,+avx2,+avx512f,+fma", 64),
+    ("+64bit,+avx,+avx2,-avx512f,+fma", 32),
+    ("+sse2,+sse4.2,-avx", 16),
+    ("+neon,+fp-armv8", 16),
+    ("", 16),
+])
+def test_native_vector_bytes_read_from_the_cpu_features(features, expected, monkeypatch):
+    """The register size the kernels plan for, from the features Numba
+    compiles with (``NUMBA_CPU_FEATURES`` when set)."""
+    monkeypatch.setattr(numba.core.config, "CPU_FEATURES", features)
+    _fastmath.native_vector_bytes.cache_clear()
+    try:
+        assert _fastmath.native_vector_bytes() == expected
+    finally:
+        _fastmath.native_vector_bytes.cache_clear()
+
+
+@pytest.mark.parametrize("register_bytes, float32_lanes, float64_lanes",
+                         [(64, 64, 32), (32, 32, 16), (16, 16, 8)])
+def test_the_max_keeps_four_registers_per_accumulator(register_bytes, float32_lanes,
+                                                      float64_lanes, monkeypatch):
+    monkeypatch.setattr(_lanes, "native_vector_bytes", lambda: register_bytes)
+    assert _lanes.max_lanes(ir.FloatType()) == float32_lanes
+    assert _lanes.max_lanes(ir.DoubleType()) == float64_lanes
