@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _cpu_kernels as K
+from ._fastmath import native_vector_bytes
 from ._tiles import TILE
 from ._validate import (BCESpec, ClassProblem, CrossEntropySpec, check_targets,
                         finish_loss)
@@ -18,10 +19,15 @@ from ._validate import (BCESpec, ClassProblem, CrossEntropySpec, check_targets,
 #: direct kernels (one row at a time).
 SHORT_ROW = 128
 #: Rows contiguous along the classes take the tiled kernels (see ``_tiles``)
-#: up to this many classes: their tiles are transposed in registers, and
-#: above these counts the transposes cost more than the per-row work they
-#: batch (measured side by side against the block kernels).
-TRANSPOSED_TILE_CLASSES = {np.dtype(np.float32): 64, np.dtype(np.float64): 16}
+#: up to this many classes, by the CPU's vector register size in bytes:
+#: their tiles are transposed in registers, and above these counts the
+#: transposes cost more than the per-row work they batch (measured side by
+#: side against the block kernels). With 32-byte registers (AVX2) a 16 x 16
+#: transpose no longer fits in the registers, and the tiles lose sooner.
+TRANSPOSED_TILE_CLASSES = {
+    64: {np.dtype(np.float32): 64, np.dtype(np.float64): 16},
+    32: {np.dtype(np.float32): 18, np.dtype(np.float64): 8},
+}
 #: Rows whose class is contiguous across rows (PyTorch's (N, C, d) layout, a
 #: transposed array) need no transpose, and their tiles beat the blocks at
 #: every class count measured: up to this many (a tile's scratch is C x 16).
@@ -98,11 +104,13 @@ def _tiled(x_rows) -> bool:
     """Whether the tiled kernels apply (2-D rows or 3-D slabs, the classes
     on axis 1)."""
     n_classes, item = x_rows.shape[1], x_rows.itemsize
-    # The stride from a row to the next one whose class c lies beside it:
-    # across rows in 2-D, along the inner axis of slabs.
-    across_rows = x_rows.strides[2] if x_rows.ndim == 3 else x_rows.strides[0]
+    # The stride from a row of a tile to the next (see ``_cpu_kernels._tile``):
+    # across rows in 2-D, along the inner axis of slabs at least a tile wide,
+    # else from slab to slab.
+    wide_slabs = x_rows.ndim == 3 and x_rows.shape[2] >= TILE
+    across_rows = x_rows.strides[2] if wide_slabs else x_rows.strides[0]
     if x_rows.strides[1] == item:
-        limit = TRANSPOSED_TILE_CLASSES[x_rows.dtype]
+        limit = TRANSPOSED_TILE_CLASSES[64 if native_vector_bytes() >= 64 else 32][x_rows.dtype]
     elif across_rows == item:
         limit = TILE_CLASSES
     else:

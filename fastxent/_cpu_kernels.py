@@ -124,8 +124,9 @@ def _tile_impl(a, k, inner):
                 per_slab = (inner + TILE - 1) // TILE
                 slab, b0 = k // per_slab, k % per_slab * TILE
                 return a[slab, :, b0:min(b0 + TILE, inner)].T, slab * inner + b0, 1
-            per_position = (outer + TILE - 1) // TILE
-            b, a0 = k // per_position, k % per_position * TILE
+            # The positions of one group of slabs in turn: a position's
+            # tile reads one element of each cache line the next ones need.
+            b, a0 = k % inner, k // inner * TILE
             return a[a0:min(a0 + TILE, outer), :, b], a0 * inner + b, inner
         return rows_3d
     return None

@@ -208,9 +208,11 @@ def _inputs(shape, dt, seed):
     return views
 
 
-# Contiguous rows take the tiles up to 64 (float32) / 16 (float64) classes;
-# the transposed views and the (N, C, d) layout at every size; rows strided
-# both ways up to 2048 (float32) / 1024 (float64): (6, 1500) falls between.
+# Contiguous rows take the tiles up to 64 (float32) / 16 (float64) classes
+# with AVX-512, 18 / 8 with narrower registers; the transposed views and the
+# (N, C, d) layout with d >= TILE at every size; rows strided both ways
+# (narrow slabs as (45, 17, 3) included) up to 2048 (float32) / 1024
+# (float64): (6, 1500) falls between.
 SHAPES = [(37, 1), (37, TILE + 1), (5, 64), (37, 128), (20, 300), (6, 1500),
           (3, 40, 2 * TILE + 3), (45, 17, 3), (2, 128, 20), (2, 300, 20)]
 
@@ -278,18 +280,26 @@ def test_tiled_logsumexp_of_infinite_rows_as_torch(dt):
     np.testing.assert_allclose(fastxent.logsumexp(x), expected, **_tol(dt))  # inf, NaN equal
 
 
+@pytest.mark.parametrize("register_bytes", [64, 32, 16])
 @pytest.mark.parametrize("dt", DTYPES)
-def test_which_rows_take_the_tiles(dt):
-    """Rows contiguous along the classes up to the dtype's count (their tiles
-    are transposed); a class contiguous across rows at any size; rows strided
-    both ways while a tile's scratch stays small."""
-    limit = _cpu.TRANSPOSED_TILE_CLASSES[np.dtype(dt)]
+def test_which_rows_take_the_tiles(dt, register_bytes, monkeypatch):
+    """Rows contiguous along the classes up to the count for the CPU's
+    registers (their tiles are transposed); a class contiguous across a
+    tile's rows at any size; rows strided both ways, narrow slabs included,
+    while a tile's scratch stays small."""
+    monkeypatch.setattr(_cpu, "native_vector_bytes", lambda: register_bytes)
+    table = _cpu.TRANSPOSED_TILE_CLASSES[64 if register_bytes == 64 else 32]
+    limit = table[np.dtype(dt)]
     assert _cpu._tiled(np.zeros((5, limit), dt))
     assert not _cpu._tiled(np.zeros((5, limit + 1), dt))
     assert not _cpu._tiled(np.zeros((5, 0), dt))
     assert _cpu._tiled(np.zeros((3000, 5), dt).T)            # a transposed array
     assert _cpu._tiled(np.zeros((2, 3000, 20), dt))          # (N, C, d)
-    assert not _cpu._tiled(np.zeros((2, _cpu.TILE_CLASSES + 1, 2), dt))
+    assert _cpu._tiled(np.zeros((1, _cpu.TILE_CLASSES, TILE), dt))
+    assert not _cpu._tiled(np.zeros((1, _cpu.TILE_CLASSES + 1, TILE), dt))
     strided = _cpu.STRIDED_TILE_BYTES // (TILE * np.dtype(dt).itemsize)
     assert _cpu._tiled(np.zeros((10, 3 * strided), dt)[:, ::3])
     assert not _cpu._tiled(np.zeros((10, 3 * strided + 3), dt)[:, ::3])
+    # slabs narrower than a tile: a tile's rows are one position of 16 slabs
+    assert _cpu._tiled(np.zeros((20, strided, TILE - 1), dt))
+    assert not _cpu._tiled(np.zeros((20, strided + 1, TILE - 1), dt))
