@@ -43,6 +43,7 @@ order depends on nothing but the code, so results are reproducible.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from llvmlite import ir
@@ -50,7 +51,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._fastmath import _const, _exp_ir, _log_ir, _prefer_wide_vectors
+from ._fastmath import _const, _exp_ir, _log_ir, _prefer_wide_vectors, native_vector_bytes
 
 #: Rows per tile: the lanes of a vector.
 TILE = 16
@@ -126,60 +127,97 @@ def _masked_store(builder, value, ptr, mask, itemsize):
     _masked(builder, "store", value.type, [value, ptr, _i32(itemsize), mask])
 
 
-def _lanes_below(builder, count):
-    """The mask of lanes 0 .. count - 1 (``count`` an i64, clamped to TILE)."""
-    lanes = ir.Constant(ir.VectorType(ir.IntType(64), TILE), list(range(TILE)))
+def _lanes_below(builder, count, width=TILE):
+    """The mask of lanes 0 .. count - 1 of ``width`` (``count`` an i64)."""
+    lanes = ir.Constant(ir.VectorType(ir.IntType(64), width), list(range(width)))
     return builder.icmp_signed("<", lanes, _splat(builder, count, lanes.type))
 
 
 def _transpose(builder, rows):
-    """Transpose 16 vectors of 16 lanes: four rounds of two-input shuffles,
-    each swapping the off-diagonal blocks of width d = 8, 4, 2, 1."""
-    d = TILE // 2
+    """Transpose n vectors of n lanes (n a power of two): rounds of two-input
+    shuffles, each swapping the off-diagonal blocks of width d = n/2, ..., 1."""
+    n = len(rows)
+    d = n // 2
     while d >= 1:
         out = list(rows)
-        low = [j if not j & d else TILE + j - d for j in range(TILE)]
-        high = [j + d if not j & d else TILE + j for j in range(TILE)]
-        for a in range(TILE):
+        low = [j if not j & d else n + j - d for j in range(n)]
+        high = [j + d if not j & d else n + j for j in range(n)]
+        for a in range(n):
             if a & d:
                 continue
             b = a + d
             out[a] = builder.shuffle_vector(rows[a], rows[b], ir.Constant(
-                ir.VectorType(ir.IntType(32), TILE), low))
+                ir.VectorType(ir.IntType(32), n), low))
             out[b] = builder.shuffle_vector(rows[a], rows[b], ir.Constant(
-                ir.VectorType(ir.IntType(32), TILE), high))
+                ir.VectorType(ir.IntType(32), n), high))
         rows = out
         d //= 2
     return rows
 
 
+def transpose_width(itemsize):
+    """Side of the square blocks a 16 x 16 tile block is transposed in: one
+    native register per row. Wider blocks span several registers per row,
+    and their transposes no longer fit in the registers (AVX2 has 16)."""
+    return max(1, min(TILE, native_vector_bytes() // itemsize))
+
+
 def _transpose_block(builder, rows, tile, into_tile, n, c0, width):
     """Classes c0 .. c0 + 15 (those below ``c0 + width``) of rows contiguous
-    along the classes, through a 16 x 16 register transpose."""
+    along the classes, through register transposes of ``transpose_width``
+    square blocks."""
     itemsize = _i64(rows.itemsize)
-    class_ok = _lanes_below(builder, width)
+    side = transpose_width(rows.itemsize)
+    vty = ir.VectorType(tile.vty.element, side)
+    for rb, cb in itertools.product(range(0, TILE, side), repeat=2):
+        # rows rb .. rb + side - 1, classes c0 + cb .. of the tile; none of
+        # these classes left: nothing to move (tile rows past C are not read)
+        with builder.if_then(builder.icmp_signed(">", width, _i64(cb)), likely=True):
+            c = builder.add(c0, _i64(cb))
+            class_ok = _lanes_below(builder, builder.sub(width, _i64(cb)), side)
 
-    def row_access(i):
-        in_rows = builder.icmp_signed("<", _i64(i), n)
-        mask = builder.and_(class_ok, _splat(builder, in_rows, class_ok.type))
-        offset = builder.add(builder.mul(_i64(i), rows.strides[0]), builder.mul(c0, itemsize))
-        return rows.byte_pointer(builder, offset), mask
+            def row_access(i):
+                in_rows = builder.icmp_signed("<", _i64(i), n)
+                mask = builder.and_(class_ok, _splat(builder, in_rows, class_ok.type))
+                offset = builder.add(builder.mul(_i64(i), rows.strides[0]),
+                                     builder.mul(c, itemsize))
+                ptr = builder.bitcast(rows.element_pointer(builder, offset), vty.as_pointer())
+                return ptr, mask
 
-    def tile_row(j):
-        return tile.row(builder, builder.add(c0, _i64(j)))
+            def tile_part(j):
+                at = builder.add(builder.mul(builder.add(c, _i64(j)), _i64(TILE)), _i64(rb))
+                return builder.bitcast(builder.gep(tile.data, [at]), vty.as_pointer())
 
+            # Masked stores are slow on AMD CPUs without AVX-512 (vmaskmovps
+            # is microcoded): blocks wholly inside the rows use plain ones.
+            inside = builder.and_(builder.icmp_signed(">=", n, _i64(rb + side)),
+                                  builder.icmp_signed(">=", width, _i64(cb + side)))
+            with builder.if_else(inside, likely=True) as (whole, edge):
+                for masked, branch in ((False, whole), (True, edge)):
+                    with branch:
+                        _move_block(builder, rows, into_tile, vty, range(rb, rb + side),
+                                    row_access, tile_part, masked)
+
+
+def _move_block(builder, rows, into_tile, vty, row_numbers, row_access, tile_part, masked):
+    """One square block between rows and tile, transposed in registers."""
+    side = vty.count
     if into_tile:
         loaded = []
-        for i in range(TILE):
+        for i in row_numbers:
             ptr, mask = row_access(i)
-            loaded.append(_masked_load(builder, ptr, tile.vty, mask, rows.itemsize))
+            loaded.append(_masked_load(builder, ptr, vty, mask, rows.itemsize) if masked
+                          else builder.load(ptr, align=rows.itemsize))
         for j, vec in enumerate(_transpose(builder, loaded)):
-            builder.store(vec, tile_row(j), align=rows.itemsize)
+            builder.store(vec, tile_part(j), align=rows.itemsize)
     else:
-        loaded = [builder.load(tile_row(j), align=rows.itemsize) for j in range(TILE)]
-        for i, vec in enumerate(_transpose(builder, loaded)):
+        loaded = [builder.load(tile_part(j), align=rows.itemsize) for j in range(side)]
+        for i, vec in zip(row_numbers, _transpose(builder, loaded)):
             ptr, mask = row_access(i)
-            _masked_store(builder, vec, ptr, mask, rows.itemsize)
+            if masked:
+                _masked_store(builder, vec, ptr, mask, rows.itemsize)
+            else:
+                builder.store(vec, ptr, align=rows.itemsize)
 
 
 def _gather_class(builder, rows, tile, into_tile, row_ok, c):
@@ -235,14 +273,25 @@ def _copy_tile(builder, rows, tile, into_tile):
             with builder.if_else(builder.icmp_signed("==", row_stride, itemsize)) as (
                     rows_contiguous, strided):
                 with rows_contiguous:
-                    with cgutils.for_range(builder, C) as loop:
-                        at = rows.byte_pointer(builder, builder.mul(loop.index, class_stride))
-                        if into_tile:
-                            vec = _masked_load(builder, at, vty, row_ok, rows.itemsize)
-                            builder.store(vec, tile.row(builder, loop.index), align=rows.itemsize)
-                        else:
-                            vec = builder.load(tile.row(builder, loop.index), align=rows.itemsize)
-                            _masked_store(builder, vec, at, row_ok, rows.itemsize)
+                    # a full tile moves with plain loads and stores (see
+                    # _transpose_block), a partial one with masked ones
+                    full = builder.icmp_signed("==", n, _i64(TILE))
+                    with builder.if_else(full, likely=True) as (whole, part):
+                        for masked, branch in ((False, whole), (True, part)):
+                            with branch, cgutils.for_range(builder, C) as loop:
+                                at = rows.byte_pointer(builder,
+                                                       builder.mul(loop.index, class_stride))
+                                row = tile.row(builder, loop.index)
+                                if into_tile:
+                                    vec = (_masked_load(builder, at, vty, row_ok, rows.itemsize)
+                                           if masked else builder.load(at, align=rows.itemsize))
+                                    builder.store(vec, row, align=rows.itemsize)
+                                else:
+                                    vec = builder.load(row, align=rows.itemsize)
+                                    if masked:
+                                        _masked_store(builder, vec, at, row_ok, rows.itemsize)
+                                    else:
+                                        builder.store(vec, at, align=rows.itemsize)
                 with strided:
                     with cgutils.for_range(builder, C) as loop:
                         c = loop.index
