@@ -22,11 +22,11 @@ SHORT_ROW = 128
 #: up to this many classes, by the CPU's vector register size in bytes:
 #: their tiles are transposed in registers, and above these counts the
 #: transposes cost more than the per-row work they batch (measured side by
-#: side against the block kernels). With 32-byte registers (AVX2) a 16 x 16
-#: transpose no longer fits in the registers, and the tiles lose sooner.
+#: side against the block kernels, on AVX-512 before the transposes were
+#: cut into register-sized squares, on AVX2 after).
 TRANSPOSED_TILE_CLASSES = {
     64: {np.dtype(np.float32): 64, np.dtype(np.float64): 16},
-    32: {np.dtype(np.float32): 18, np.dtype(np.float64): 8},
+    32: {np.dtype(np.float32): 64, np.dtype(np.float64): 40},
 }
 #: Rows whose class is contiguous across rows (PyTorch's (N, C, d) layout, a
 #: transposed array) need no transpose, and their tiles beat the blocks at

@@ -214,10 +214,18 @@ def _move_block(builder, rows, into_tile, vty, row_numbers, row_access, tile_par
         loaded = [builder.load(tile_part(j), align=rows.itemsize) for j in range(side)]
         for i, vec in zip(row_numbers, _transpose(builder, loaded)):
             ptr, mask = row_access(i)
-            if masked:
+            if not masked:
+                builder.store(vec, ptr, align=rows.itemsize)
+            elif native_vector_bytes() >= 64:
                 _masked_store(builder, vec, ptr, mask, rows.itemsize)
             else:
-                builder.store(vec, ptr, align=rows.itemsize)
+                # without AVX-512 a masked store is microcoded on AMD CPUs
+                # (tens of cycles): store the lanes that are in, one by one
+                element = builder.bitcast(ptr, rows.data.type)
+                for j in range(side):
+                    with builder.if_then(builder.extract_element(mask, _i32(j))):
+                        builder.store(builder.extract_element(vec, _i32(j)),
+                                      builder.gep(element, [_i64(j)]), align=rows.itemsize)
 
 
 def _gather_class(builder, rows, tile, into_tile, row_ok, c):

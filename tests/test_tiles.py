@@ -208,13 +208,15 @@ def _inputs(shape, dt, seed):
     return views
 
 
-# Contiguous rows take the tiles up to 64 (float32) / 16 (float64) classes
-# with AVX-512, 18 / 8 with narrower registers; the transposed views and the
+# Contiguous rows take the tiles up to 64 classes in float32, in float64 up
+# to 16 with AVX-512 and 40 with narrower registers; the transposed views and the
 # (N, C, d) layout with d >= TILE at every size; rows strided both ways
 # (narrow slabs as (45, 17, 3) included) up to 2048 (float32) / 1024
 # (float64): (6, 1500) falls between.
-SHAPES = [(37, 1), (37, TILE + 1), (5, 64), (37, 128), (20, 300), (6, 1500),
-          (3, 40, 2 * TILE + 3), (45, 17, 3), (2, 128, 20), (2, 300, 20)]
+# (37, 22) and (19, 44) end in a partial square of the register transposes
+# (8 x 8 or 4 x 4: masked, or lane by lane without AVX-512).
+SHAPES = [(37, 1), (37, TILE + 1), (37, 22), (19, 44), (5, 64), (37, 128), (20, 300),
+          (6, 1500), (3, 40, 2 * TILE + 3), (45, 17, 3), (2, 128, 20), (2, 300, 20)]
 
 
 def _tol(dt):
