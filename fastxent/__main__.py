@@ -10,6 +10,15 @@ import time
 import numpy as np
 
 
+def _register_description() -> str:
+    """The vector register size the CPU kernels are compiled for."""
+    from fastxent._fastmath import native_vector_bytes
+
+    size = native_vector_bytes()
+    name = {64: "AVX-512", 32: "AVX/AVX2"}.get(size, "SSE or NEON")
+    return f"{size * 8} bits ({name})"
+
+
 def info() -> int:
     """Versions, threads, threading layer and GPU availability."""
     import numba
@@ -29,6 +38,7 @@ def info() -> int:
         ("numpy", np.__version__),
         ("numba", numba.__version__),
         ("platform", f"{platform.system()} {platform.machine()}"),
+        ("vector registers", _register_description()),
         ("cpu threads", str(numba.get_num_threads())),
         ("threading layer", layer),
         ("gpu", _dispatch.gpu_description()),
