@@ -126,6 +126,17 @@ def test_cli_bench_quick_prints_its_table():
     assert "/" in result.stderr and "[" in result.stderr  # the progress bar
 
 
+def test_cli_info_names_the_vector_registers():
+    from fastxent._fastmath import native_vector_bytes
+
+    result = subprocess.run([sys.executable, "-m", "fastxent", "info"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines()
+                if line.startswith("vector registers"))
+    assert f"{native_vector_bytes() * 8} bits" in line
+
+
 def test_cli_bench_options(capsys):
     import numba
 
