@@ -368,8 +368,9 @@ def _ce_hard_direct(x, y, w, wsum, ignore_index, smooth, scale, g, inplace, inne
     if g is None:
         return _ce_hard_row(_row(x, r, inner), None, False, t, w, wsum, smooth, scale,
                             _next_row(x, r, inner))
+    # the row the next max pass reads (g's row itself when in place)
     return _ce_hard_row(_row(x, r, inner), _row(g, r, inner), inplace, t, w, wsum, smooth,
-                        scale, _next_row(g, r, inner))
+                        scale, _next_row(x, r, inner))
 
 
 @_jit
@@ -409,7 +410,7 @@ def _ce_soft_direct(x, q, w, smooth, scale, g, inplace, inner, r):
         return _ce_soft_row(_row(x, r, inner), None, False, _row(q, r, inner), w, smooth,
                             scale, _next_row(x, r, inner), _next_row(q, r, inner))
     return _ce_soft_row(_row(x, r, inner), _row(g, r, inner), inplace, _row(q, r, inner), w,
-                        smooth, scale, _next_row(g, r, inner), _next_row(q, r, inner))
+                        smooth, scale, _next_row(x, r, inner), _next_row(q, r, inner))
 
 
 @_jit
@@ -458,7 +459,8 @@ def _softmax_direct(x, out, inplace, inner, log, r):
     else:
         xr = _row(x, r, inner)
         m = _max_pass(xr, o, inplace)
-        inv_s = _cast_like(1.0 / exp_sum_inplace(o, m, _next_row(out, r, inner)), o)
+        # the row the next max pass reads
+        inv_s = _cast_like(1.0 / exp_sum_inplace(o, m, _next_row(x, r, inner)), o)
         for c in range(o.shape[0]):
             o[c] = o[c] * inv_s
 
