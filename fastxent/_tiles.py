@@ -18,10 +18,11 @@ type, or its first ``C`` rows; per-row arrays hold ``TILE`` elements):
 
 * ``tile_in(src, t)``: ``t[c, i] = src[i, c]`` for the ``n <= TILE`` rows of
   ``src`` (shape ``(n, C)``, any strides); lanes ``i >= n`` are 0. Rows
-  contiguous along the classes are transposed in registers, 16 x 16 at a
-  time (the last 1 to 3 classes of a row gathered), so ``t`` needs ``C``
-  rounded up to 16 rows; rows contiguous along the rows (a class contiguous
-  across them) are copied a vector per class.
+  contiguous along the classes are transposed in registers, 16 classes at
+  a time in squares of one register per row (``transpose_width``; the last
+  1 to 3 classes of a row gathered), so ``t`` needs ``C`` rounded up to 16
+  rows (rows past ``C`` hold no particular values); rows contiguous along
+  the rows (a class contiguous across them) are copied a vector per class.
 * ``tile_out(t, dst)``: the reverse, ``dst[i, c] = t[c, i]``.
 * ``tile_max(t, m, finite_shift)``: ``m`` gets each row's maximum, NaN if
   the row holds a NaN; ``finite_shift``: an infinite max becomes 0 (as in
@@ -55,7 +56,7 @@ from ._fastmath import _const, _exp_ir, _log_ir, _prefer_wide_vectors, native_ve
 
 #: Rows per tile: the lanes of a vector.
 TILE = 16
-#: Classes left at the end of a row from which a 16 x 16 transpose beats one
+#: Classes left at the end of a row from which the transposes beat one
 #: gather (or scatter) per class.
 _TRANSPOSE_MIN = 4
 #: Independent running maxima in ``tile_max``.
