@@ -3,9 +3,9 @@
 Numba keeps a cached function while the file that defines it is unchanged.
 The kernels in ``_cpu_kernels.py`` inline code from ``_lanes.py``,
 ``_tiles.py`` and ``_fastmath.py``: edited or upgraded alone, those would
-leave stale machine code in the cache, silently. The locators here give the kernels' cache
-entries a stamp made from every one of those files, so a change to any of
-them recompiles.
+leave stale machine code in the cache, silently. The locators here give the
+kernels' cache entries a stamp made from every one of those files, so a
+change to any of them recompiles.
 
 They extend Numba's own locators (same cache directories, same order: a
 ``NUMBA_CACHE_DIR``, else the package's ``__pycache__``, else the user-wide

@@ -125,7 +125,16 @@ def _masked_load(builder, ptr, vty, mask, itemsize):
 
 
 def _masked_store(builder, value, ptr, mask, itemsize):
-    _masked(builder, "store", value.type, [value, ptr, _i32(itemsize), mask])
+    if native_vector_bytes() >= 64:
+        _masked(builder, "store", value.type, [value, ptr, _i32(itemsize), mask])
+        return
+    # Without AVX-512 a masked store is microcoded on AMD CPUs (tens of
+    # cycles): store the lanes that are in, one by one.
+    element = builder.bitcast(ptr, value.type.element.as_pointer())
+    for j in range(value.type.count):
+        with builder.if_then(builder.extract_element(mask, _i32(j))):
+            builder.store(builder.extract_element(value, _i32(j)),
+                          builder.gep(element, [_i64(j)]), align=itemsize)
 
 
 def _lanes_below(builder, count, width=TILE):
@@ -189,8 +198,8 @@ def _transpose_block(builder, rows, tile, into_tile, n, c0, width):
                 at = builder.add(builder.mul(builder.add(c, _i64(j)), _i64(TILE)), _i64(rb))
                 return builder.bitcast(builder.gep(tile.data, [at]), vty.as_pointer())
 
-            # Masked stores are slow on AMD CPUs without AVX-512 (vmaskmovps
-            # is microcoded): blocks wholly inside the rows use plain ones.
+            # Blocks wholly inside the rows use plain loads and stores:
+            # masked ones cost more (see _masked_store).
             inside = builder.and_(builder.icmp_signed(">=", n, _i64(rb + side)),
                                   builder.icmp_signed(">=", width, _i64(cb + side)))
             with builder.if_else(inside, likely=True) as (whole, edge):
@@ -215,18 +224,10 @@ def _move_block(builder, rows, into_tile, vty, row_numbers, row_access, tile_par
         loaded = [builder.load(tile_part(j), align=rows.itemsize) for j in range(side)]
         for i, vec in zip(row_numbers, _transpose(builder, loaded)):
             ptr, mask = row_access(i)
-            if not masked:
-                builder.store(vec, ptr, align=rows.itemsize)
-            elif native_vector_bytes() >= 64:
+            if masked:
                 _masked_store(builder, vec, ptr, mask, rows.itemsize)
             else:
-                # without AVX-512 a masked store is microcoded on AMD CPUs
-                # (tens of cycles): store the lanes that are in, one by one
-                element = builder.bitcast(ptr, rows.data.type)
-                for j in range(side):
-                    with builder.if_then(builder.extract_element(mask, _i32(j))):
-                        builder.store(builder.extract_element(vec, _i32(j)),
-                                      builder.gep(element, [_i64(j)]), align=rows.itemsize)
+                builder.store(vec, ptr, align=rows.itemsize)
 
 
 def _gather_class(builder, rows, tile, into_tile, row_ok, c):
