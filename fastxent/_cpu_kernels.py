@@ -312,12 +312,11 @@ def _log_block(s):
 
 
 @_jit
-def _exp_wide(x, r0, n, inner, finite_shift):
+def _exp_wide(x, r0, n, inner):
     """Exponentials of a block of ``n`` rows from ``r0``: (e, m, s, log_s),
     e[i, c] = exp(x[r0+i, c] - m[i]) as a contiguous (n, C) array, the rows'
     max m, sums s (float64) and log(s). Rows are copied shifted into ``e``
-    and exponentiated in one flat vector sweep. ``finite_shift``: an
-    infinite max is not subtracted (torch.logsumexp)."""
+    and exponentiated in one flat vector sweep."""
     C = x.shape[1]
     e = np.empty((n, C), x.dtype)
     m = np.empty(n, x.dtype)
@@ -325,8 +324,6 @@ def _exp_wide(x, r0, n, inner, finite_shift):
     for i in range(n):
         xr = _row(x, r0 + i, inner)
         mi = row_max(xr, None)
-        if finite_shift and np.isinf(mi):
-            mi = 0.0
         m[i] = mi
         er = e[i]
         for c in range(C):
@@ -399,7 +396,7 @@ def _ce_hard_rows(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, 
 
 @_jit
 def _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n):
-    e, m, s, log_s = _exp_wide(x, r0, n, inner, False)
+    e, m, s, log_s = _exp_wide(x, r0, n, inner)
     _ce_hard_rows(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n,
                   e, m, s, log_s)
 
@@ -427,7 +424,7 @@ def _ce_soft_rows(x, q, w, smooth, scale, g, losses, inner, r0, n, e, m, s, log_
 
 @_jit
 def _ce_soft_block(x, q, w, smooth, scale, g, losses, inner, r0, n):
-    e, m, s, log_s = _exp_wide(x, r0, n, inner, False)
+    e, m, s, log_s = _exp_wide(x, r0, n, inner)
     _ce_soft_rows(x, q, w, smooth, scale, g, losses, inner, r0, n, e, m, s, log_s)
 
 
@@ -485,27 +482,32 @@ def _softmax_rows(x, out, inner, log, r0, n, e, m, s, log_s):
 
 @_jit
 def _softmax_block(x, out, inner, log, r0, n):
-    e, m, s, log_s = _exp_wide(x, r0, n, inner, False)
+    e, m, s, log_s = _exp_wide(x, r0, n, inner)
     _softmax_rows(x, out, inner, log, r0, n, e, m, s, log_s)
+
+
+@_jit(inline=True)
+def _lse(m, log_s):
+    """logsumexp from the row max and log(sum exp(x - m)). As torch.logsumexp,
+    rows of -inf give -inf and rows holding +inf give +inf, not NaN: an
+    infinite max is the result (the exponentials of x - m were NaN)."""
+    if np.isinf(m):
+        return np.float64(m)
+    return np.float64(m) + log_s
 
 
 @_jit
 def _logsumexp_direct(x, inner, r):
-    # As torch.logsumexp: an infinite max is not subtracted (see below).
     xr = _row(x, r, inner)
     m = row_max(xr, None)
-    if np.isinf(m):
-        m = _cast_like(0.0, x)
-    return np.float64(m) + np.log(exp_sum(xr, m, _next_row(x, r, inner)))
+    return _lse(m, np.log(exp_sum(xr, m, _next_row(x, r, inner))))
 
 
 @_jit
 def _logsumexp_block(x, out, inner, r0, n):
-    # As torch.logsumexp: an infinite max is not subtracted, so that rows of
-    # -inf give -inf and rows holding +inf give +inf (not NaN).
-    e, m, s, log_s = _exp_wide(x, r0, n, inner, True)
+    e, m, s, log_s = _exp_wide(x, r0, n, inner)
     for i in range(n):
-        out[r0 + i] = m[i] + log_s[i]
+        out[r0 + i] = _lse(m[i], log_s[i])
 
 
 # --------------------------------------------------------------------------
@@ -555,7 +557,7 @@ def _ce_hard_tiles(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner,
             tgt = y[r0 + i * step]
             target[i] = -1 if tgt == ignore_index else tgt
             xt[i] = 0.0 if tgt == ignore_index else np.float64(t[tgt, i])
-        tile_max(tc, m, False)
+        tile_max(tc, m)
         if smooth > 0.0:
             tile_dot(tc, None, w, 0.0, 1.0, m, unused, sx)
         tile_exp_sums(tc, m, s, log_s, g is not None)
@@ -593,7 +595,7 @@ def _ce_soft_tiles(x, q, w, smooth, scale, g, losses, inner, k0, k1):
         rows, r0, step = _tile(x, k, inner)
         tile_in(rows, t)
         tile_in(_tile(q, k, inner)[0], qt)
-        tile_max(tc, m, False)
+        tile_max(tc, m)
         tile_dot(tc, qc, w, keep, uniform, m, total, qxm)
         tile_exp_sums(tc, m, s, log_s, g is not None)
         for i in range(rows.shape[0]):
@@ -614,7 +616,7 @@ def _softmax_tiles(x, out, inner, log, k0, k1):
     s, log_s = np.zeros(TILE), np.zeros(TILE)
     for k in range(k0, k1):
         tile_in(_tile(x, k, inner)[0], t)
-        tile_max(tc, m, False)
+        tile_max(tc, m)
         if log:
             # (x - m) - log(s), rounded as torch.log_softmax: two sweeps
             tile_exp_sums(tc, m, s, log_s, False)
@@ -633,8 +635,7 @@ def _softmax_tiles(x, out, inner, log, k0, k1):
 
 @_jit
 def _logsumexp_tiles(x, out, inner, k0, k1):
-    """logsumexp (as torch.logsumexp: an infinite max is not subtracted) for
-    tiles k0 .. k1 - 1."""
+    """logsumexp (see ``_lse``) for tiles k0 .. k1 - 1."""
     C = x.shape[1]
     t = _tile_buffer(x)
     tc = t[:C]
@@ -643,10 +644,10 @@ def _logsumexp_tiles(x, out, inner, k0, k1):
     for k in range(k0, k1):
         rows, r0, step = _tile(x, k, inner)
         tile_in(rows, t)
-        tile_max(tc, m, True)
+        tile_max(tc, m)
         tile_exp_sums(tc, m, s, log_s, False)
         for i in range(rows.shape[0]):
-            out[r0 + i * step] = m[i] + log_s[i]
+            out[r0 + i * step] = _lse(m[i], log_s[i])
 
 
 @_jit(inline=True)

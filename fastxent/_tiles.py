@@ -24,9 +24,8 @@ type, or its first ``C`` rows; per-row arrays hold ``TILE`` elements):
   rows (rows past ``C`` hold no particular values); rows contiguous along
   the rows (a class contiguous across them) are copied a vector per class.
 * ``tile_out(t, dst)``: the reverse, ``dst[i, c] = t[c, i]``.
-* ``tile_max(t, m, finite_shift)``: ``m`` gets each row's maximum, NaN if
-  the row holds a NaN; ``finite_shift``: an infinite max becomes 0 (as in
-  ``torch.logsumexp``, which does not subtract it).
+* ``tile_max(t, m)``: ``m`` gets each row's maximum, NaN if the row holds
+  a NaN.
 * ``tile_exp_sums(t, m, s, log_s, store)``: ``s = sum_c exp(t[c] - m)`` and
   ``log(s)`` in float64; ``store``: the exponentials replace ``t``.
 * ``tile_dot(t, q, w, keep, uniform, m, total, dot)``: ``total = sum_c q'``
@@ -365,25 +364,14 @@ def tile_out(typingctx, t, dst):
     return types.none(t, dst), _copy_codegen(1, 0, False)
 
 
-def _finite_shift(builder, m, enabled):
-    """``m`` with infinite lanes set to 0 where ``enabled`` (an i1) holds."""
-    vty = m.type
-    fabs = builder.module.declare_intrinsic(f"llvm.fabs.v{TILE}{vty.element.intrinsic_name}",
-                                            (), ir.FunctionType(vty, [vty]))
-    infinite = builder.fcmp_ordered("==", builder.call(fabs, [m]), _const(vty, math.inf))
-    shift = builder.and_(infinite, _splat(builder, enabled, infinite.type))
-    return builder.select(shift, _const(vty, 0.0), m)
-
-
 def _class_loop(builder, tile):
     return cgutils.for_range(builder, tile.shape[0])
 
 
 @intrinsic
-def tile_max(typingctx, t, m, finite_shift):
+def tile_max(typingctx, t, m):
     """Each lane's maximum over the classes into ``m`` (NaN if any is NaN)."""
-    if not (_is_tile(t) and _is_lanes(m, t.dtype) and m.mutable
-            and isinstance(finite_shift, types.Boolean)):
+    if not (_is_tile(t) and _is_lanes(m, t.dtype) and m.mutable):
         return None
 
     def codegen(context, builder, sig, args):
@@ -414,11 +402,10 @@ def tile_max(typingctx, t, m, finite_shift):
             best = builder.select(builder.fcmp_ordered(">", x, best), x, best)
         largest = best
         result = builder.select(builder.load(nan_seen), _const(vty, math.nan), largest)
-        result = _finite_shift(builder, result, args[2])
         builder.store(result, out.lanes(builder), align=tile.itemsize)
         return context.get_dummy_value()
 
-    return types.none(t, m, finite_shift), codegen
+    return types.none(t, m), codegen
 
 
 def _widen(builder, vec):

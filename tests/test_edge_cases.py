@@ -174,13 +174,17 @@ def test_float32_over_256000_classes():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-def test_logsumexp_infinite_rows(dtype):
+@pytest.mark.parametrize("padding", [0, 97, 297], ids=["tiles", "blocks", "direct"])
+def test_logsumexp_infinite_rows(dtype, padding):
+    """Rows of -inf give -inf and rows holding +inf give +inf, in each kind
+    of kernel (``padding`` columns of -inf change no result, only the path)."""
     x = np.array([[-np.inf, -np.inf, -np.inf],
                   [1.0, np.inf, 2.0],
                   [np.inf, np.inf, 0.0],
                   [-np.inf, np.inf, -np.inf],
                   [np.nan, 1.0, 2.0],
                   [-np.inf, 0.0, -np.inf]], dtype=dtype)
+    x = np.concatenate([x, np.full((x.shape[0], padding), -np.inf, dtype)], axis=1)
     ours = fastxent.logsumexp(x)
     theirs = torch.logsumexp(torch.from_numpy(x), dim=-1).numpy()
     np.testing.assert_array_equal(ours, theirs)

