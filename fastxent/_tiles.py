@@ -23,7 +23,9 @@ type, or its first ``C`` rows; per-row arrays hold ``TILE`` elements):
   1 to 3 classes of a row gathered), so ``t`` needs ``C`` rounded up to 16
   rows (rows past ``C`` hold no particular values); rows contiguous along
   the rows (a class contiguous across them) are copied a vector per class.
-* ``tile_out(t, dst)``: the reverse, ``dst[i, c] = t[c, i]``.
+* ``tile_out(t, dst)``: the reverse, ``dst[i, c] = t[c, i]``, writing
+  nothing outside ``dst``'s elements (rows back to back may be written
+  past a row's end, with the next rows' own values stored after).
 * ``tile_max(t, m)``: ``m`` gets each row's maximum, NaN if the row holds
   a NaN.
 * ``tile_exp_sums(t, m, s, log_s, store)``: ``s = sum_c exp(t[c] - m)`` and
@@ -123,17 +125,35 @@ def _masked_load(builder, ptr, vty, mask, itemsize):
     return _masked(builder, "load", vty, [ptr, _i32(itemsize), mask, _const(vty, 0.0)])
 
 
-def _masked_store(builder, value, ptr, mask, itemsize):
+def _masked_store(builder, value, ptr, mask, itemsize, rewritten=None):
+    """Store the lanes of ``value`` that ``mask`` holds.
+
+    ``rewritten`` (an i1, or None for false): the lanes outside the mask
+    fall on memory of this call's rows that the caller writes again later,
+    so the whole vector may be stored.
+    """
     if native_vector_bytes() >= 64:
         _masked(builder, "store", value.type, [value, ptr, _i32(itemsize), mask])
         return
+
     # Without AVX-512 a masked store is microcoded on AMD CPUs (tens of
-    # cycles): store the lanes that are in, one by one.
-    element = builder.bitcast(ptr, value.type.element.as_pointer())
-    for j in range(value.type.count):
-        with builder.if_then(builder.extract_element(mask, _i32(j))):
-            builder.store(builder.extract_element(value, _i32(j)),
-                          builder.gep(element, [_i64(j)]), align=itemsize)
+    # cycles): store the whole vector where the lanes outside are rewritten
+    # later, else the lanes that are in one by one.
+    def lane_by_lane():
+        element = builder.bitcast(ptr, value.type.element.as_pointer())
+        for j in range(value.type.count):
+            with builder.if_then(builder.extract_element(mask, _i32(j))):
+                builder.store(builder.extract_element(value, _i32(j)),
+                              builder.gep(element, [_i64(j)]), align=itemsize)
+
+    if rewritten is None:
+        lane_by_lane()
+        return
+    with builder.if_else(rewritten, likely=True) as (whole, lanes):
+        with whole:
+            builder.store(value, ptr, align=itemsize)
+        with lanes:
+            lane_by_lane()
 
 
 def _lanes_below(builder, count, width=TILE):
@@ -178,7 +198,14 @@ def _transpose_block(builder, rows, tile, into_tile, n, c0, width):
     itemsize = _i64(rows.itemsize)
     side = transpose_width(rows.itemsize)
     vty = ir.VectorType(tile.vty.element, side)
-    for rb, cb in itertools.product(range(0, TILE, side), repeat=2):
+    row_bytes = builder.mul(rows.shape[1], itemsize)
+    back_to_back = builder.icmp_signed("==", rows.strides[0], row_bytes)
+    tile_bytes = builder.mul(n, row_bytes)
+    # Out of the tile, the classes' blocks go from last to first (rows in
+    # order inside each): a row's partial last block may then spill onto the
+    # next rows' first classes, which are stored afterwards.
+    order = [(rb, cb) for cb in reversed(range(0, TILE, side)) for rb in range(0, TILE, side)]
+    for rb, cb in order:
         # rows rb .. rb + side - 1, classes c0 + cb .. of the tile; none of
         # these classes left: nothing to move (tile rows past C are not read)
         with builder.if_then(builder.icmp_signed(">", width, _i64(cb)), likely=True):
@@ -191,7 +218,12 @@ def _transpose_block(builder, rows, tile, into_tile, n, c0, width):
                 offset = builder.add(builder.mul(_i64(i), rows.strides[0]),
                                      builder.mul(c, itemsize))
                 ptr = builder.bitcast(rows.element_pointer(builder, offset), vty.as_pointer())
-                return ptr, mask
+                # Past the row's end, the vector covers the next rows' first
+                # classes, stored after this (see _copy_tile), when the rows
+                # lie back to back and the vector inside the tile's rows.
+                rewritten = builder.and_(back_to_back, builder.icmp_signed(
+                    "<=", builder.add(offset, _i64(side * rows.itemsize)), tile_bytes))
+                return ptr, mask, rewritten
 
             def tile_part(j):
                 at = builder.add(builder.mul(builder.add(c, _i64(j)), _i64(TILE)), _i64(rb))
@@ -214,7 +246,7 @@ def _move_block(builder, rows, into_tile, vty, row_numbers, row_access, tile_par
     if into_tile:
         loaded = []
         for i in row_numbers:
-            ptr, mask = row_access(i)
+            ptr, mask, _ = row_access(i)
             loaded.append(_masked_load(builder, ptr, vty, mask, rows.itemsize) if masked
                           else builder.load(ptr, align=rows.itemsize))
         for j, vec in enumerate(_transpose(builder, loaded)):
@@ -222,9 +254,9 @@ def _move_block(builder, rows, into_tile, vty, row_numbers, row_access, tile_par
     else:
         loaded = [builder.load(tile_part(j), align=rows.itemsize) for j in range(side)]
         for i, vec in zip(row_numbers, _transpose(builder, loaded)):
-            ptr, mask = row_access(i)
+            ptr, mask, rewritten = row_access(i)
             if masked:
-                _masked_store(builder, vec, ptr, mask, rows.itemsize)
+                _masked_store(builder, vec, ptr, mask, rows.itemsize, rewritten)
             else:
                 builder.store(vec, ptr, align=rows.itemsize)
 
@@ -269,7 +301,11 @@ def _copy_tile(builder, rows, tile, into_tile):
     with builder.if_else(builder.icmp_signed("==", class_stride, itemsize), likely=True) as (
             classes_contiguous, other):
         with classes_contiguous:
-            with cgutils.for_range_slice(builder, _i64(0), C, _i64(TILE)) as (c0, _):
+            # blocks of TILE classes, the last first (see _transpose_block)
+            blocks = builder.sdiv(builder.add(C, _i64(TILE - 1)), _i64(TILE))
+            with cgutils.for_range(builder, blocks) as loop:
+                c0 = builder.mul(builder.sub(builder.sub(blocks, _i64(1)), loop.index),
+                                 _i64(TILE))
                 width = builder.sub(C, c0)
                 with builder.if_else(builder.icmp_signed(">=", width, _i64(_TRANSPOSE_MIN)),
                                      likely=True) as (block, last_few):

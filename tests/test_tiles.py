@@ -90,6 +90,22 @@ def test_tile_in_transposes_and_zero_fills_and_tile_out_restores(n, C, dt):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("C", [4, 5, 10, 15, 20, 21, 37])
+@pytest.mark.parametrize("n", [1, 2, 7, TILE])
+def test_tile_out_to_rows_back_to_back_stays_inside_them(n, C, dt):
+    """Rows stored back to back (a C-contiguous array) may take whole-vector
+    stores past a row's end, onto the next rows, which are stored after:
+    the rows come out exact and nothing past them is touched."""
+    t = np.random.default_rng(C * 100 + n).standard_normal((_padded(C), TILE)).astype(dt)
+    guard = TILE
+    buffer = np.full(n * C + 2 * guard, -7.0, dt)
+    dst = buffer[guard:guard + n * C].reshape(n, C)
+    _out(t, dst)
+    np.testing.assert_array_equal(dst, t[:C, :n].T)
+    assert np.all(buffer[:guard] == -7.0) and np.all(buffer[guard + n * C:] == -7.0)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
 def test_tile_out_writes_only_the_rows_and_classes_of_dst(dt):
     C, n = TILE + 3, 5
     t = np.arange(_padded(C) * TILE, dtype=dt).reshape(_padded(C), TILE)
