@@ -31,7 +31,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from . import _cache
-from ._fastmath import FASTMATH, fast_exp, fast_log, log1p_unit, maximum
+from ._fastmath import FASTMATH, fast_exp, fast_log, log1p_unit
 from ._lanes import exp_sum, exp_sum_inplace, lane_dot, row_max, scale_minus, soft_sums
 from ._tiles import TILE, tile_dot, tile_exp_sums, tile_in, tile_max, tile_out, tile_scale_minus
 

@@ -45,7 +45,6 @@ order depends on nothing but the code, so results are reproducible.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 from llvmlite import ir
