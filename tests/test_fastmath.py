@@ -176,7 +176,8 @@ def test_log1p_unit_accuracy(dtype):
     nonzero = exact != 0
     assert np.all(ours[~nonzero] == 0)
     ulps, _ = _errors(ours[nonzero], exact[nonzero], hi_res[nonzero])
-    assert ulps <= 4.0, f"max error {ulps:.3f} ulp"
+    # The docstring states 2 ulp: 1.39 (float32) and 1.45 (float64) measured.
+    assert ulps <= 2.0, f"max error {ulps:.3f} ulp"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
