@@ -156,6 +156,19 @@ def _at_impl(a, c, default):
     return lambda a, c, default: a[c]
 
 
+def _label_weight(pw, c, tc, one):
+    """BCE's ``1 + (pw[c] - 1) t``, or ``one`` when ``pw`` is None (resolved
+    when compiling: the constant then folds out of the formulas using it)."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_label_weight, jit_options=_JIT_OPTIONS, inline="always")
+def _label_weight_impl(pw, c, tc, one):
+    if isinstance(pw, types.NoneType):
+        return lambda pw, c, tc, one: one
+    return lambda pw, c, tc, one: one + (pw[c] - one) * tc
+
+
 def _cast_like(value, like):
     """``value`` converted to the float type of ``like`` (an array or a scalar)."""
     raise NotImplementedError  # only called from compiled code
@@ -663,8 +676,8 @@ def _bce_element(xc, tc, w, pw, c):
     one = _cast_like(1.0, tc)
     e = fast_exp(-np.abs(xc))
     log1p_e = log1p_unit(e)
-    # ``_at``, not ``if pw is not None``: inlined, the test would not be pruned
-    lw = one + (_at(pw, c, one) - one) * tc
+    # an overload, not ``if pw is not None``: inlined, the test would not be pruned
+    lw = _label_weight(pw, c, tc, one)
     # (1 - t) x - l (min(x, 0) - log1p(e)), with the x terms gathered first:
     # for x < 0 and t = 0 this is log1p(e) exactly, where the formula as
     # written cancels x against x (PyTorch loses all digits there).
