@@ -554,42 +554,47 @@ def _tile_buffer(x):
 
 @_jit
 def _ce_hard_tiles(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, k0, k1):
-    """Cross-entropy against class indices for tiles k0 .. k1 - 1."""
+    """Cross-entropy against class indices for tiles k0 .. k1 - 1.
+
+    The per-row work runs over all ``TILE`` lanes without branches (lanes
+    past the tile's rows and ignored rows take class 0 and are dropped at
+    the end), so that LLVM turns it into vector code."""
     C = x.shape[1]
     t = _tile_buffer(x)
     tc = t[:C]
     m, a1, a2, at = _lane_arrays(x)
     s, log_s, sx, xt = _lane_arrays(losses)
+    loss, _, _, _ = _lane_arrays(losses)
     unused = np.zeros(TILE)
-    target = np.empty(TILE, np.int64)  # -1: ignored row
+    target = np.zeros(TILE, np.int64)
+    keep = np.zeros(TILE, np.bool_)
     for k in range(k0, k1):
         rows, r0, step = _tile(x, k, inner)
         n = rows.shape[0]
         tile_in(rows, t)
-        for i in range(n):  # the target logits, before the exponentials replace them
-            tgt = y[r0 + i * step]
-            target[i] = -1 if tgt == ignore_index else tgt
-            xt[i] = 0.0 if tgt == ignore_index else np.float64(t[tgt, i])
+        for i in range(TILE):  # the target logits, before the exponentials replace them
+            tgt = y[r0 + min(i, n - 1) * step]
+            keep[i] = i < n and tgt != ignore_index
+            target[i] = tgt if keep[i] else 0
+            xt[i] = t[target[i], i]
         tile_max(tc, m)
         if smooth > 0.0:
             tile_dot(tc, None, w, 0.0, 1.0, m, unused, sx)
         tile_exp_sums(tc, m, s, log_s, g is not None)
+        for i in range(TILE):
+            loss[i], a1[i], a2[i], at[i] = _hard_coeffs(np.float64(m[i]), log_s[i], s[i], xt[i],
+                                                        target[i], w, wsum, sx[i], smooth,
+                                                        scale, C)
         for i in range(n):
-            r = r0 + i * step
-            if target[i] < 0:
-                losses[r] = 0.0
-                continue
-            losses[r], c1, c2, ct = _hard_coeffs(np.float64(m[i]), log_s[i], s[i], xt[i],
-                                                 target[i], w, wsum, sx[i], smooth, scale, C)
-            a1[i], a2[i], at[i] = c1, c2, ct
+            losses[r0 + i * step] = loss[i] if keep[i] else 0.0
         if g is not None:
             tile_scale_minus(tc, a1, a2, w, None, 0.0)
             for i in range(n):
-                if target[i] < 0:  # ignored rows: 0, even for NaN logits
+                if keep[i]:
+                    t[target[i], i] = t[target[i], i] - at[i]
+                else:  # ignored rows: 0, even for NaN logits
                     for c in range(C):
                         t[c, i] = 0.0
-                else:
-                    t[target[i], i] = t[target[i], i] - at[i]
             tile_out(t, _tile(g, k, inner)[0])
 
 
