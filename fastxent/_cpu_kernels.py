@@ -631,6 +631,7 @@ def _softmax_tiles(x, out, inner, log, k0, k1):
     t = _tile_buffer(x)
     tc = t[:C]
     m, a1, a2 = np.zeros(TILE, x.dtype), np.ones(TILE, x.dtype), np.zeros(TILE, x.dtype)
+    inv_s = np.zeros(TILE, x.dtype)
     s, log_s = np.zeros(TILE), np.zeros(TILE)
     for k in range(k0, k1):
         tile_in(_tile(x, k, inner)[0], t)
@@ -644,7 +645,6 @@ def _softmax_tiles(x, out, inner, log, k0, k1):
             tile_scale_minus(tc, a1, a2, None, None, 0.0)
         else:
             tile_exp_sums(tc, m, s, log_s, True)
-            inv_s = np.empty(TILE, x.dtype)
             for i in range(TILE):
                 inv_s[i] = 1.0 / s[i]
             tile_scale_minus(tc, inv_s, a2, None, None, 0.0)
