@@ -18,7 +18,7 @@ Accuracy (checked in ``tests/test_fastmath.py`` against float64/long double):
   and a check for overflow cost them up to 10% of their time.
 * ``fast_log``: float32 and float64 within 3 ulp (2.8 measured), for positive
   normal arguments; ``log(0) = -inf``, ``log(inf) = inf``, negative or NaN
-  gives NaN. Used where a loop needs a logarithm per element (BCE).
+  gives NaN. Used for the logarithms of a block's row sums (``_log_block``).
 * ``log1p_unit``: ``log(1 + e)`` for ``e`` in [0, 1] within 2 ulp (1.39 float32,
   1.45 float64 measured), relative to the result even for tiny ``e``. Used by
   BCE for ``log1p(exp(-|x|))``.
