@@ -607,6 +607,7 @@ def _ce_soft_tiles(x, q, w, smooth, scale, g, losses, inner, k0, k1):
     m, a1, a2, _ = _lane_arrays(x)
     a2[:] = scale * smooth / C
     s, log_s, total, qxm = _lane_arrays(losses)
+    loss, _, _, _ = _lane_arrays(losses)
     keep, uniform = _cast_like(1.0 - smooth, x), _cast_like(smooth / C, x)
     keep_s = _cast_like(scale * (1.0 - smooth), x)
     for k in range(k0, k1):
@@ -616,9 +617,11 @@ def _ce_soft_tiles(x, q, w, smooth, scale, g, losses, inner, k0, k1):
         tile_max(tc, m)
         tile_dot(tc, qc, w, keep, uniform, m, total, qxm)
         tile_exp_sums(tc, m, s, log_s, g is not None)
-        for i in range(rows.shape[0]):
-            losses[r0 + i * step] = total[i] * log_s[i] - qxm[i]
+        for i in range(TILE):  # every lane: no branch, vector code
+            loss[i] = total[i] * log_s[i] - qxm[i]
             a1[i] = scale * total[i] / s[i]
+        for i in range(rows.shape[0]):
+            losses[r0 + i * step] = loss[i]
         if g is not None:
             tile_scale_minus(tc, a1, a2, w, qc, keep_s)
             tile_out(t, _tile(g, k, inner)[0])
