@@ -14,9 +14,10 @@ For each (N, C) shape it times, side by side in interleaved rounds:
 
 Each round times every implementation once (a sample: the median of calls
 lasting about ``SAMPLE_SECONDS``), in a rotating order, after a short pause
-(``COOLDOWN_SECONDS``), and the table reports medians over rounds. On a
-busy machine only the ratios of one run mean anything: they compare times
-taken moments apart.
+(``COOLDOWN_SECONDS``), and the table reports medians over rounds; each
+ratio is the median over rounds of the ratio of the two samples taken in
+that round. On a busy machine only the ratios of one run mean anything:
+they compare times taken moments apart.
 """
 
 from __future__ import annotations
@@ -167,6 +168,15 @@ class Timing:
     def median(self) -> float:
         return statistics.median(self.samples) if self.samples else float("nan")
 
+    def ratio_to(self, other: "Timing") -> float:
+        """Median over rounds of this sample over ``other``'s sample of the
+        same round: samples of one round are taken moments apart, so a
+        machine whose speed drifts from round to round (a shared machine's
+        memory bandwidth does, by up to half) moves both alike."""
+        if not self.samples or len(self.samples) != len(other.samples):
+            return float("nan")
+        return statistics.median(a / b for a, b in zip(self.samples, other.samples))
+
 
 def time_sample(runner: _peers.Runner, number: int) -> float:
     """Median seconds per call over ``number`` calls, each after an untimed reset.
@@ -242,7 +252,8 @@ def _format_time(seconds: float) -> str:
 
 
 def format_table(results: Dict[str, Dict[str, Timing]]) -> List[str]:
-    """Times (medians) and ratios, one line per shape."""
+    """Times (medians over rounds) and ratios (medians of the rounds'
+    ratios), one line per shape."""
     time_labels = [label for label, _, _ in COLUMNS]
     ratio_labels = [label for label, _, _ in RATIOS]
     header = ["shape"] + time_labels + ratio_labels
@@ -251,7 +262,7 @@ def format_table(results: Dict[str, Dict[str, Timing]]) -> List[str]:
         medians = {label: timings[label].median for label in time_labels}
         row = [shape] + [_format_time(medians[label]) for label in time_labels]
         for _, numerator, denominator in RATIOS:
-            ratio = medians[numerator] / medians[denominator]
+            ratio = timings[numerator].ratio_to(timings[denominator])
             row.append("-" if ratio != ratio else f"{ratio:.2f}")
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
@@ -270,8 +281,9 @@ def legend(results: Dict[str, Dict[str, Timing]]) -> List[str]:
         "copyto: np.copyto of the logits;",
         "sum: x.sum(axis=-1); torch: F.cross_entropy + backward(); numpy: log-softmax, "
         "gather, softmax - one-hot;",
-        "jax: jit(value_and_grad). Times are medians per call; a ratio below 1 means the "
-        "numerator is faster.",
+        "jax: jit(value_and_grad). Times are medians per call; ratios are medians of each "
+        "round's ratio;",
+        "a ratio below 1 means the numerator is faster.",
     ]
     skipped = {label: t.unavailable for timings in results.values()
                for label, t in timings.items() if t.unavailable}

@@ -8,6 +8,7 @@ meaningless).
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -185,6 +186,23 @@ def test_a_sample_is_the_median_call_so_a_stalled_call_does_not_weigh(monkeypatc
     assert len(resets) == 5 and not clock.durations
     clock.durations = [4e-3, 1.0, 3e-3]
     assert _bench.calibrate(runner, 0.05) == 12  # 50 ms / the median 4 ms
+
+
+def test_ratios_pair_the_samples_of_one_round_so_drift_between_rounds_cancels():
+    """fastxent takes 1.2 times copyto's time in the rounds where the machine
+    stays as it was: the table says 1.20. The machine slows down threefold
+    from round 3 on, and copyto happened to be sampled slow three times,
+    fastxent twice: the medians of the times (1.2 ms over 3 ms) would say
+    0.40."""
+    timings = {label: _bench.Timing([]) for label, _, _ in _bench.COLUMNS}
+    timings["copyto"] = _bench.Timing([1e-3, 1e-3, 3e-3, 3e-3, 3e-3])
+    timings["fastxent"] = _bench.Timing([1.2e-3, 1.2e-3, 3.6e-3, 3.6e-3, 1.2e-3])
+    header, row = _bench.format_table({"8x8": timings})
+    ratios = dict(zip([label for label, _, _ in _bench.RATIOS],
+                      row.split()[-len(_bench.RATIOS):]))
+    assert ratios["fastxent/copyto"] == "1.20"
+    assert ratios["fwd/sum"] == "-" and ratios["torch/fastxent"] == "-"  # not measured
+    assert math.isnan(_bench.Timing([1.0]).ratio_to(_bench.Timing([1.0, 2.0])))
 
 
 def _as_float64(value):
