@@ -564,7 +564,7 @@ def _ce_hard_tiles(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner,
     tc = t[:C]
     m, a1, a2, at = _lane_arrays(x)
     s, log_s, sx, xt = _lane_arrays(losses)
-    loss, _, _, _ = _lane_arrays(losses)
+    loss = np.zeros(TILE)
     unused = np.zeros(TILE)
     target = np.zeros(TILE, np.int64)
     keep = np.zeros(TILE, np.bool_)
@@ -607,7 +607,7 @@ def _ce_soft_tiles(x, q, w, smooth, scale, g, losses, inner, k0, k1):
     m, a1, a2, _ = _lane_arrays(x)
     a2[:] = scale * smooth / C
     s, log_s, total, qxm = _lane_arrays(losses)
-    loss, _, _, _ = _lane_arrays(losses)
+    loss = np.zeros(TILE)
     keep, uniform = _cast_like(1.0 - smooth, x), _cast_like(smooth / C, x)
     keep_s = _cast_like(scale * (1.0 - smooth), x)
     for k in range(k0, k1):

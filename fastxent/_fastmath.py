@@ -108,6 +108,15 @@ def _const(ty, value):
     return ir.Constant(ty, value)
 
 
+def _horner_ir(builder, x, coefs):
+    """sum_k coefs[-1 - k] x^k (coefficients highest power first)."""
+    fty = x.type
+    p = _const(fty, coefs[0])
+    for coef in coefs[1:]:
+        p = _call(builder, "llvm.fmuladd", fty, p, x, _const(fty, coef))
+    return p
+
+
 def _element(ty):
     return ty.element if isinstance(ty, ir.VectorType) else ty
 
@@ -187,12 +196,8 @@ def _exp_ir(builder, x):
     n = builder.fsub(t, magic)
     r = fma(n, c(-k["ln2_hi"]), x)
     r = fma(n, c(-k["ln2_lo"]), r)
-    poly = k["poly"]
-    p = c(poly[0])
-    for coef in poly[1:]:
-        p = fma(p, r, c(coef))
     # exp(r) = 1 + r + r^2 * P(r)
-    p = fma(builder.fmul(r, r), p, builder.fadd(r, c(1.0)))
+    p = fma(builder.fmul(r, r), _horner_ir(builder, r, k["poly"]), builder.fadd(r, c(1.0)))
     # bits(t) - bits(magic) = n; 2^n has the bits (n + bias) << mant.
     offset = _const(ity, k["bias"] - _float_bits(1.5 * 2.0 ** k["mant"], k["bits"]))
     two_n = builder.bitcast(builder.shl(builder.add(builder.bitcast(t, ity), offset),
@@ -304,15 +309,6 @@ _LOG1P_Q = {
          -0.1666666569676973, 0.19999999965822401, -0.2499999999935962,
          0.33333333333328546, -0.49999999999999994),
 }
-
-
-def _horner_ir(builder, x, coefs):
-    """sum_k coefs[-1 - k] x^k (coefficients highest power first)."""
-    fty = x.type
-    p = _const(fty, coefs[0])
-    for coef in coefs[1:]:
-        p = _call(builder, "llvm.fmuladd", fty, p, x, _const(fty, coef))
-    return p
 
 
 @intrinsic
