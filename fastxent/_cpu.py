@@ -143,7 +143,9 @@ class _Output:
         self.rows = None
         if dest is not None:
             view = _as_form(dest, problem, form)
-            if view is not None and _same_view(view, x_rows):
+            # ``dest`` the logits themselves: its view in the rows' form is
+            # the rows (``rows_of`` made the same view, or a copy if none)
+            if view is not None and (dest is inputs[0] or _same_view(view, x_rows)):
                 self.rows, self.inplace = view, True
             elif view is not None and not any(np.may_share_memory(dest, a) for a in inputs
                                               if isinstance(a, np.ndarray)):

@@ -201,8 +201,14 @@ def finish_loss(total: float, denominator: float, reduction: str, dtype):
     """A mean or sum reduction as a NumPy scalar of the logits' dtype."""
     if reduction == "sum":
         return dtype.type(total)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return dtype.type(np.float64(total) / np.float64(denominator))
+    # IEEE division as NumPy's (0/0 is NaN, x/0 is +-inf), in Python floats:
+    # np.errstate alone costs more than the rest of a small call's reduction.
+    total, denominator = float(total), float(denominator)
+    if denominator != 0.0:
+        return dtype.type(total / denominator)
+    if total == 0.0 or math.isnan(total):
+        return dtype.type(math.nan)
+    return dtype.type(math.copysign(math.inf, total) * math.copysign(1.0, denominator))
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,19 @@ def test_every_target_ignored(weighted):
     assert np.isnan(fastxent.nll_loss(x, y, weight=w))
 
 
+@pytest.mark.parametrize("logits_sign", [1.0, -1.0])
+def test_mean_over_weights_summing_to_zero_divides_as_torch(logits_sign):
+    # The denominator is 0 and the weighted sum is not: +-inf, as in torch
+    # (and NaN where the sum is 0 too).
+    x = logits_sign * np.array([[3.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    y = np.array([0, 1])
+    w = np.array([1.0, -1.0, 0.5])
+    (loss, _), (t_loss, _) = _both(x, y, weight=w)
+    assert np.isinf(t_loss) and loss == t_loss
+    (loss, _), (t_loss, _) = _both(np.zeros((2, 3)), y, weight=w)
+    assert np.isnan(t_loss) and np.isnan(loss)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_empty_batch(dtype):
     x = np.zeros((0, 4), dtype=dtype)
