@@ -8,6 +8,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def on_gpu(a) -> bool:
+    if type(a) is np.ndarray:  # the common case, without probing attributes
+        return False
     # Device arrays of Numba's CUDA simulator (``FakeCUDAArray``, used by the
     # GPU tests on machines without a GPU) do not expose the interface.
     return hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray"
@@ -29,11 +31,6 @@ def select(device, *arrays):
     """
     if device not in DEVICES:
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device != "cuda" and all(a is None or type(a) is np.ndarray for a in arrays):
-        # the common call, decided without probing each array's attributes
-        from . import _cpu
-
-        return _cpu, arrays
     given = [a for a in arrays if a is not None]
     gpu = [on_gpu(a) for a in given]
     if device == "auto":
