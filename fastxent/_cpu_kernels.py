@@ -500,11 +500,16 @@ def _softmax_block(x, out, inner, log, r0, n):
 
 
 @_jit(inline=True)
-def _lse(m, log_s):
-    """logsumexp from the row max and log(sum exp(x - m)). As torch.logsumexp,
-    rows of -inf give -inf and rows holding +inf give +inf, not NaN: an
-    infinite max is the result (the exponentials of x - m were NaN)."""
+def _lse(m, log_s, row):
+    """logsumexp of ``row`` from its max and log(sum exp(row - m)). As
+    torch.logsumexp, rows of -inf give -inf and rows holding +inf give +inf,
+    not NaN: an infinite max is the result (the exponentials of x - m were
+    NaN), unless the row holds a NaN, which the max skips (rare: looked for
+    only here)."""
     if np.isinf(m):
+        for c in range(row.shape[0]):
+            if np.isnan(row[c]):
+                return np.nan
         return np.float64(m)
     return np.float64(m) + log_s
 
@@ -513,14 +518,14 @@ def _lse(m, log_s):
 def _logsumexp_direct(x, inner, r):
     xr = _row(x, r, inner)
     m = row_max(xr, None)
-    return _lse(m, np.log(exp_sum(xr, m, _next_row(x, r, inner))))
+    return _lse(m, np.log(exp_sum(xr, m, _next_row(x, r, inner))), xr)
 
 
 @_jit
 def _logsumexp_block(x, out, inner, r0, n):
     e, m, s, log_s = _exp_wide(x, r0, n, inner)
     for i in range(n):
-        out[r0 + i] = _lse(m[i], log_s[i])
+        out[r0 + i] = _lse(m[i], log_s[i], _row(x, r0 + i, inner))
 
 
 # --------------------------------------------------------------------------
@@ -668,7 +673,7 @@ def _logsumexp_tiles(x, out, inner, k0, k1):
         tile_max(tc, m)
         tile_exp_sums(tc, m, s, log_s, False)
         for i in range(rows.shape[0]):
-            out[r0 + i * step] = _lse(m[i], log_s[i])
+            out[r0 + i * step] = _lse(m[i], log_s[i], tc[:, i])
 
 
 @_jit(inline=True)

@@ -26,8 +26,9 @@ type, or its first ``C`` rows; per-row arrays hold ``TILE`` elements):
 * ``tile_out(t, dst)``: the reverse, ``dst[i, c] = t[c, i]``, writing
   nothing outside ``dst``'s elements (rows back to back may be written
   past a row's end, with the next rows' own values stored after).
-* ``tile_max(t, m)``: ``m`` gets each row's maximum, NaN if the row holds
-  a NaN.
+* ``tile_max(t, m)``: ``m`` gets each row's largest value that is not NaN
+  (-inf if none): a NaN reaches the row's results through its exponential,
+  as in ``_lanes.row_max``.
 * ``tile_exp_sums(t, m, s, log_s, store)``: ``s = sum_c exp(t[c] - m)`` and
   ``log(s)`` in float64; ``store``: the exponentials replace ``t``.
 * ``tile_dot(t, q, w, keep, uniform, m, total, dot)``: ``total = sum_c q'``
@@ -405,7 +406,7 @@ def _class_loop(builder, tile):
 
 @intrinsic
 def tile_max(typingctx, t, m):
-    """Each lane's maximum over the classes into ``m`` (NaN if any is NaN)."""
+    """Each lane's largest value that is not NaN (-inf if none) into ``m``."""
     if not (_is_tile(t) and _is_lanes(m, t.dtype) and m.mutable):
         return None
 
@@ -414,12 +415,10 @@ def tile_max(typingctx, t, m):
         tile = _Array(context, builder, sig.args[0], args[0])
         out = _Array(context, builder, sig.args[1], args[1])
         vty = tile.vty
-        mask_ty = ir.VectorType(ir.IntType(1), TILE)
         # Four independent maxima (classes c mod 4): one compare-and-select
         # chain would wait on its own latency at every class.
         largest = [cgutils.alloca_once_value(builder, _const(vty, -math.inf))
                    for _ in range(_MAX_CHAINS)]
-        nan_seen = cgutils.alloca_once_value(builder, ir.Constant(mask_ty, [0] * TILE))
         C = tile.shape[0]
         chains = _i64(_MAX_CHAINS)
         with cgutils.for_range_slice(builder, _i64(0), C, chains) as (c0, _):
@@ -429,15 +428,11 @@ def tile_max(typingctx, t, m):
                     x = builder.load(tile.row(builder, c), align=tile.itemsize)
                     best = builder.load(acc)
                     builder.store(builder.select(builder.fcmp_ordered(">", x, best), x, best), acc)
-                    builder.store(builder.or_(builder.load(nan_seen),
-                                              builder.fcmp_unordered("uno", x, x)), nan_seen)
         best = builder.load(largest[0])
         for acc in largest[1:]:
             x = builder.load(acc)
             best = builder.select(builder.fcmp_ordered(">", x, best), x, best)
-        largest = best
-        result = builder.select(builder.load(nan_seen), _const(vty, math.nan), largest)
-        builder.store(result, out.lanes(builder), align=tile.itemsize)
+        builder.store(best, out.lanes(builder), align=tile.itemsize)
         return context.get_dummy_value()
 
     return types.none(t, m), codegen

@@ -45,9 +45,10 @@ def test_minus_inf_on_non_target_classes(dtype, smoothing):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "target_minus_inf"])
-def test_a_bad_value_poisons_its_row_only(dtype, bad):
+@pytest.mark.parametrize("n_classes", [4, 100, 300], ids=["tiles", "blocks", "direct"])
+def test_a_bad_value_poisons_its_row_only(dtype, bad, n_classes):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((5, 4)).astype(dtype)
+    x = rng.standard_normal((5, n_classes)).astype(dtype)
     y = np.array([0, 1, 2, 3, 1])
     x[2, 2] = bad  # row 2's target is class 2
     (loss, grad), (t_loss, t_grad) = _both(x, y, reduction="none")
@@ -64,6 +65,17 @@ def test_a_bad_value_poisons_its_row_only(dtype, bad):
     np.testing.assert_allclose(m, tm, **_tol(dtype))
     np.testing.assert_allclose(gm, tgm, **_tol(dtype))
     assert not np.isfinite(m)
+    # probability targets, and the softmaxes, of the same rows
+    q = rng.random(x.shape).astype(dtype)
+    q /= q.sum(axis=1, keepdims=True)
+    (loss, grad), (t_loss, t_grad) = _both(x, q, reduction="none", label_smoothing=0.1)
+    np.testing.assert_allclose(loss, t_loss, **_tol(dtype))
+    np.testing.assert_allclose(grad, t_grad, **_tol(dtype))
+    assert not np.isfinite(loss[2]) and np.all(np.isfinite(np.delete(loss, 2)))
+    for fn, twin in ((fastxent.softmax, torch.softmax), (fastxent.log_softmax, torch.log_softmax),
+                     (fastxent.logsumexp, torch.logsumexp)):
+        np.testing.assert_allclose(fn(x), twin(torch.from_numpy(x), -1).numpy(), **_tol(dtype),
+                                   err_msg=fn.__name__)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
@@ -196,12 +208,16 @@ def test_logsumexp_infinite_rows(dtype, padding):
                   [np.inf, np.inf, 0.0],
                   [-np.inf, np.inf, -np.inf],
                   [np.nan, 1.0, 2.0],
-                  [-np.inf, 0.0, -np.inf]], dtype=dtype)
+                  [-np.inf, 0.0, -np.inf],
+                  [np.nan, np.inf, 1.0],
+                  [-np.inf, np.nan, -np.inf],
+                  [np.nan, np.nan, np.nan]], dtype=dtype)
     x = np.concatenate([x, np.full((x.shape[0], padding), -np.inf, dtype)], axis=1)
     ours = fastxent.logsumexp(x)
     theirs = torch.logsumexp(torch.from_numpy(x), dim=-1).numpy()
     np.testing.assert_array_equal(ours, theirs)
-    np.testing.assert_array_equal(ours, [-np.inf, np.inf, np.inf, np.inf, np.nan, 0.0])
+    np.testing.assert_array_equal(ours, [-np.inf, np.inf, np.inf, np.inf, np.nan, 0.0,
+                                         np.nan, np.nan, np.nan])
     np.testing.assert_array_equal(ours, ref.logsumexp(x))
     # softmax / log_softmax of the same rows, as torch
     for fn, twin in ((fastxent.softmax, torch.softmax), (fastxent.log_softmax, torch.log_softmax)):
