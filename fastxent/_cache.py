@@ -2,7 +2,8 @@
 
 Numba keeps a cached function while the file that defines it is unchanged.
 The kernels in ``_cpu_kernels.py`` inline code from ``_lanes.py``,
-``_tiles.py`` and ``_fastmath.py``: edited or upgraded alone, those would
+``_tiles.py``, ``_fastmath.py``, ``_formulas.py`` and ``_host.py``: edited
+or upgraded alone, those would
 leave stale machine code in the cache, silently. The locators here give the
 kernels' cache entries a stamp made from every one of those files, so a
 change to any of them recompiles.
@@ -20,7 +21,8 @@ import hashlib
 import os
 
 #: The files whose code ends up in the compiled CPU kernels.
-KERNEL_SOURCES = ("_cpu_kernels.py", "_lanes.py", "_tiles.py", "_fastmath.py")
+KERNEL_SOURCES = ("_cpu_kernels.py", "_lanes.py", "_tiles.py", "_fastmath.py", "_formulas.py",
+                  "_host.py")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,8 +1,9 @@
 """The CPU backend: brings NumPy arrays to the kernels' row form and back.
 
-Each function takes a checked spec from ``_validate`` and the caller's
-arrays, runs a kernel from ``_cpu_kernels`` and returns NumPy results. The
-functions of ``_cuda`` have the same names and signatures.
+Each function takes a checked spec (``_spec``) and the caller's arrays,
+picks the layout strategy (direct rows, blocks or tiles: one kernel each in
+``_cpu_kernels``), runs it and returns NumPy results. The functions of
+``_cuda`` have the same names and signatures.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import numpy as np
 
 from . import _cpu_kernels as K
 from ._fastmath import native_vector_bytes
+from ._formulas import mean_scale
+from ._host import bad_uint64_target, finish_loss, raise_bad_target, scan_hard_targets
+from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec
 from ._tiles import TILE
-from ._validate import (BCESpec, ClassProblem, CrossEntropySpec, check_targets,
-                        finish_loss)
 
 #: Rows of more classes than this, contiguous along the classes, take the
 #: direct kernels (one row at a time).
@@ -21,9 +23,8 @@ SHORT_ROW = 128
 #: Rows contiguous along the classes take the tiled kernels (see ``_tiles``)
 #: up to this many classes, by the CPU's vector register size in bytes:
 #: their tiles are transposed in registers, and above these counts the
-#: transposes cost more than the per-row work they batch (measured side by
-#: side against the block kernels, on AVX-512 before the transposes were
-#: cut into register-sized squares, on AVX2 after).
+#: transposes cost more than the per-row work they batch, against the block
+#: kernels.
 TRANSPOSED_TILE_CLASSES = {
     64: {np.dtype(np.float32): 64, np.dtype(np.float64): 16},
     32: {np.dtype(np.float32): 64, np.dtype(np.float64): 40},
@@ -162,31 +163,149 @@ class _Output:
         return self.dest
 
 
-def _hard_targets(spec: CrossEntropySpec, target, w):
-    """Targets as a flat int64 array, checked; and the mean's denominator."""
+def _hard_targets(target):
+    """Class indices as the flat int64 array the kernels read."""
+    flat = target.reshape(-1)
+    if flat.dtype == np.int64 and flat.flags.c_contiguous:
+        return flat
+    return np.ascontiguousarray(flat, dtype=np.int64)
+
+
+def _check_uint64_targets(target, y, spec: CrossEntropySpec):
+    """uint64 targets above 2**63 - 1 wrap to negative int64 values, which
+    could even equal ``ignore_index``: found here, before a kernel runs."""
     flat = np.asarray(target).reshape(-1)
-    y = np.ascontiguousarray(flat, dtype=np.int64)
-    bad, denominator = K.scan_hard_targets(y, spec.problem.n_classes, spec.ignore_index, w)
-    if flat.dtype == np.uint64:
-        # Above 2**63 - 1 the int64 cast wraps to a negative value, which could
-        # even equal ignore_index and be skipped: every such value is bad.
-        huge = np.flatnonzero(flat > np.iinfo(np.int64).max)
-        if huge.size and (bad < 0 or huge[0] < bad):
-            bad = int(huge[0])
-    check_targets(bad, flat, spec.problem, spec.ignore_index)
-    return y, denominator
+    bad = bad_uint64_target(flat, -1)
+    if bad >= 0:
+        problem = spec.problem
+        scanned, _ = scan_hard_targets(y, problem.n_classes, spec.ignore_index, None)
+        bad = bad if scanned < 0 else min(bad, scanned)
+        raise_bad_target(bad, flat, problem.batch_shape, problem.n_classes, spec.ignore_index)
 
 
 def _weight(weight, dtype):
     return None if weight is None else np.ascontiguousarray(weight, dtype=dtype)
 
 
-def _reduce(losses, denominator, spec_reduction, problem: ClassProblem):
-    if spec_reduction == "none":
+def _reduce(losses, total, denominator, reduction, problem: ClassProblem):
+    if reduction == "none":
         return losses.astype(problem.dtype).reshape(problem.batch_shape)
-    # numpy's pairwise sum of the row losses: a fixed order, whatever the
-    # number of threads that computed them.
-    return finish_loss(losses.sum(), denominator, spec_reduction, problem.dtype)
+    return finish_loss(total, denominator, reduction, problem.dtype)
+
+
+def _ce_kernel(x_rows, form):
+    """The cross-entropy kernel for rows of this shape, layout and form."""
+    if _direct(x_rows, form):
+        return K.cross_entropy_direct
+    if _tiled(x_rows):
+        return K.cross_entropy_tiles
+    return K.cross_entropy_blocks
+
+
+class CrossEntropyPlan:
+    """A cross-entropy call on the CPU, prepared once for arrays of given
+    shapes, strides and dtypes and options (a checked spec).
+
+    Calling it runs the kernel on such arrays. Where the logits' row form is
+    a view obtained by ``reshape`` (every C-contiguous input), the plan keeps
+    that view's shape, the kernel and its compiled entry point, so that a
+    call does no more than make the views and run the kernel: this is what
+    a small batch's time is made of. Otherwise each call goes the general
+    way (``rows_of`` and ``_Output``).
+    """
+
+    def __init__(self, spec: CrossEntropySpec, logits, target, grad):
+        self.spec = spec
+        problem = spec.problem
+        self.dtype = problem.dtype
+        self.options = (spec.ignore_index, spec.smoothing, spec.reduction == "mean")
+        x = np.asarray(logits, dtype=self.dtype)
+        x_rows, self.form = rows_of(x, problem)
+        self.kernel = _ce_kernel(x_rows, self.form)
+        self.inner = _inner(problem, self.form)
+        self.grad = None if grad is None else ("new" if isinstance(grad, str) else "out")
+        self.inplace = grad is not None and grad is logits
+        if self.inplace:
+            self.grad = "inplace"
+        # The fast way: logits (and soft targets) of the kernels' dtype whose
+        # row form is a view that ``reshape`` makes.
+        self.row_shape = None
+        if (x is logits and self.grad != "out"
+                and (self.form == SLABS or problem.axis == x.ndim - 1)):
+            view = x.reshape(x_rows.shape)
+            if np.may_share_memory(view, x) and view.strides == x_rows.strides:
+                self.row_shape = x_rows.shape
+        if spec.soft and self.row_shape is not None:
+            if (np.dtype(target.dtype) != self.dtype
+                    or not np.may_share_memory(target.reshape(self.row_shape), target)):
+                self.row_shape = None
+        self.fast = self.row_shape is not None
+        self._entry = None
+
+    def _run(self, args):
+        kernel = self.kernel
+        if args[0].size >= kernel.PARALLEL_MIN_ELEMENTS:
+            return kernel(*args)
+        if self._entry is None:
+            self._entry = kernel.serial_entry(args)
+        return self._entry(*args)
+
+    def __call__(self, logits, target, weight, grad=None):
+        spec, problem = self.spec, self.spec.problem
+        if self.row_shape is None:
+            return self._general(logits, target, weight, grad)
+        x_rows = logits if logits.shape == self.row_shape else logits.reshape(self.row_shape)
+        if spec.soft:
+            y = None
+            q = target if target.shape == self.row_shape else target.reshape(self.row_shape)
+        else:
+            y, q = _hard_targets(target), None
+            if target.dtype == np.uint64:
+                _check_uint64_targets(target, y, spec)
+        w = None if weight is None else np.ascontiguousarray(weight, dtype=self.dtype)
+        opts = CEOptions(w, *self.options)
+        if self.grad == "inplace":
+            g = x_rows
+        elif self.grad == "new":
+            g = np.empty(self.row_shape, self.dtype)
+        else:
+            g = None
+        losses = np.empty(problem.n_rows)
+        bad, total, denominator = self._run((x_rows, y, q, opts, g, self.inplace, losses,
+                                             self.inner))
+        if bad >= 0:
+            raise_bad_target(bad, y, problem.batch_shape, problem.n_classes, spec.ignore_index)
+        loss = _reduce(losses, total, denominator, spec.reduction, problem)
+        if g is None:
+            return loss, None
+        if self.grad == "inplace":
+            return loss, logits
+        return loss, _from_form(g, problem, self.form)
+
+    def _general(self, logits, target, weight, grad):
+        spec, problem = self.spec, self.spec.problem
+        x = np.asarray(logits, dtype=problem.dtype)
+        x_rows, form = rows_of(x, problem)
+        if spec.soft:
+            y, q = None, rows_of(np.asarray(target, dtype=problem.dtype), problem, form)[0]
+        else:
+            y, q = _hard_targets(np.asarray(target)), None
+            if y is not target and np.asarray(target).dtype == np.uint64:
+                _check_uint64_targets(target, y, spec)
+        opts = CEOptions(_weight(weight, problem.dtype), *self.options)
+        out = g = None
+        inplace = False
+        if grad is not None:
+            out = _Output(None if isinstance(grad, str) else grad, x_rows, problem, form,
+                          (x, target, weight))
+            g, inplace = out.rows, out.inplace
+        losses = np.empty(problem.n_rows)
+        bad, total, denominator = _ce_kernel(x_rows, form)(
+            x_rows, y, q, opts, g, inplace, losses, _inner(problem, form))
+        if bad >= 0:
+            raise_bad_target(bad, y, problem.batch_shape, problem.n_classes, spec.ignore_index)
+        loss = _reduce(losses, total, denominator, spec.reduction, problem)
+        return loss, (None if out is None else out.result())
 
 
 def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
@@ -195,53 +314,22 @@ def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
     ``grad``: None (loss only), ``"new"`` (a new array), or an array to
     write the gradient into (``out=``, or the logits themselves).
     """
-    problem = spec.problem
-    x = np.asarray(logits, dtype=problem.dtype)
-    x_rows, form = rows_of(x, problem)
-    w = _weight(weight, problem.dtype)
-    wsum = float(problem.n_classes) if w is None else float(w.sum(dtype=np.float64))
-    if spec.soft:
-        q_rows, _ = rows_of(np.asarray(target, dtype=problem.dtype), problem, form)
-        denominator = float(problem.n_rows)
-    else:
-        y, denominator = _hard_targets(spec, target, w)
-    scale = 1.0 / denominator if spec.reduction == "mean" and denominator != 0 else 1.0
-    out = None
-    g_rows, inplace = None, False
-    if grad is not None:
-        out = _Output(None if isinstance(grad, str) else grad, x_rows, problem, form,
-                      (x, target, weight))
-        g_rows, inplace = out.rows, out.inplace
-    losses = np.empty(problem.n_rows)
-    inner = _inner(problem, form)
-    if spec.soft and _direct(x_rows, form):
-        K.ce_soft(x_rows, q_rows, w, spec.smoothing, scale, g_rows, inplace, losses, inner)
-    elif spec.soft and _tiled(x_rows):
-        K.ce_soft_tiled(x_rows, q_rows, w, spec.smoothing, scale, g_rows, losses, inner)
-    elif spec.soft:
-        K.ce_soft_buffered(x_rows, q_rows, w, spec.smoothing, scale, g_rows, losses, inner)
-    elif _direct(x_rows, form):
-        K.ce_hard(x_rows, y, w, wsum, spec.ignore_index, spec.smoothing, scale, g_rows, inplace,
-                  losses, inner)
-    elif _tiled(x_rows):
-        K.ce_hard_tiled(x_rows, y, w, wsum, spec.ignore_index, spec.smoothing, scale, g_rows,
-                        losses, inner)
-    else:
-        K.ce_hard_buffered(x_rows, y, w, wsum, spec.ignore_index, spec.smoothing, scale, g_rows,
-                           losses, inner)
-    loss = _reduce(losses, denominator, spec.reduction, problem)
-    return loss, (None if out is None else out.result())
+    return CrossEntropyPlan(spec, logits, target, grad)(logits, target, weight, grad)
 
 
 def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
     problem = spec.problem
     lp = np.asarray(log_probs, dtype=problem.dtype)
     lp_rows, form = rows_of(lp, problem)
-    w = _weight(weight, problem.dtype)
-    y, denominator = _hard_targets(spec, target, w)
+    y = _hard_targets(np.asarray(target))
+    if np.asarray(target).dtype == np.uint64:
+        _check_uint64_targets(target, y, spec)
+    opts = CEOptions(_weight(weight, problem.dtype), spec.ignore_index, 0.0, False)
     losses = np.empty(problem.n_rows)
-    K.nll(lp_rows, y, w, spec.ignore_index, losses, _inner(problem, form))
-    return _reduce(losses, denominator, spec.reduction, problem)
+    bad, total, denominator = K.nll(lp_rows, y, opts, losses, _inner(problem, form))
+    if bad >= 0:
+        raise_bad_target(bad, y, problem.batch_shape, problem.n_classes, spec.ignore_index)
+    return _reduce(losses, total, denominator, spec.reduction, problem)
 
 
 def softmax(problem: ClassProblem, x, out, log: bool):
@@ -294,7 +382,7 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
 
     t2, w2, pw2 = operand(target), operand(weight), operand(pos_weight)
     n = x2.size
-    scale = 1.0 / n if spec.reduction == "mean" and n else 1.0
+    scale = mean_scale(spec.reduction == "mean", n)
     out = None
     g2 = None
     if grad is not None:
@@ -310,12 +398,12 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
         operands = flat
     x2, t2, w2, pw2, g2, elements_rows = operands
     losses = np.empty(K.bce_tasks(t2.shape[0], t2.shape[1], _BCE_SEGMENT)[2])
-    K.bce(x2, t2, w2, pw2, scale, g2, elements_rows, out is not None and out.inplace, losses,
-          _BCE_SEGMENT)
+    total = K.bce(x2, t2, w2, pw2, scale, g2, elements_rows, out is not None and out.inplace,
+                  losses, _BCE_SEGMENT)
     if spec.reduction == "none":
         loss = elements.reshape(shape)
     else:
-        loss = finish_loss(losses.sum(), n, spec.reduction, dtype)
+        loss = finish_loss(total, n, spec.reduction, dtype)
     if out is None:
         return loss, None
     return loss, (grad if not isinstance(grad, str) else out.result().reshape(shape))

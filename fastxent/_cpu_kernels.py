@@ -1,10 +1,16 @@
 """CPU kernels: Numba loops over rows, one fused pass per row.
 
-Every kernel works on the canonical problem built by ``_validate``: the
+Every kernel works on the canonical problem ``_cpu`` makes of its input: the
 logits as a 2-D array ``(rows, C)`` (the class axis is the last one) or a 3-D
 array ``(A, C, B)`` (the class axis is in the middle, as in PyTorch's
 ``(N, C, d1, ...)`` layout; row ``r`` is ``x[r // B, :, r % B]``). ``_row``
 hides the difference, so each kernel is written once.
+
+There is one cross-entropy kernel per layout strategy (direct rows, blocks,
+tiles). Each takes class indices or class probabilities (the other None)
+and the options record ``_spec.CEOptions``; both are resolved when compiling,
+so a kernel is compiled for what a call uses and nothing else. The loss and
+gradient coefficients of a row come from ``_formulas``, shared with the GPU.
 
 A row routine computes, for one row, the max shift, the log-sum-exp, the loss
 and (when given somewhere to write it) the gradient. The exponentials are
@@ -13,13 +19,12 @@ and scaled there in a second sweep. Gradients may be written over the logits
 (``g is x``): each element is read before it is written.
 
 Results are bit-for-bit reproducible: rows are independent, the losses of
-the rows are summed by the caller in a fixed order, and every sum inside a
-row has its order fixed by the code (the vector loops of ``_lanes``), not
-left to the compiler: the fast-math flags leave out ``reassoc``, so the
-vector width LLVM picks in one compilation or another (serial, parallel,
-cached by another process) cannot change a bit.
+the rows are summed in a fixed order, and every sum inside a row has its
+order fixed by the code (the vector loops of ``_lanes``), not left to the
+compiler: the fast-math flags leave out ``reassoc``, so the vector width
+LLVM picks in one compilation or another (serial, parallel, cached by
+another process) cannot change a bit.
 """
-
 from __future__ import annotations
 
 import threading
@@ -31,7 +36,9 @@ from numba import prange, types
 from numba.extending import overload
 
 from . import _cache
+from . import _formulas as F
 from ._fastmath import FASTMATH, fast_exp, fast_log, log1p_unit
+from ._host import scan_hard_targets
 from ._lanes import exp_sum, exp_sum_inplace, lane_dot, row_max, scale_minus, soft_sums
 from ._tiles import TILE, tile_dot, tile_exp_sums, tile_in, tile_max, tile_out, tile_scale_minus
 
@@ -166,7 +173,7 @@ def _label_weight(pw, c, tc, one):
 def _label_weight_impl(pw, c, tc, one):
     if isinstance(pw, types.NoneType):
         return lambda pw, c, tc, one: one
-    return lambda pw, c, tc, one: one + (pw[c] - one) * tc
+    return lambda pw, c, tc, one: bce_label_weight(pw[c], tc, one)
 
 
 def _cast_like(value, like):
@@ -179,6 +186,36 @@ def _cast_like_impl(value, like):
     if getattr(like, "dtype", like) == types.float32:
         return lambda value, like: np.float32(value)
     return lambda value, like: np.float64(value)
+
+
+# The formulas of ``_formulas``, compiled for the CPU and inlined into
+# their callers.
+hard_target_row = _jit(F.hard_target_row, inline=True)
+soft_target_row = _jit(F.soft_target_row, inline=True)
+smoothed_target = _jit(F.smoothed_target, inline=True)
+gradient_element = _jit(F.gradient_element, inline=True)
+log_sum_exp = _jit(F.log_sum_exp, inline=True)
+nll_row = _jit(F.nll_row, inline=True)
+mean_scale = _jit(F.mean_scale, inline=True)
+bce_label_weight = _jit(F.bce_label_weight, inline=True)
+bce_element = _jit(F.bce_element, inline=True)
+
+
+@_jit(inline=True)
+def _class_weight(w, c):
+    """``w[c]`` as float64, or 1 without weights."""
+    return np.float64(_at(w, c, 1.0))
+
+
+@_jit
+def _weight_sum(w, n_classes):
+    """The sum of the class weights (the number of classes without weights)."""
+    if w is None:
+        return float(n_classes)
+    total = 0.0
+    for c in range(n_classes):
+        total += w[c]
+    return total
 
 
 # --------------------------------------------------------------------------
@@ -200,9 +237,8 @@ _BUFFER = 4096
 @_jit(inline=True)
 def _max_pass(x, g, inplace):
     """Row max; copies the row into ``g`` unless ``g`` is None or ``x`` itself.
-
-    Inlined, as the row routines that call it: a call per row of 1000
-    classes cost the in-place kernel 7% (one thread, 4096x1000 float32)."""
+    Inlined, as the row routines that call it: a call per row costs more than
+    a row of a thousand classes' max."""
     if g is None:
         return row_max(x, None)
     if inplace:
@@ -226,28 +262,6 @@ def _zero(g):
 
 
 @_jit(inline=True)
-def _hard_coeffs(m, log_s, s, xt, t, w, wsum, sx, smooth, scale, C):
-    """Loss of a row and its gradient's coefficients, for class target ``t``.
-
-    With lse = m + log(s), m the row max and s = sum exp(x - m):
-    loss = (1-eps) w_t (lse - x_t) + eps/C (W lse - sum_c w_c x_c)
-    grad = scale * (p_c ((1-eps) w_t + eps W/C) - eps w_c/C - (1-eps) w_t [c=t])
-         = e_c * k1 - k2 * w_c - kt [c=t],   with p_c = e_c / s,
-    W the sum of the weights (C without weights), as in PyTorch.
-    ``sx`` is sum_c w_c (x_c - m). lse - x_t is formed as (m - x_t) + log(s):
-    m + log(s) would round log(s) away for logits of magnitude 1e16 and more.
-    """
-    wt = 1.0 if w is None else np.float64(w[t])
-    loss = (1.0 - smooth) * wt * ((m - xt) + log_s)
-    if smooth > 0.0:
-        loss += smooth / C * (wsum * log_s - sx)
-    k1 = scale * ((1.0 - smooth) * wt + smooth * wsum / C) / s
-    k2 = scale * smooth / C
-    kt = scale * (1.0 - smooth) * wt
-    return loss, k1, k2, kt
-
-
-@_jit(inline=True)
 def _ce_hard_row(x, g, inplace, t, w, wsum, smooth, scale, ahead):
     """Cross-entropy of one contiguous row against class ``t``; gradient into ``g``.
 
@@ -260,8 +274,8 @@ def _ce_hard_row(x, g, inplace, t, w, wsum, smooth, scale, ahead):
     # sum(w * (x - m)), read before the gradient replaces the row
     sx = lane_dot(x, w, m) if smooth > 0.0 else 0.0
     s = _exp_pass(x, g, m, ahead)
-    loss, k1, k2, kt = _hard_coeffs(np.float64(m), np.log(s), s, xt, t, w, wsum, sx, smooth,
-                                    scale, x.shape[0])
+    loss, k1, k2, kt = hard_target_row(np.float64(m), np.log(s), s, xt, _class_weight(w, t),
+                                       wsum, sx, smooth, scale, x.shape[0])
     if g is not None:
         scale_minus(g, g, _cast_like(k1, g), _cast_like(k2, g), w)
         g[t] = g[t] - kt
@@ -273,13 +287,13 @@ def _soft_grad(e, g, q, w, k1, keep_s, uniform_s):
     """g <- e * k1 - (keep_s * q + uniform_s) * w; ``e`` None: the
     exponentials are read from ``g`` (in place)."""
     for c in range(g.shape[0]):
-        qc = keep_s * q[c] + uniform_s
+        qc = smoothed_target(q[c], keep_s, uniform_s)
         if w is not None:
             qc = qc * w[c]
         if e is None:
-            g[c] = g[c] * k1 - qc
+            g[c] = gradient_element(g[c], k1, qc)
         else:
-            g[c] = e[c] * k1 - qc
+            g[c] = gradient_element(e[c], k1, qc)
 
 
 @_jit
@@ -295,10 +309,11 @@ def _ce_soft_finish(x, e, m, log_s, s, q, w, smooth, scale, g):
     keep = _cast_like(1.0 - smooth, x)
     uniform = _cast_like(smooth / C, x)
     total, qxm = soft_sums(x, q, w, keep, uniform, m, None)
+    loss, k1 = soft_target_row(total, qxm, log_s, s, scale)
     if g is not None:
-        _soft_grad(e, g, q, w, _cast_like(scale * total / s, g),
-                   _cast_like(scale * (1.0 - smooth), g), _cast_like(scale * smooth / C, g))
-    return total * log_s - qxm
+        _soft_grad(e, g, q, w, _cast_like(k1, g), _cast_like(scale * (1.0 - smooth), g),
+                   _cast_like(scale * smooth / C, g))
+    return loss
 
 
 @_jit(inline=True)
@@ -313,10 +328,11 @@ def _ce_soft_row(x, g, inplace, q, w, smooth, scale, ahead, q_ahead):
     # The sums read the logits before the exponentials replace them.
     total, qxm = soft_sums(x, q, w, keep, uniform, m, q_ahead)
     s = _exp_pass(x, g, m, ahead)
+    loss, k1 = soft_target_row(total, qxm, np.log(s), s, scale)
     if g is not None:
-        _soft_grad(None, g, q, w, _cast_like(scale * total / s, g),
-                   _cast_like(scale * (1.0 - smooth), g), _cast_like(scale * smooth / C, g))
-    return total * np.log(s) - qxm
+        _soft_grad(None, g, q, w, _cast_like(k1, g), _cast_like(scale * (1.0 - smooth), g),
+                   _cast_like(scale * smooth / C, g))
+    return loss
 
 
 @_jit
@@ -371,19 +387,50 @@ def _rows_per_block(C):
 # instead. ``_cpu.py`` picks.
 
 
-@_jit
-def _ce_hard_direct(x, y, w, wsum, ignore_index, smooth, scale, g, inplace, inner, r):
+def _by_targets(hard, soft):
+    """The overload implementation for class indices (``y`` an array: ``hard``)
+    or class probabilities (``y`` None: ``soft``), chosen when compiling.
+    (``if y is None`` would not do: Numba prunes that branch only where ``y``
+    is None, and would type the probabilities' branch with ``q`` None.)"""
+    def choose(x, y, *rest):
+        return soft if isinstance(y, types.NoneType) else hard
+    return choose
+
+
+def _ce_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r):
+    """Cross-entropy of row ``r`` against its class index (``y``) or its
+    class probabilities (``q``; the other is None); gradient into ``g``'s row."""
+    raise NotImplementedError  # only called from compiled code
+
+
+def _ce_hard_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r):
+    # The views are made in the calls' arguments, as everywhere here: bound
+    # to names first, the inlined row routine's last store was lost.
     t = y[r]
-    if t == ignore_index:
+    if t == opts.ignore_index:
         if g is not None:
             _zero(_row(g, r, inner))
         return 0.0
     if g is None:
-        return _ce_hard_row(_row(x, r, inner), None, False, t, w, wsum, smooth, scale,
-                            _next_row(x, r, inner))
-    # the row the next max pass reads (g's row itself when in place)
-    return _ce_hard_row(_row(x, r, inner), _row(g, r, inner), inplace, t, w, wsum, smooth,
-                        scale, _next_row(x, r, inner))
+        return _ce_hard_row(_row(x, r, inner), None, False, t, opts.weight, wsum,
+                            opts.smoothing, scale, _next_row(x, r, inner))
+    return _ce_hard_row(_row(x, r, inner), _row(g, r, inner), inplace, t, opts.weight, wsum,
+                        opts.smoothing, scale, _next_row(x, r, inner))
+
+
+def _ce_soft_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r):
+    if g is None:
+        return _ce_soft_row(_row(x, r, inner), None, False, _row(q, r, inner), opts.weight,
+                            opts.smoothing, scale, _next_row(x, r, inner),
+                            _next_row(q, r, inner))
+    return _ce_soft_row(_row(x, r, inner), _row(g, r, inner), inplace, _row(q, r, inner),
+                        opts.weight, opts.smoothing, scale, _next_row(x, r, inner),
+                        _next_row(q, r, inner))
+
+
+overload(_ce_direct, jit_options=_JIT_OPTIONS)(
+    lambda x, y, q, opts, wsum, scale, g, inplace, inner, r:
+    _by_targets(_ce_hard_direct, _ce_soft_direct)(x, y))
 
 
 @_jit
@@ -401,29 +448,13 @@ def _ce_hard_rows(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, 
             continue
         xr = _row(x, r, inner)
         sx = lane_dot(xr, w, m[i]) if smooth > 0.0 else 0.0
-        loss, k1, k2, kt = _hard_coeffs(np.float64(m[i]), log_s[i], s[i], np.float64(xr[t]), t,
-                                        w, wsum, sx, smooth, scale, C)
+        loss, k1, k2, kt = hard_target_row(np.float64(m[i]), log_s[i], s[i], np.float64(xr[t]),
+                                           _class_weight(w, t), wsum, sx, smooth, scale, C)
         losses[r] = loss
         if g is not None:
             gr = _row(g, r, inner)
             scale_minus(e[i], gr, _cast_like(k1, gr), _cast_like(k2, gr), w)
             gr[t] = gr[t] - kt
-
-
-@_jit
-def _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n):
-    e, m, s, log_s = _exp_wide(x, r0, n, inner)
-    _ce_hard_rows(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n,
-                  e, m, s, log_s)
-
-
-@_jit
-def _ce_soft_direct(x, q, w, smooth, scale, g, inplace, inner, r):
-    if g is None:
-        return _ce_soft_row(_row(x, r, inner), None, False, _row(q, r, inner), w, smooth,
-                            scale, _next_row(x, r, inner), _next_row(q, r, inner))
-    return _ce_soft_row(_row(x, r, inner), _row(g, r, inner), inplace, _row(q, r, inner), w,
-                        smooth, scale, _next_row(x, r, inner), _next_row(q, r, inner))
 
 
 @_jit
@@ -438,19 +469,34 @@ def _ce_soft_rows(x, q, w, smooth, scale, g, losses, inner, r0, n, e, m, s, log_
                                         _row(q, r, inner), w, smooth, scale, _row(g, r, inner))
 
 
-@_jit
-def _ce_soft_block(x, q, w, smooth, scale, g, losses, inner, r0, n):
+def _ce_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n):
+    """Cross-entropy of the ``n`` rows from ``r0`` (see ``_ce_direct``)."""
+    raise NotImplementedError  # only called from compiled code
+
+
+def _ce_hard_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n):
     e, m, s, log_s = _exp_wide(x, r0, n, inner)
-    _ce_soft_rows(x, q, w, smooth, scale, g, losses, inner, r0, n, e, m, s, log_s)
+    _ce_hard_rows(x, y, opts.weight, wsum, opts.ignore_index, opts.smoothing, scale, g, losses,
+                  inner, r0, n, e, m, s, log_s)
+
+
+def _ce_soft_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n):
+    e, m, s, log_s = _exp_wide(x, r0, n, inner)
+    _ce_soft_rows(x, q, opts.weight, opts.smoothing, scale, g, losses, inner, r0, n, e, m, s,
+                  log_s)
+
+
+overload(_ce_block, jit_options=_JIT_OPTIONS)(
+    lambda x, y, q, opts, wsum, scale, g, losses, inner, r0, n:
+    _by_targets(_ce_hard_block, _ce_soft_block)(x, y))
 
 
 @_jit
-def _nll_row(lp, y, w, ignore_index, inner, r):
+def _nll_direct(lp, y, w, ignore_index, inner, r):
     t = y[r]
     if t == ignore_index:
         return 0.0
-    v = np.float64(_row(lp, r, inner)[t])
-    return -v if w is None else -np.float64(w[t]) * v
+    return nll_row(np.float64(_row(lp, r, inner)[t]), _class_weight(w, t))
 
 
 @_jit
@@ -504,17 +550,14 @@ def _softmax_block(x, out, inner, log, r0, n):
 
 @_jit(inline=True)
 def _lse(m, log_s, row):
-    """logsumexp of ``row`` from its max and log(sum exp(row - m)). As
-    torch.logsumexp, rows of -inf give -inf and rows holding +inf give +inf,
-    not NaN: an infinite max is the result (the exponentials of x - m were
-    NaN), unless the row holds a NaN, which the max skips (rare: looked for
-    only here)."""
+    """logsumexp of ``row`` from its max and log(sum exp(row - m)) (see
+    ``log_sum_exp``). The max skips NaN, so a row whose max is infinite is
+    looked at again for one (rare)."""
     if np.isinf(m):
         for c in range(row.shape[0]):
             if np.isnan(row[c]):
                 return np.nan
-        return np.float64(m)
-    return np.float64(m) + log_s
+    return log_sum_exp(np.float64(m), log_s)
 
 
 @_jit
@@ -590,9 +633,9 @@ def _ce_hard_tiles(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner,
             tile_dot(tc, None, w, 0.0, 1.0, m, unused, sx)
         tile_exp_sums(tc, m, s, log_s, g is not None)
         for i in range(TILE):
-            loss[i], a1[i], a2[i], at[i] = _hard_coeffs(np.float64(m[i]), log_s[i], s[i], xt[i],
-                                                        target[i], w, wsum, sx[i], smooth,
-                                                        scale, C)
+            loss[i], a1[i], a2[i], at[i] = hard_target_row(np.float64(m[i]), log_s[i], s[i],
+                                                           xt[i], _class_weight(w, target[i]),
+                                                           wsum, sx[i], smooth, scale, C)
         for i in range(n):
             losses[r0 + i * step] = loss[i] if keep[i] else 0.0
         if g is not None:
@@ -626,13 +669,31 @@ def _ce_soft_tiles(x, q, w, smooth, scale, g, losses, inner, k0, k1):
         tile_dot(tc, qc, w, keep, uniform, m, total, qxm)
         tile_exp_sums(tc, m, s, log_s, g is not None)
         for i in range(TILE):  # every lane: no branch, vector code
-            loss[i] = total[i] * log_s[i] - qxm[i]
-            a1[i] = scale * total[i] / s[i]
+            loss[i], a1[i] = soft_target_row(total[i], qxm[i], log_s[i], s[i], scale)
         for i in range(rows.shape[0]):
             losses[r0 + i * step] = loss[i]
         if g is not None:
             tile_scale_minus(tc, a1, a2, w, qc, keep_s)
             tile_out(t, _tile(g, k, inner)[0])
+
+
+def _ce_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
+    """Cross-entropy for tiles k0 .. k1 - 1 (see ``_ce_direct``)."""
+    raise NotImplementedError  # only called from compiled code
+
+
+def _ce_hard_tile_task(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
+    _ce_hard_tiles(x, y, opts.weight, wsum, opts.ignore_index, opts.smoothing, scale, g,
+                   losses, inner, k0, k1)
+
+
+def _ce_soft_tile_task(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
+    _ce_soft_tiles(x, q, opts.weight, opts.smoothing, scale, g, losses, inner, k0, k1)
+
+
+overload(_ce_tiles, jit_options=_JIT_OPTIONS)(
+    lambda x, y, q, opts, wsum, scale, g, losses, inner, k0, k1:
+    _by_targets(_ce_hard_tile_task, _ce_soft_tile_task)(x, y))
 
 
 @_jit
@@ -681,29 +742,14 @@ def _logsumexp_tiles(x, out, inner, k0, k1):
 
 @_jit(inline=True)
 def _bce_element(xc, tc, w, pw, c):
-    """(loss, gradient) of binary cross-entropy with logits for one element.
-
-    loss = (1 - t) x - l log_sigmoid(x),  l = 1 + (pos_weight - 1) t,
-    grad = l sigmoid(x) - l + 1 - t, both times the weight (PyTorch's
-    formula), with log_sigmoid(x) = min(x, 0) - log1p(exp(-|x|)).
-    Constants in the logits' type keep float32 math in float32.
-    """
-    zero = _cast_like(0.0, tc)
+    """(loss, gradient) of binary cross-entropy with logits for element ``c``
+    (``bce_element``), times its weight. Constants in the logits' type keep
+    float32 math in float32."""
     one = _cast_like(1.0, tc)
     e = fast_exp(-np.abs(xc))
-    log1p_e = log1p_unit(e)
     # an overload, not ``if pw is not None``: inlined, the test would not be pruned
     lw = _label_weight(pw, c, tc, one)
-    # (1 - t) x - l (min(x, 0) - log1p(e)), with the x terms gathered first:
-    # for x < 0 and t = 0 this is log1p(e) exactly, where the formula as
-    # written cancels x against x (PyTorch loses all digits there).
-    if xc < zero:
-        loss = xc * (one - tc - lw) + lw * log1p_e
-    else:
-        loss = (one - tc) * xc + lw * log1p_e
-    inv = one / (one + e)
-    sig = inv if xc >= zero else e * inv
-    grad = lw * sig - lw + one - tc
+    loss, grad = bce_element(xc, tc, lw, e, log1p_unit(e), one)
     wc = _at(w, c, one)
     return loss * wc, grad * wc
 
@@ -783,80 +829,71 @@ def _bce_task(x, t, w, pw, scale, g, out, inplace, r0, r1, b0, b1):
     return total + lane_dot(scratch[:fill], None, 0.0)
 
 
-@_jit
-def scan_hard_targets(y, n_classes, ignore_index, w):
-    """Check class indices; return (first bad position or -1, sum of weights).
-
-    The sum of ``w[t]`` over targets that are not ignored (their count without
-    weights) is the denominator of PyTorch's mean reduction. The check and
-    the count are one branch-free (vectorized) sweep; the weights, a gather,
-    are summed in row order.
-    """
-    n_bad = 0
-    kept = 0
-    for r in range(y.shape[0]):
-        t = y[r]
-        keep = np.int64(t != ignore_index)
-        kept += keep
-        n_bad += keep & np.int64((t < 0) | (t >= n_classes))
-    if n_bad:
-        for r in range(y.shape[0]):
-            t = y[r]
-            if t != ignore_index and (t < 0 or t >= n_classes):
-                return r, 0.0
-    if w is None:
-        return -1, float(kept)
-    total = 0.0
-    for r in range(y.shape[0]):
-        t = y[r]
-        if t != ignore_index:
-            total += w[t]
-    return -1, total
-
-
 # --------------------------------------------------------------------------
 # Kernels. Each is compiled twice (parallel and serial, see ``_Kernel``);
-# ``prange`` is a plain ``range`` in the serial one. Block kernels cut the
-# rows into blocks of ``_rows_per_block(C)`` rows.
+# ``prange`` is a plain ``range`` in the serial one. The cross-entropy
+# kernels, one per layout strategy, take class indices ``y`` or class
+# probabilities ``q`` (the other None) and the options record ``opts``
+# (``_spec.CEOptions``); they check the targets before writing anything and
+# return (first bad target or -1, sum of the row losses, the mean's
+# denominator), the sum in a fixed order.
 
 
-def _ce_hard(x, y, w, wsum, ignore_index, smooth, scale, g, inplace, losses, inner):
+@_jit
+def _ce_prologue(y, n_classes, n_rows, opts):
+    """(first bad target or -1, the mean's denominator, the gradient's scale,
+    the sum of the class weights)."""
+    w = opts.weight
+    if y is None:
+        bad, denominator = -1, float(n_rows)
+    else:
+        bad, denominator = scan_hard_targets(y, n_classes, opts.ignore_index, w)
+    return bad, denominator, mean_scale(opts.mean, denominator), _weight_sum(w, n_classes)
+
+
+def _cross_entropy_direct(x, y, q, opts, g, inplace, losses, inner):
+    """Long rows contiguous along the classes, one at a time."""
+    bad, denominator, scale, wsum = _ce_prologue(y, x.shape[1], losses.shape[0], opts)
+    if bad >= 0:
+        return bad, 0.0, denominator
     for r in prange(losses.shape[0]):
-        losses[r] = _ce_hard_direct(x, y, w, wsum, ignore_index, smooth, scale, g, inplace,
-                                    inner, r)
+        losses[r] = _ce_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r)
+    return -1, lane_dot(losses, None, 0.0), denominator
 
 
-def _ce_hard_buffered(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner):
+def _cross_entropy_blocks(x, y, q, opts, g, inplace, losses, inner):
+    """Blocks of ``_rows_per_block(C)`` rows of any length and layout."""
+    bad, denominator, scale, wsum = _ce_prologue(y, x.shape[1], losses.shape[0], opts)
+    if bad >= 0:
+        return bad, 0.0, denominator
     n_rows, per = losses.shape[0], _rows_per_block(x.shape[1])
     for b in prange((n_rows + per - 1) // per):
-        _ce_hard_block(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, b * per,
-                       min(per, n_rows - b * per))
+        _ce_block(x, y, q, opts, wsum, scale, g, losses, inner, b * per,
+                  min(per, n_rows - b * per))
+    return -1, lane_dot(losses, None, 0.0), denominator
 
 
-def _ce_soft(x, q, w, smooth, scale, g, inplace, losses, inner):
+def _cross_entropy_tiles(x, y, q, opts, g, inplace, losses, inner):
+    """Short rows, ``TILE`` at a time (``inplace`` is not needed: a tile is
+    read whole before it is written)."""
+    bad, denominator, scale, wsum = _ce_prologue(y, x.shape[1], losses.shape[0], opts)
+    if bad >= 0:
+        return bad, 0.0, denominator
+    n_tiles, per = _tile_count(x, inner), _tiles_per_task(x.shape[1])
+    for j in prange((n_tiles + per - 1) // per):
+        _ce_tiles(x, y, q, opts, wsum, scale, g, losses, inner, j * per,
+                  min(n_tiles, (j + 1) * per))
+    return -1, lane_dot(losses, None, 0.0), denominator
+
+
+def _nll(lp, y, opts, losses, inner):
+    """Negative log-likelihood; returns as the cross-entropy kernels."""
+    bad, denominator, _, _ = _ce_prologue(y, lp.shape[1], losses.shape[0], opts)
+    if bad >= 0:
+        return bad, 0.0, denominator
     for r in prange(losses.shape[0]):
-        losses[r] = _ce_soft_direct(x, q, w, smooth, scale, g, inplace, inner, r)
-
-
-def _ce_soft_buffered(x, q, w, smooth, scale, g, losses, inner):
-    n_rows, per = losses.shape[0], _rows_per_block(x.shape[1])
-    for b in prange((n_rows + per - 1) // per):
-        _ce_soft_block(x, q, w, smooth, scale, g, losses, inner, b * per,
-                       min(per, n_rows - b * per))
-
-
-def _ce_hard_tiled(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner):
-    n_tiles, per = _tile_count(x, inner), _tiles_per_task(x.shape[1])
-    for j in prange((n_tiles + per - 1) // per):
-        _ce_hard_tiles(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, j * per,
-                       min(n_tiles, (j + 1) * per))
-
-
-def _ce_soft_tiled(x, q, w, smooth, scale, g, losses, inner):
-    n_tiles, per = _tile_count(x, inner), _tiles_per_task(x.shape[1])
-    for j in prange((n_tiles + per - 1) // per):
-        _ce_soft_tiles(x, q, w, smooth, scale, g, losses, inner, j * per,
-                       min(n_tiles, (j + 1) * per))
+        losses[r] = _nll_direct(lp, y, opts.weight, opts.ignore_index, inner, r)
+    return -1, lane_dot(losses, None, 0.0), denominator
 
 
 def _softmax_tiled(x, out, inner, log):
@@ -869,11 +906,6 @@ def _logsumexp_tiled(x, out, inner):
     n_tiles, per = _tile_count(x, inner), _tiles_per_task(x.shape[1])
     for j in prange((n_tiles + per - 1) // per):
         _logsumexp_tiles(x, out, inner, j * per, min(n_tiles, (j + 1) * per))
-
-
-def _nll(lp, y, w, ignore_index, losses, inner):
-    for r in prange(losses.shape[0]):
-        losses[r] = _nll_row(lp, y, w, ignore_index, inner, r)
 
 
 def _softmax(x, out, inplace, n_rows, inner, log):
@@ -900,7 +932,7 @@ def _logsumexp_buffered(x, out, inner):
 
 def _bce(x, t, w, pw, scale, g, out, inplace, losses, seg):
     """BCE over 2-D operands in tasks of about ``seg`` elements (see
-    ``bce_tasks``; a flat input is one long row)."""
+    ``bce_tasks``; a flat input is one long row); returns the loss sum."""
     n_rows, n_cols = t.shape
     rows_per, per_row, _ = bce_tasks(n_rows, n_cols, seg)
     for k in prange(losses.shape[0]):
@@ -908,6 +940,7 @@ def _bce(x, t, w, pw, scale, g, out, inplace, losses, seg):
         b0 = k % per_row * seg
         losses[k] = _bce_task(x, t, w, pw, scale, g, out, inplace, r0, min(r0 + rows_per, n_rows),
                               b0, min(b0 + seg, n_cols))
+    return lane_dot(losses, None, 0.0)
 
 
 # --------------------------------------------------------------------------
@@ -949,13 +982,21 @@ class _Kernel:
                 _Kernel._lock.release()
         return self.serial(*args)
 
+    def serial_entry(self, args):
+        """The serial variant compiled for the types of ``args``, as a function
+        that skips Numba's type dispatch: for callers that keep those types
+        fixed (``_cpu.CrossEntropyPlan``), where the dispatch would cost more
+        than a small batch's arithmetic."""
+        dispatcher = self.serial
+        signature = tuple(dispatcher.typeof_pyval(a) for a in args)
+        if signature not in dispatcher.overloads:
+            dispatcher.compile(signature)
+        return dispatcher.overloads[signature].entry_point
 
-ce_hard = _Kernel(_ce_hard)
-ce_hard_buffered = _Kernel(_ce_hard_buffered)
-ce_hard_tiled = _Kernel(_ce_hard_tiled)
-ce_soft = _Kernel(_ce_soft)
-ce_soft_buffered = _Kernel(_ce_soft_buffered)
-ce_soft_tiled = _Kernel(_ce_soft_tiled)
+
+cross_entropy_direct = _Kernel(_cross_entropy_direct)
+cross_entropy_blocks = _Kernel(_cross_entropy_blocks)
+cross_entropy_tiles = _Kernel(_cross_entropy_tiles)
 nll = _Kernel(_nll)
 softmax = _Kernel(_softmax)
 softmax_buffered = _Kernel(_softmax_buffered)

@@ -1,9 +1,9 @@
 """The GPU backend: the functions of ``_cpu`` on CUDA device arrays.
 
-``_dispatch.select`` imports this module only when a call runs on the GPU,
+``_dispatch.backend`` imports this module only when a call runs on the GPU,
 so ``numba.cuda`` is never imported with ``fastxent`` itself.
 
-Arrays. ``to_device_args`` turns every input into a Numba device array
+Arrays. Each function first turns every input into a Numba device array
 (zero-copy for arrays exposing ``__cuda_array_interface__``, such as CuPy
 arrays and PyTorch CUDA tensors; a copy for host arrays, with
 ``device="cuda"``) and remembers the caller's object. Results the size of an
@@ -17,9 +17,9 @@ broadcasts) are gathered into C-contiguous device buffers by a kernel
 written through such a buffer and scattered into at the end: the same
 results as contiguous inputs, for one more read and write of each element.
 
-Target checks copy the class indices to the host (N integers) and reuse the
-CPU scan, so an out-of-range target raises ``IndexError`` before any kernel
-writes.
+Target checks copy the class indices to the host (N integers) and scan
+them there (``_host.scan_hard_targets``), so an out-of-range target raises
+``IndexError`` before any kernel writes.
 
 Shared memory. A row worked on by a whole block is kept in shared memory
 (read from global memory once) when it fits: up to 48 KiB per block on any
@@ -36,15 +36,15 @@ kernel can launch. If the opt-in or the launch is refused, the uncached
 variant runs instead, with a ``SharedMemoryOptInWarning``.
 ``plan_row_launch`` makes these decisions from sizes alone.
 
-Verified without a GPU (no GPU was available while this was written): the
-kernels' results under Numba's CUDA simulator (``tests/cuda_sim``, which
-also runs the opt-in launch path with the driver call a no-op); the launch
-decisions and the opt-in's bookkeeping and fallbacks against stand-ins for
-the kernel and the driver (``tests/test_cuda_launch.py``); the PTX and
-ptxas's register and spill report for sm_90 (``tests/test_cuda_compile.py``).
-Not verified on hardware: that the driver accepts the attribute on
-numba-cuda's kernel handle and a launch with more than 48 KiB then
-succeeds, the register-limited block size read at run time, and any speed.
+What the tests check without a GPU: the kernels' results under Numba's
+CUDA simulator (``tests/cuda_sim``, which also runs the opt-in launch path
+with the driver call a no-op); the launch decisions and the opt-in's
+bookkeeping and fallbacks against stand-ins for the kernel and the driver
+(``tests/test_cuda_launch.py``); the PTX and ptxas's register and spill
+report for sm_90 (``tests/test_cuda_compile.py``). What needs a GPU to
+check: that the driver accepts the attribute on numba-cuda's kernel handle
+and a launch with more than 48 KiB then succeeds, the register-limited
+block size read at run time, and the speed.
 """
 
 from __future__ import annotations
@@ -59,10 +59,10 @@ import numpy as np
 from numba import cuda
 
 from . import _cuda_kernels as K
-from ._cpu_kernels import scan_hard_targets
-from ._dispatch import on_gpu
-from ._validate import (BCESpec, ClassProblem, CrossEntropySpec, check_targets,
-                        finish_loss)
+from ._formulas import mean_scale
+from ._host import (bad_uint64_target, finish_loss, on_gpu, raise_bad_target,
+                    scan_hard_targets)
+from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec
 
 #: Threads per block (a power of two, at most 1024; at least 32 on a GPU).
 #: The simulator tests patch it small.
@@ -467,10 +467,25 @@ def _reduce(losses, denominator, reduction, problem: ClassProblem, like):
 def _hard_targets(spec: CrossEntropySpec, target, w_host):
     """Targets on the device as int64, checked on a host copy; the mean's
     denominator."""
-    y = np.ascontiguousarray(_host(target), dtype=np.int64).reshape(-1)
-    bad, denominator = scan_hard_targets(y, spec.problem.n_classes, spec.ignore_index, w_host)
-    check_targets(bad, y, spec.problem, spec.ignore_index)
+    problem = spec.problem
+    host = _host(target).reshape(-1)
+    y = np.ascontiguousarray(host, dtype=np.int64)
+    bad, denominator = scan_hard_targets(y, problem.n_classes, spec.ignore_index, w_host)
+    if host.dtype == np.uint64:
+        bad = bad_uint64_target(host, bad)
+    if bad >= 0:
+        raise_bad_target(bad, host, problem.batch_shape, problem.n_classes, spec.ignore_index)
     return cuda.to_device(y), denominator
+
+
+def _gradient_destination(grad, logits):
+    """``grad`` as a device array (``"new"`` and None as they are), the
+    logits' own device array when the gradient goes over them."""
+    if grad is None or isinstance(grad, str):
+        return grad
+    if grad is logits[0]:
+        return logits[1]
+    return _to_device(grad)
 
 
 # --------------------------------------------------------------------------
@@ -478,8 +493,11 @@ def _hard_targets(spec: CrossEntropySpec, target, w_host):
 
 
 def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
-    """Loss, and the gradient when ``grad`` is not None (``"new"`` or a
-    device array to write into, possibly the logits)."""
+    """Loss, and the gradient when ``grad`` is not None (``"new"`` or an
+    array to write into, possibly the logits)."""
+    device_logits, target, weight = to_device_args((logits, target, weight))
+    grad = _gradient_destination(grad, (logits, device_logits))
+    logits = device_logits
     problem = spec.problem
     dtype = problem.dtype
     C = problem.n_classes
@@ -491,7 +509,8 @@ def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
     else:
         (y, denominator), q = _hard_targets(spec, target, w_host), None
     x = _contiguous(logits, dtype)
-    scale = 1.0 / denominator if spec.reduction == "mean" and denominator != 0 else 1.0
+    options = CEOptions(w, spec.ignore_index, spec.smoothing, spec.reduction == "mean")
+    scale = mean_scale(options.mean, denominator)
     g = dest = None
     if grad is not None:
         g, dest = _destination(grad, logits, x, problem.shape, dtype, (x, q))
@@ -499,14 +518,14 @@ def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
     if problem.n_rows:
         g_flat = None if g is None else _flat(g)
         _launch_rows(lambda cached: K.ce(dtype, cached), problem, 2 if spec.soft else 1,
-                     lambda group: (_flat(x), y, q, w, g_flat, losses, problem.n_rows, C,
-                                    problem.inner, group, spec.ignore_index, wsum,
-                                    spec.smoothing, scale))
+                     lambda group: (_flat(x), y, q, g_flat, losses, problem.n_rows, C,
+                                    problem.inner, group, wsum, scale, *options))
     loss = _reduce(losses, denominator, spec.reduction, problem, logits)
     return loss, (None if g is None else _finish_destination(g, dest, logits))
 
 
 def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
+    log_probs, target, weight = to_device_args((log_probs, target, weight))
     problem = spec.problem
     w_host, w = (None, None) if weight is None else _small_to_device(weight, problem.dtype)
     y, denominator = _hard_targets(spec, target, w_host)
@@ -521,6 +540,9 @@ def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
 
 
 def softmax(problem: ClassProblem, x, out, log: bool):
+    device_x = _to_device(x)
+    out = _gradient_destination(out, (x, device_x))
+    x = device_x
     xd = _contiguous(x, problem.dtype)
     written, dest = _destination("new" if out is None else out, x, xd, problem.shape,
                                  problem.dtype, (xd,))
@@ -532,6 +554,7 @@ def softmax(problem: ClassProblem, x, out, log: bool):
 
 
 def logsumexp(problem: ClassProblem, x):
+    x = _to_device(x)
     if problem.n_classes == 0 or problem.n_rows == 0:
         empty = np.full(problem.batch_shape, -np.inf, dtype=problem.dtype)
         return _to_caller(cuda.to_device(empty), x)
@@ -559,6 +582,10 @@ def _broadcast_operand(a, shape, dtype):
 
 def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
     """Elementwise BCE; gradient as in ``cross_entropy``."""
+    device_logits, target, weight, pos_weight = to_device_args((logits, target, weight,
+                                                                pos_weight))
+    grad = _gradient_destination(grad, (logits, device_logits))
+    logits = device_logits
     shape, dtype = spec.shape, spec.dtype
     n = math.prod(shape)
     x = _contiguous(logits, dtype)
@@ -572,7 +599,7 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
     tpb = _threads()
     blocks = max(1, min(math.ceil(n / tpb), MAX_BLOCKS))
     partials = cuda.device_array(blocks * tpb, dtype=np.float64)
-    scale = 1.0 / n if spec.reduction == "mean" and n else 1.0
+    scale = mean_scale(spec.reduction == "mean", n)
     if n:
         K.bce(dtype)[blocks, tpb](_flat(x), t, w, pw, None if g is None else _flat(g), elements,
                                   partials, n, scale)

@@ -46,6 +46,8 @@ from functools import lru_cache
 import numpy as np
 from numba import config, cuda
 
+from . import _formulas as F
+
 #: True under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``).
 SIMULATED = bool(config.ENABLE_CUDASIM)
 
@@ -83,6 +85,17 @@ else:
 
 # --------------------------------------------------------------------------
 # Device helpers shared by the kernels
+
+# The formulas of ``_formulas``, compiled for the GPU.
+_device = cuda.jit(device=True, inline=True)
+hard_target_row = _device(F.hard_target_row)
+soft_target_row = _device(F.soft_target_row)
+smoothed_target = _device(F.smoothed_target)
+gradient_element = _device(F.gradient_element)
+log_sum_exp = _device(F.log_sum_exp)
+nll_row = _device(F.nll_row)
+bce_label_weight = _device(F.bce_label_weight)
+bce_element = _device(F.bce_element)
 
 
 @cuda.jit(device=True, inline=True)
@@ -203,17 +216,18 @@ def ce_py(dtype, cached):
     """Fused cross-entropy: loss per row and, when ``g`` is given, gradient.
 
     ``y``: int64 targets (hard) or None; ``q``: class probabilities of the
-    logits' form (soft) or None; ``w``: class weights or None; ``g``: the
-    gradient (may be ``x`` itself) or None. Formulas: ``_ce_hard_row`` and
-    ``_ce_soft_row`` of ``_cpu_kernels``; ``scale`` is 1/denominator for a
-    mean. Dynamic shared memory (cached): C values (hard), 2C (soft: the
-    logits, then the smoothed, weighted targets).
+    logits' form (soft) or None; ``g``: the gradient (may be ``x`` itself)
+    or None; ``wsum``: the sum of the class weights; ``scale``: the
+    gradient's (``_formulas.mean_scale``). The last four parameters are the
+    fields of ``_spec.CEOptions`` in order (kernel parameters, so that a
+    ``weight`` of None compiles away). Dynamic shared memory (cached): C
+    values (hard), 2C (soft: the logits, then the smoothed, weighted targets).
     """
     FT = _float_type(dtype)
     ST = _shared_type(FT)
 
-    def ce(x, y, q, w, g, losses, n_rows, n_classes, inner, group, ignore_index, wsum, smooth,
-           scale):
+    def ce(x, y, q, g, losses, n_rows, n_classes, inner, group, wsum, scale,
+           w, ignore_index, smooth, mean):
         scratch = cuda.shared.array(SCRATCH, ST)
         cache = cuda.shared.array(0, ST)
         zero = FT(0.0)
@@ -244,7 +258,7 @@ def ce_py(dtype, cached):
                         cache[c] = v
                     m, s = _online(m, s, v, one)
                     if q is not None:
-                        qc = keep_q * q[i] + uniform_q
+                        qc = smoothed_target(q[i], keep_q, uniform_q)
                         if w is not None:
                             qc *= w[c]
                         if cached:
@@ -263,53 +277,49 @@ def ce_py(dtype, cached):
             a1 = _group_sum(a1, group, scratch)
             a2 = _group_sum(a2, group, scratch)
             s = _finish_sum(m, s)
-            lse = np.float64(m) + math.log(np.float64(s))
+            m64, s64 = np.float64(m), np.float64(s)
+            log_s = math.log(s64)
             wt = 1.0
             if q is not None:
-                loss = np.float64(a1) * lse - np.float64(a2)
+                # sum q' (x - m) from the online pass's sum q' x
+                loss, k1 = soft_target_row(np.float64(a1), np.float64(a2) - np.float64(a1) * m64,
+                                           log_s, s64, scale)
+                k2 = kt = 0.0
             else:
                 if w is not None:
                     if take:
                         wt = np.float64(w[t])
-                loss = (1.0 - smooth) * wt * (lse - np.float64(a1))
-                if smooth > 0.0:
-                    loss += smooth / n_classes * (wsum * lse - np.float64(a2))
+                w_dot = 0.0
+                if smooth > 0.0:  # sum w (x - m) from the online pass's sum w x
+                    w_dot = np.float64(a2) - m64 * wsum
+                loss, k1, k2, kt = hard_target_row(m64, log_s, s64, np.float64(a1), wt, wsum,
+                                                   w_dot, smooth, scale, n_classes)
             if active and lane == 0:
                 losses[r] = loss if take else 0.0
             if g is not None:
                 if take:
-                    if q is not None:
-                        k1 = FT(scale * np.float64(a1) / np.float64(s))
-                        for c in range(lane, n_classes, group):
-                            i = start + c * inner
+                    k1_f, k2_f, kt_f = FT(k1), FT(k2), FT(kt)
+                    for c in range(lane, n_classes, group):
+                        i = start + c * inner
+                        if cached:
+                            v = cache[c]
+                        else:
+                            v = x[i]
+                        if q is not None:
                             if cached:
-                                v = cache[c]
                                 qc = cache[n_classes + c]
                             else:
-                                v = x[i]
-                                qc = keep_q * q[i] + uniform_q
+                                qc = smoothed_target(q[i], keep_q, uniform_q)
                                 if w is not None:
                                     qc *= w[c]
-                            g[i] = math.exp(v - m) * k1 - scale_f * qc
-                    else:
-                        k1 = FT(scale * ((1.0 - smooth) * wt + smooth * wsum / n_classes)
-                                / np.float64(s))
-                        k2 = FT(scale * smooth / n_classes)
-                        kt = FT(scale * (1.0 - smooth) * wt)
-                        for c in range(lane, n_classes, group):
-                            i = start + c * inner
-                            if cached:
-                                v = cache[c]
-                            else:
-                                v = x[i]
-                            e = math.exp(v - m) * k1
-                            if smooth > 0.0:
-                                if w is None:
-                                    e -= k2
-                                else:
-                                    e -= k2 * w[c]
+                            g[i] = gradient_element(math.exp(v - m), k1_f, scale_f * qc)
+                        else:
+                            k2w = k2_f
+                            if w is not None:
+                                k2w = k2_f * w[c]
+                            e = gradient_element(math.exp(v - m), k1_f, k2w)
                             if c == t:
-                                e -= kt
+                                e -= kt_f
                             g[i] = e
                 elif active:
                     for c in range(lane, n_classes, group):
@@ -397,12 +407,9 @@ def logsumexp_py(dtype):
             # no cache: ``scratch`` stands in for it, unused
             m, s = first_pass(x, start, active, lane, group, n_classes, inner, scratch, scratch)
             if active and lane == 0:
-                # An infinite max is the answer itself (torch does not
-                # subtract it): -inf for rows of -inf, +inf for rows with +inf.
-                if m == NEG_INF or m == -NEG_INF:
-                    out[r] = m
-                else:
-                    out[r] = np.float64(m) + math.log(np.float64(s))
+                # s is NaN for an infinite max (``_finish_sum``), which
+                # ``log_sum_exp`` returns itself
+                out[r] = log_sum_exp(np.float64(m), math.log(np.float64(_finish_sum(m, s))))
             base += step
 
     return logsumexp
@@ -420,7 +427,6 @@ def bce_py(dtype):
     FT = _float_type(dtype)
 
     def bce(x, t, w, pw, g, elements, partials, n, scale):
-        zero = FT(0.0)
         one = FT(1.0)
         scale_f = FT(scale)
         first = cuda.grid(1)
@@ -429,19 +435,10 @@ def bce_py(dtype):
             xc = x[i]
             tc = t[i]
             e = math.exp(-abs(xc))
-            u = one + e
-            log_sigmoid = -math.log1p(e)
-            if xc < zero:
-                log_sigmoid += xc
             lw = one
             if pw is not None:
-                lw = one + (pw[i] - one) * tc
-            loss = (one - tc) * xc - lw * log_sigmoid
-            if xc >= zero:
-                sig = one / u
-            else:
-                sig = e / u
-            grad = lw * sig - lw + one - tc
+                lw = bce_label_weight(pw[i], tc, one)
+            loss, grad = bce_element(xc, tc, lw, e, FT(math.log1p(e)), one)
             if w is not None:
                 loss = loss * w[i]
                 grad = grad * w[i]
@@ -463,10 +460,10 @@ def nll_py(lp, y, w, losses, n_rows, n_classes, inner, ignore_index):
             losses[r] = 0.0
         else:
             v = np.float64(lp[_row_start(np.int64(r), n_classes, inner) + t * inner])
-            if w is None:
-                losses[r] = -v
-            else:
-                losses[r] = -np.float64(w[t]) * v
+            wt = 1.0
+            if w is not None:
+                wt = np.float64(w[t])
+            losses[r] = nll_row(v, wt)
 
 
 def sum_py(values, out):

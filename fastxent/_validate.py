@@ -1,21 +1,72 @@
-"""Argument checks, and the canonical problem every backend solves.
+"""Argument checks: a call's arguments in, one checked spec out.
 
-Everything here looks only at shapes, dtypes and option values, so the same
-checks serve NumPy arrays and GPU arrays alike; every check runs before any
-kernel writes. Data-dependent checks (class indices in range) are done by
-``check_targets`` on a host copy of the targets.
+The first step of every public function: it picks the device from the
+arrays, converts host inputs (lists, scalars) to NumPy arrays, checks every
+shape, dtype and option value, and returns the spec (``_spec``) that the
+backend runs. Everything here looks only at shapes, dtypes and option
+values, so the same checks serve NumPy arrays and GPU arrays alike, and all
+of them run before any kernel writes. The one data-dependent check, class
+indices in range, is done by the backends (``_host.scan_hard_targets``)
+before their kernels write.
 """
 
 from __future__ import annotations
 
-import math
 import operator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from ._host import as_host_array, on_gpu
+from ._spec import BCESpec, ClassProblem, CrossEntropySpec, SoftmaxSpec
+
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class _Described(NamedTuple):
+    """Shape and dtype of a GPU array of another library (a PyTorch CUDA
+    tensor's dtype is not a NumPy dtype), read from its
+    ``__cuda_array_interface__``."""
+
+    shape: tuple
+    dtype: np.dtype
+
+
+def _describe(a):
+    """``a``, or for a foreign GPU array, its shape and NumPy dtype."""
+    if a is None or type(a) is np.ndarray:
+        return a
+    interface = getattr(a, "__cuda_array_interface__", None)
+    if interface is None:
+        return a
+    return _Described(tuple(interface["shape"]), np.dtype(interface["typestr"]))
+
+
+def device_arg(device, *arrays) -> str:
+    """The device a call runs on, "cpu" or "cuda", from ``device`` and the arrays.
+
+    ``auto``: GPU arrays (anything with ``__cuda_array_interface__``) run on
+    the GPU, host arrays on the CPU; a mix is refused. ``cpu`` refuses GPU
+    arrays. ``cuda`` runs on the GPU and copies host inputs there.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    gpu = [on_gpu(a) for a in arrays if a is not None]
+    if device == "auto":
+        if any(gpu) and not all(gpu):
+            raise ValueError("some inputs are on the GPU and some on the host: pass them all on "
+                             "one device, or choose one with device='cpu' or device='cuda'")
+        return "cuda" if any(gpu) else "cpu"
+    if device == "cpu" and any(gpu):
+        raise ValueError("device='cpu' but some inputs are GPU arrays: copy them to the host")
+    return device
+
+
+def _arrays(arrays):
+    """Host inputs as NumPy arrays (lists and scalars converted); GPU arrays as given."""
+    return tuple(a if on_gpu(a) else as_host_array(a) for a in arrays)
 
 
 def reduction_arg(reduction) -> str:
@@ -64,41 +115,8 @@ def float_dtype(dtype, name="logits") -> np.dtype:
     raise TypeError(f"{name} must be real numbers (float32 or float64), got dtype {dtype}")
 
 
-@dataclass(frozen=True)
-class ClassProblem:
-    """Shapes of an input with a class axis, in the kernels' terms.
-
-    The input is seen as ``outer x C x inner``: ``outer`` is the product of the
-    dimensions before the class axis, ``inner`` of those after it. Rows (one
-    loss each) are indexed in C order over the batch shape.
-    """
-
-    shape: tuple
-    axis: int
-    dtype: np.dtype
-
-    @property
-    def n_classes(self) -> int:
-        return self.shape[self.axis]
-
-    @property
-    def batch_shape(self) -> tuple:
-        return self.shape[: self.axis] + self.shape[self.axis + 1 :]
-
-    @property
-    def n_rows(self) -> int:
-        return math.prod(self.batch_shape)
-
-    @property
-    def outer(self) -> int:
-        return math.prod(self.shape[: self.axis])
-
-    @property
-    def inner(self) -> int:
-        return math.prod(self.shape[self.axis + 1 :])
-
-
 def class_problem(logits, axis, name="logits", allow_empty=False) -> ClassProblem:
+    logits = _describe(logits)
     shape = tuple(logits.shape)
     if len(shape) == 0:
         raise ValueError(f"{name} must have at least one dimension (the class axis), got a scalar")
@@ -109,20 +127,10 @@ def class_problem(logits, axis, name="logits", allow_empty=False) -> ClassProble
     return ClassProblem(shape, axis, dtype)
 
 
-@dataclass(frozen=True)
-class CrossEntropySpec:
-    """A checked cross-entropy (or NLL) call, independent of the device."""
-
-    problem: ClassProblem
-    soft: bool
-    reduction: str
-    smoothing: float
-    ignore_index: int
-
-
 def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_smoothing,
-                       axis, name="logits") -> CrossEntropySpec:
+                       axis, device, name="logits") -> CrossEntropySpec:
     problem = class_problem(logits, axis, name)
+    target, weight = _describe(target), _describe(weight)
     reduction = reduction_arg(reduction)
     smoothing = smoothing_arg(label_smoothing)
     ignore_index = index_arg(ignore_index, "ignore_index")
@@ -149,7 +157,7 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
                         f"got dtype {t_dtype}")
     if weight is not None:
         check_weight(weight, problem.n_classes, "weight")
-    return CrossEntropySpec(problem, soft, reduction, smoothing, ignore_index)
+    return CrossEntropySpec(problem, soft, reduction, smoothing, ignore_index, device)
 
 
 def check_weight(weight, length, name):
@@ -161,22 +169,11 @@ def check_weight(weight, length, name):
         raise TypeError(f"{name} must hold real numbers, got dtype {weight.dtype}")
 
 
-def check_targets(bad_row: int, targets_flat, problem: ClassProblem, ignore_index: int):
-    """Raise IndexError for the target found out of range at ``bad_row``."""
-    if bad_row < 0:
-        return
-    value = int(targets_flat[bad_row])
-    position = np.unravel_index(bad_row, problem.batch_shape) if problem.batch_shape else ()
-    position = tuple(int(i) for i in position)
-    raise IndexError(
-        f"target {value} at position {position} is out of range for {problem.n_classes} classes "
-        f"(valid: 0 to {problem.n_classes - 1}, or ignore_index={ignore_index})")
-
-
 def check_grad_out(out, shape, dtype, name="out"):
     """``out=`` must take the gradient exactly: same shape and dtype, writable."""
     if not hasattr(out, "shape") or not hasattr(out, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(out).__name__}")
+    out = _describe(out)
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {tuple(shape)}")
     if np.dtype(out.dtype) != dtype:
@@ -188,6 +185,7 @@ def check_grad_out(out, shape, dtype, name="out"):
 
 def check_inplace(logits, name="logits"):
     """``inplace=True`` needs a writable float32/float64 array to write into."""
+    logits = _describe(logits)
     dtype = np.dtype(getattr(logits, "dtype", np.dtype(object)))
     if not hasattr(logits, "shape") or dtype not in FLOAT_DTYPES:
         raise TypeError(f"inplace=True needs {name} as a float32 or float64 array, "
@@ -197,28 +195,9 @@ def check_inplace(logits, name="logits"):
         raise ValueError(f"inplace=True but {name} is read-only")
 
 
-def finish_loss(total: float, denominator: float, reduction: str, dtype):
-    """A mean or sum reduction as a NumPy scalar of the logits' dtype."""
-    if reduction == "sum":
-        return dtype.type(total)
-    # IEEE division as NumPy's (0/0 is NaN, x/0 is +-inf), in Python floats:
-    # np.errstate alone costs more than the rest of a small call's reduction.
-    total, denominator = float(total), float(denominator)
-    if denominator != 0.0:
-        return dtype.type(total / denominator)
-    if total == 0.0 or math.isnan(total):
-        return dtype.type(math.nan)
-    return dtype.type(math.copysign(math.inf, total) * math.copysign(1.0, denominator))
-
-
-@dataclass(frozen=True)
-class BCESpec:
-    shape: tuple
-    dtype: np.dtype
-    reduction: str
-
-
-def bce_spec(logits, target, weight, pos_weight, reduction) -> BCESpec:
+def bce_spec(logits, target, weight, pos_weight, reduction, device) -> BCESpec:
+    logits, target = _describe(logits), _describe(target)
+    weight, pos_weight = _describe(weight), _describe(pos_weight)
     shape = tuple(logits.shape)
     dtype = float_dtype(logits.dtype)
     reduction = reduction_arg(reduction)
@@ -237,4 +216,73 @@ def bce_spec(logits, target, weight, pos_weight, reduction) -> BCESpec:
         if np.broadcast_shapes(tuple(arr.shape), shape) != shape:
             raise ValueError(f"{name} of shape {tuple(arr.shape)} would enlarge the logits' "
                              f"shape {shape} when broadcast")
-    return BCESpec(shape, dtype, reduction)
+    return BCESpec(shape, dtype, reduction, device)
+
+
+def grad_destination(logits, out, inplace, shape, dtype):
+    """Where the gradient goes: ``"new"``, ``out`` (checked), or the logits."""
+    if inplace:
+        if out is not None and out is not logits:
+            raise ValueError("pass either out= or inplace=True, not both")
+        return logits
+    if out is not None:
+        check_grad_out(out, shape, dtype)
+        return out
+    return "new"
+
+
+# --------------------------------------------------------------------------
+# A call's arguments in, (spec, arrays, gradient destination) out
+
+
+def cross_entropy_call(logits, target, weight, ignore_index, reduction, label_smoothing, axis,
+                       device, out, inplace, with_grad):
+    device = device_arg(device, logits, target, weight)
+    if with_grad and inplace:
+        check_inplace(logits)  # before a list would be converted into a new array
+    arrays = _arrays((logits, target, weight))
+    spec = cross_entropy_spec(*arrays, ignore_index, reduction, label_smoothing, axis, device)
+    grad = None
+    if with_grad:
+        grad = grad_destination(arrays[0], out, inplace, spec.problem.shape, spec.problem.dtype)
+    return spec, arrays, grad
+
+
+def nll_call(log_probs, target, weight, ignore_index, reduction, axis, device):
+    device = device_arg(device, log_probs, target, weight)
+    arrays = _arrays((log_probs, target, weight))
+    t_dtype = np.dtype(_describe(arrays[1]).dtype)
+    if t_dtype.kind not in "iu":
+        raise TypeError(f"nll_loss needs integer class indices as target, got dtype {t_dtype}")
+    spec = cross_entropy_spec(*arrays, ignore_index, reduction, 0.0, axis, device, "log_probs")
+    return spec, arrays
+
+
+def softmax_call(x, axis, out, device):
+    if out is not None and not (hasattr(out, "shape") and hasattr(out, "dtype")):
+        # a list would become a new array that the caller never sees
+        raise TypeError(f"out must be an array, got {type(out).__name__}")
+    device = device_arg(device, x, out)
+    (xa,) = _arrays((x,))
+    spec = SoftmaxSpec(class_problem(xa, axis, "x"), device)
+    if out is not None:
+        check_grad_out(out, spec.problem.shape, spec.problem.dtype)
+    return spec, xa
+
+
+def logsumexp_call(x, axis, device):
+    device = device_arg(device, x)
+    (xa,) = _arrays((x,))
+    return SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True), device), xa
+
+
+def bce_call(logits, target, weight, pos_weight, reduction, device, out, inplace, with_grad):
+    device = device_arg(device, logits, target, weight, pos_weight)
+    if with_grad and inplace:
+        check_inplace(logits)
+    arrays = _arrays((logits, target, weight, pos_weight))
+    spec = bce_spec(*arrays, reduction, device)
+    grad = None
+    if with_grad:
+        grad = grad_destination(arrays[0], out, inplace, spec.shape, spec.dtype)
+    return spec, arrays, grad

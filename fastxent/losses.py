@@ -1,7 +1,16 @@
 """Public functions and loss objects, with PyTorch's semantics.
 
-Every function checks its arguments completely before any kernel runs, so a
+Each function goes one way: its arguments are checked into one spec
+(``_validate``), the spec selects the backend (``_dispatch``), and the
+backend runs its kernels. Every check runs before any kernel writes, so a
 call that raises has written nothing (``inplace=True`` included).
+
+Cross-entropy calls on NumPy arrays keep the CPU backend's prepared call
+(``_cpu.CrossEntropyPlan``) keyed by everything the checks looked at: the
+arrays' shapes, strides, dtypes and flags, and the option values. A call
+with the same key skips the checks and Numba's type dispatch, which is most
+of a small batch's time; the class indices are still checked every call,
+by the kernel before it writes.
 """
 
 from __future__ import annotations
@@ -11,25 +20,11 @@ from typing import Any, Literal, Optional, Tuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import _dispatch
-from ._validate import (bce_spec, check_grad_out, check_inplace, class_problem,
-                        cross_entropy_spec, reduction_arg, smoothing_arg)
+from . import _dispatch, _validate
+from ._validate import reduction_arg, smoothing_arg
 
 Reduction = Literal["none", "mean", "sum"]
 Device = Literal["auto", "cpu", "cuda"]
-
-
-def _grad_destination(logits, out, inplace, dtype):
-    """"new", or the array the gradient is written into (checked)."""
-    if inplace:
-        if out is not None and out is not logits:
-            raise ValueError("pass either out= or inplace=True, not both")
-        check_inplace(logits)
-        return logits
-    if out is not None:
-        check_grad_out(out, logits.shape, dtype)
-        return out
-    return "new"
 
 
 def cross_entropy(logits: ArrayLike, target: ArrayLike, *, weight: Optional[ArrayLike] = None,
@@ -98,16 +93,53 @@ def cross_entropy_with_grad(logits: ArrayLike, target: ArrayLike, *,
                           axis, device, out, inplace, with_grad=True)
 
 
+#: Prepared CPU cross-entropy calls, by ``_plan_key``.
+_PLANS: dict = {}
+#: Plans kept at most (the cache is emptied when full).
+MAX_PLANS = 256
+
+
+def _plan_key(logits, target, weight, *options):
+    """What a plan depends on; None where the call is not planned (not every
+    array a NumPy array). The arrays' flags are part of it: a read-only
+    array is refused for ``inplace=True`` and compiles to another type."""
+    if type(logits) is not np.ndarray or type(target) is not np.ndarray:
+        return None
+    if weight is None:
+        weight_key = None
+    elif type(weight) is np.ndarray:
+        weight_key = (weight.shape, weight.strides, weight.dtype, weight.flags.writeable)
+    else:
+        return None
+    return (logits.shape, logits.strides, logits.dtype, logits.flags.writeable,
+            logits.flags.aligned, target.shape, target.strides, target.dtype,
+            target.flags.writeable, weight_key) + options
+
+
 def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, axis,
                    device, out, inplace, with_grad):
-    backend, (x, t, w) = _dispatch.select(device, logits, target, weight)
-    if inplace and x is not logits and not _dispatch.on_gpu(logits):
-        # A list cannot receive the gradient. (GPU logits are converted to a
-        # zero-copy device view, which can.)
-        check_inplace(logits)
-    out = _dispatch.destination(backend, out)
-    spec = cross_entropy_spec(x, t, w, ignore_index, reduction, label_smoothing, axis)
-    grad = _grad_destination(x, out, inplace, spec.problem.dtype) if with_grad else None
+    key = None
+    if out is None:
+        key = _plan_key(logits, target, weight, ignore_index, reduction, label_smoothing, axis,
+                        device, inplace, with_grad)
+        if key is not None:
+            try:
+                plan = _PLANS.get(key)
+            except TypeError:  # an unhashable option, refused by the checks below
+                plan = key = None
+            if plan is not None:
+                return plan(logits, target, weight)
+    spec, (x, t, w), grad = _validate.cross_entropy_call(
+        logits, target, weight, ignore_index, reduction, label_smoothing, axis, device, out,
+        inplace, with_grad)
+    backend = _dispatch.backend(spec.device)
+    if key is not None and spec.device == "cpu":
+        plan = backend.CrossEntropyPlan(spec, x, t, grad)
+        if plan.fast:
+            if len(_PLANS) >= MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+        return plan(x, t, w, grad)
     return backend.cross_entropy(spec, x, t, w, grad)
 
 
@@ -120,23 +152,14 @@ def nll_loss(log_probs: ArrayLike, target: ArrayLike, *, weight: Optional[ArrayL
     the loss of a row is ``-weight[t] * log_probs[t]``. Other arguments as in
     :func:`cross_entropy` (class indices only).
     """
-    backend, (lp, t, w) = _dispatch.select(device, log_probs, target, weight)
-    if np.dtype(t.dtype).kind not in "iu":
-        raise TypeError(f"nll_loss needs integer class indices as target, got dtype {t.dtype}")
-    spec = cross_entropy_spec(lp, t, w, ignore_index, reduction, 0.0, axis, "log_probs")
-    return backend.nll_loss(spec, lp, t, w)
+    spec, (lp, t, w) = _validate.nll_call(log_probs, target, weight, ignore_index, reduction,
+                                          axis, device)
+    return _dispatch.backend(spec.device).nll_loss(spec, lp, t, w)
 
 
 def _softmax(x, axis, out, device, log):
-    if out is not None and not (hasattr(out, "shape") and hasattr(out, "dtype")):
-        # checked before dispatch, which would turn a list into a new array
-        # that the result is written to and the caller never sees
-        raise TypeError(f"out must be an array, got {type(out).__name__}")
-    backend, (xa, o) = _dispatch.select(device, x, out)
-    problem = class_problem(xa, axis, "x")
-    if o is not None:
-        check_grad_out(o, xa.shape, problem.dtype)
-    return backend.softmax(problem, xa, o, log)
+    spec, xa = _validate.softmax_call(x, axis, out, device)
+    return _dispatch.backend(spec.device).softmax(spec.problem, xa, out, log)
 
 
 def log_softmax(x: ArrayLike, axis: int = -1, out: Optional[np.ndarray] = None, *,
@@ -163,9 +186,8 @@ def logsumexp(x: ArrayLike, axis: int = -1, *, device: Device = "auto") -> Any:
     Rows of ``-inf`` give ``-inf``, rows holding ``+inf`` give ``+inf``, and an
     empty axis gives ``-inf``. Returns an array of ``x``'s shape without ``axis``.
     """
-    backend, (xa,) = _dispatch.select(device, x)
-    problem = class_problem(xa, axis, "x", allow_empty=True)
-    return backend.logsumexp(problem, xa)
+    spec, xa = _validate.logsumexp_call(x, axis, device)
+    return _dispatch.backend(spec.device).logsumexp(spec.problem, xa)
 
 
 def binary_cross_entropy_with_logits(logits: ArrayLike, target: ArrayLike, *,
@@ -204,13 +226,9 @@ def binary_cross_entropy_with_logits_with_grad(
 
 
 def _bce(logits, target, weight, pos_weight, reduction, device, out, inplace, with_grad):
-    backend, (x, t, w, pw) = _dispatch.select(device, logits, target, weight, pos_weight)
-    if inplace and x is not logits and not _dispatch.on_gpu(logits):
-        check_inplace(logits)
-    out = _dispatch.destination(backend, out)
-    spec = bce_spec(x, t, w, pw, reduction)
-    grad = _grad_destination(x, out, inplace, spec.dtype) if with_grad else None
-    return backend.bce_with_logits(spec, x, t, w, pw, grad)
+    spec, (x, t, w, pw), grad = _validate.bce_call(logits, target, weight, pos_weight,
+                                                   reduction, device, out, inplace, with_grad)
+    return _dispatch.backend(spec.device).bce_with_logits(spec, x, t, w, pw, grad)
 
 
 class _LossWithGrad:

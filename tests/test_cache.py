@@ -16,9 +16,9 @@ from fastxent import _cache
 
 _PROBE = """
 import numpy as np
-from fastxent import _cpu_kernels as K
-K.scan_hard_targets(np.array([0, 1]), 2, -100, None)
-stats = K.scan_hard_targets.stats
+from fastxent import _cpu_kernels, _host
+_host.scan_hard_targets(np.array([0, 1]), 2, -100, None)
+stats = _host.scan_hard_targets.stats
 print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
 """
 

@@ -22,7 +22,7 @@ if config.ENABLE_CUDASIM:  # pragma: no cover
 from numba.cuda.cudadrv import driver as numba_driver  # noqa: E402
 
 from fastxent import _cuda  # noqa: E402
-from fastxent._validate import ClassProblem  # noqa: E402
+from fastxent._spec import ClassProblem  # noqa: E402
 
 H100_OPTIN = 232448  # CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN on H100 and H200
 DEFAULT = 48 * 1024

@@ -1,0 +1,112 @@
+"""Every per-row and per-element formula, written once for both devices.
+
+Each function is plain scalar Python: ``_cpu_kernels`` compiles it with
+``numba.njit(inline="always")`` and ``_cuda_kernels`` with
+``cuda.jit(device=True)``, so the CPU's rows, tiles and blocks and the GPU's
+kernels compute a loss from the same expression. A formula calls no other
+function (each device compiles it alone) and takes the row's sums as the
+device computed them: the CPU with fixed-order vector lanes after the max
+pass, the GPU in one online pass. The transcendental functions are the
+device's own (vectorizable polynomials on the CPU, libdevice on the GPU) and
+reach a formula as arguments.
+
+Notation: a row of logits x_c, its max m, s = sum_c exp(x_c - m), so that
+lse = m + log(s) and p_c = exp(x_c - m) / s; eps the label smoothing, C the
+number of classes, w_c the class weights (1 without weights).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def hard_target_row(m, log_s, s, x_target, w_target, w_sum, w_dot, smoothing, scale,
+                    n_classes):
+    """Loss of a row against class t and its gradient's coefficients.
+
+    loss = (1-eps) w_t (lse - x_t) + eps/C (W lse - sum_c w_c x_c), as
+    PyTorch, W = sum_c w_c; written with ``w_dot`` = sum_c w_c (x_c - m) and
+    lse - x_t formed as (m - x_t) + log(s), so that logits of magnitude 1e16
+    and more keep log(s). The gradient is
+    grad_c = e_c k1 - k2 w_c - kt [c = t], with e_c = exp(x_c - m),
+    k1 = scale ((1-eps) w_t + eps W/C) / s, k2 = scale eps/C, kt = scale (1-eps) w_t.
+    Returns (loss, k1, k2, kt), float64.
+    """
+    keep = 1.0 - smoothing
+    loss = keep * w_target * ((m - x_target) + log_s)
+    if smoothing > 0.0:
+        loss += smoothing / n_classes * (w_sum * log_s - w_dot)
+    k1 = scale * (keep * w_target + smoothing * w_sum / n_classes) / s
+    k2 = scale * smoothing / n_classes
+    kt = scale * keep * w_target
+    return loss, k1, k2, kt
+
+
+def smoothed_target(q, keep, uniform):
+    """A class probability mixed with the uniform distribution: keep q + uniform
+    (keep = 1-eps, uniform = eps/C); times w_c with weights."""
+    return keep * q + uniform
+
+
+def soft_target_row(total, q_dot, log_s, s, scale):
+    """Loss of a row against probabilities and its gradient's coefficient.
+
+    With q'_c the smoothed (and weighted) targets, ``total`` = sum_c q'_c and
+    ``q_dot`` = sum_c q'_c (x_c - m): loss = total lse - sum_c q'_c x_c
+    = total log(s) - q_dot, and grad_c = e_c k1 - scale q'_c with
+    k1 = scale total / s. Returns (loss, k1).
+    """
+    return total * log_s - q_dot, scale * total / s
+
+
+def gradient_element(e, k1, k2):
+    """One gradient element from its exponential e = exp(x_c - m): e k1 - k2
+    (k2 the element's target term: ``scale q'_c``, or ``k2 w_c``)."""
+    return e * k1 - k2
+
+
+def log_sum_exp(m, log_s):
+    """lse = m + log(s) for a finite max; an infinite max is the answer
+    itself (rows of -inf give -inf, rows holding +inf give +inf, as
+    ``torch.logsumexp``): the caller checks the row for NaN there."""
+    if math.isinf(m):
+        return m
+    return m + log_s
+
+
+def nll_row(log_prob_target, w_target):
+    """Negative log-likelihood of a row: -w_t log p_t."""
+    return -w_target * log_prob_target
+
+
+def mean_scale(mean, denominator):
+    """The gradient's scale: 1/denominator for a mean (1 where that is 0:
+    every target ignored, and the gradient is 0 anyway)."""
+    if mean and denominator != 0.0:
+        return 1.0 / denominator
+    return 1.0
+
+
+def bce_label_weight(pos_weight, t, one):
+    """BCE's weight of the positive term: 1 + (pos_weight - 1) t."""
+    return one + (pos_weight - one) * t
+
+
+def bce_element(x, t, label_weight, e, log1p_e, one):
+    """(loss, gradient) of binary cross-entropy with logits for one element.
+
+    loss = (1 - t) x - l log_sigmoid(x) with l the label weight and
+    log_sigmoid(x) = min(x, 0) - log(1 + exp(-|x|)); ``e`` = exp(-|x|),
+    ``log1p_e`` = log(1 + e). The terms in x are gathered first: for x < 0
+    and t = 0 the loss is then log1p(e) exactly, where the formula as written
+    cancels x against x (PyTorch loses every digit there).
+    grad = l sigmoid(x) - l + 1 - t. ``one`` is 1 in the element's type, so
+    float32 elements are computed in float32. Both before the element weight.
+    """
+    if x < 0:
+        loss = x * (one - t - label_weight) + label_weight * log1p_e
+    else:
+        loss = (one - t) * x + label_weight * log1p_e
+    inv = one / (one + e)
+    sigmoid = inv if x >= 0 else e * inv
+    return loss, label_weight * sigmoid - label_weight + one - t
