@@ -240,47 +240,56 @@ class CrossEntropyPlan:
                     or not np.may_share_memory(target.reshape(self.row_shape), target)):
                 self.row_shape = None
         self.fast = self.row_shape is not None
+        # what a fast call does, decided here once
+        self.soft = spec.soft
+        self.reshape_x = self.fast and logits.shape != self.row_shape
+        self.reshape_q = self.fast and spec.soft and target.shape != self.row_shape
+        self.whole_y = (not spec.soft and target.ndim == 1 and target.dtype == np.int64
+                        and target.flags.c_contiguous)
+        self.uint64_y = not spec.soft and np.dtype(target.dtype) == np.uint64
+        self.new_grad = self.grad == "new"
+        self.reshape_g = self.fast and self.new_grad and self.row_shape != problem.shape
+        self.serial = x.size < self.kernel.PARALLEL_MIN_ELEMENTS
+        self.no_weight = CEOptions(None, *self.options)
         self._entry = None
 
-    def _run(self, args):
-        kernel = self.kernel
-        if args[0].size >= kernel.PARALLEL_MIN_ELEMENTS:
-            return kernel(*args)
-        if self._entry is None:
-            self._entry = kernel.serial_entry(args)
-        return self._entry(*args)
-
     def __call__(self, logits, target, weight, grad=None):
-        spec, problem = self.spec, self.spec.problem
-        if self.row_shape is None:
+        if not self.fast:
             return self._general(logits, target, weight, grad)
-        x_rows = logits if logits.shape == self.row_shape else logits.reshape(self.row_shape)
-        if spec.soft:
-            y = None
-            q = target if target.shape == self.row_shape else target.reshape(self.row_shape)
+        x = logits.reshape(self.row_shape) if self.reshape_x else logits
+        if self.soft:
+            y, q = None, (target.reshape(self.row_shape) if self.reshape_q else target)
         else:
-            y, q = _hard_targets(target), None
-            if target.dtype == np.uint64:
-                _check_uint64_targets(target, y, spec)
-        w = None if weight is None else np.ascontiguousarray(weight, dtype=self.dtype)
-        opts = CEOptions(w, *self.options)
-        if self.grad == "inplace":
-            g = x_rows
-        elif self.grad == "new":
-            g = np.empty(self.row_shape, self.dtype)
+            q = None
+            y = target if self.whole_y else _hard_targets(target)
+            if self.uint64_y:
+                _check_uint64_targets(target, y, self.spec)
+        if weight is None:
+            options = self.no_weight
         else:
-            g = None
+            options = CEOptions(np.ascontiguousarray(weight, dtype=self.dtype), *self.options)
+        if self.inplace:
+            g = x
+        else:
+            g = np.empty(self.row_shape, self.dtype) if self.new_grad else None
+        problem = self.spec.problem
         losses = np.empty(problem.n_rows)
-        bad, total, denominator = self._run((x_rows, y, q, opts, g, self.inplace, losses,
-                                             self.inner))
+        args = (x, y, q, options, g, self.inplace, losses, self.inner)
+        if not self.serial:
+            bad, total, denominator = self.kernel(*args)
+        else:
+            if self._entry is None:
+                self._entry = self.kernel.serial_entry(args)
+            bad, total, denominator = self._entry(*args)
         if bad >= 0:
-            raise_bad_target(bad, y, problem.batch_shape, problem.n_classes, spec.ignore_index)
-        loss = _reduce(losses, total, denominator, spec.reduction, problem)
+            raise_bad_target(bad, y, problem.batch_shape, problem.n_classes,
+                             self.spec.ignore_index)
+        loss = _reduce(losses, total, denominator, self.spec.reduction, problem)
         if g is None:
             return loss, None
-        if self.grad == "inplace":
+        if self.inplace:
             return loss, logits
-        return loss, _from_form(g, problem, self.form)
+        return loss, (g.reshape(problem.shape) if self.reshape_g else g)
 
     def _general(self, logits, target, weight, grad):
         spec, problem = self.spec, self.spec.problem
