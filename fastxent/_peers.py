@@ -529,6 +529,38 @@ _COMPARISONS = [
 COMPARISONS: Dict[str, Comparison] = {c.name: c for c in _COMPARISONS}
 
 
+# --------------------------------------------------------------------------
+# Small batches: a classifier's training step, where per-call overhead counts
+
+#: (N, C) of the small-batch table: float32 batches of a 10-class classifier.
+SMALL_BATCH_SHAPES = ((32, 10), (128, 10), (1024, 10))
+
+
+def _loss_object(inputs):
+    """``CrossEntropyLoss()`` called, then ``backward()``: a training step's use."""
+    x, target = inputs["x"], inputs["target"]
+    criterion = fastxent.CrossEntropyLoss()
+
+    def run():
+        loss = criterion(x, target)
+        return loss, criterion.backward()
+
+    return Runner(run)
+
+
+#: The small-batch table: column label -> ``builder(inputs) -> Runner`` on
+#: :func:`hard_target_inputs`. Nothing is in place: each call returns a new
+#: gradient, as a training loop's first try does.
+SMALL_BATCH: Dict[str, Callable[[Dict[str, np.ndarray]], Runner]] = {
+    "fastxent": _fastxent_call(fastxent.cross_entropy_with_grad, "x", "target"),
+    "numpy": _numpy_builder(numpy_cross_entropy, "x", "target", with_grad=True),
+    "torch": _torch_builder(_torch_cross_entropy(), True, "x", "target"),
+    "fwd": _fastxent_call(fastxent.cross_entropy, "x", "target"),
+    "numpy fwd": _numpy_builder(numpy_cross_entropy, "x", "target"),
+    "object": _loss_object,
+}
+
+
 def parse_shape(text: str) -> tuple:
     """``"8192x32000"`` -> ``(8192, 32000)``."""
     try:
