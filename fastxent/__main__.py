@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 import time
 
 import numpy as np
-
-
-def _register_description() -> str:
-    """The vector register size the CPU kernels are compiled for."""
-    from fastxent._fastmath import native_vector_bytes
-
-    size = native_vector_bytes()
-    name = {64: "AVX-512", 32: "AVX/AVX2"}.get(size, "SSE or NEON")
-    return f"{size * 8} bits ({name})"
 
 
 def info() -> int:
@@ -25,6 +17,7 @@ def info() -> int:
 
     import fastxent
     from fastxent import _dispatch
+    from fastxent._bench import register_description
 
     # a call large enough to run in parallel starts Numba's thread pool
     fastxent.cross_entropy(np.zeros((256, 512), np.float32), np.zeros(256, np.int64))
@@ -38,7 +31,7 @@ def info() -> int:
         ("numpy", np.__version__),
         ("numba", numba.__version__),
         ("platform", f"{platform.system()} {platform.machine()}"),
-        ("vector registers", _register_description()),
+        ("vector registers", register_description()),
         ("cpu threads", str(numba.get_num_threads())),
         ("threading layer", layer),
         ("gpu", _dispatch.gpu_description()),
@@ -98,6 +91,7 @@ def demo(epochs: int = 30, seed: int = 0) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m fastxent", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, threads, threading layer, GPU")
@@ -109,7 +103,15 @@ def main(argv=None) -> int:
     p_bench.add_argument("--rounds", type=int, default=None,
                          help="interleaved rounds to take the median of")
     p_bench.add_argument("--shapes", nargs="+", metavar="NxC", default=None,
-                         help="shapes to time, e.g. 8192x32000 4096x1000")
+                         help="shapes to time, e.g. 8192x32000 4096x1000 (the main table "
+                              "only, or the small-batch one with --small)")
+    p_bench.add_argument("--small", action="store_true",
+                         help="only the small-batch table (32x10, 128x10, 1024x10)")
+    p_bench.add_argument("--small-shapes", nargs="+", metavar="NxC", default=None,
+                         help="shapes of the small-batch table")
+    p_bench.add_argument("--markdown", nargs="?", metavar="PATH", default=None,
+                         const="docs/benchmarks.md",
+                         help="also write the run as Markdown (default docs/benchmarks.md)")
     p_bench.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p_bench.add_argument("--float64", dest="dtype", action="store_const", const="float64",
                          help="same as --dtype float64")
@@ -123,7 +125,9 @@ def main(argv=None) -> int:
     from fastxent import _bench
 
     return _bench.main(quick=args.quick, rounds=args.rounds, shapes=args.shapes,
-                       dtype=args.dtype, threads=args.threads)
+                       dtype=args.dtype, threads=args.threads, small=args.small,
+                       small_shapes=args.small_shapes, markdown=args.markdown,
+                       command=shlex.join(["python", "-m", "fastxent", *argv]))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,23 @@
 """``python -m fastxent bench``: fastxent against the memory limit and its peers.
 
-For each (N, C) shape it times, side by side in interleaved rounds:
+Two sections, each a table of times and ratios:
 
-* fastxent ``cross_entropy_with_grad(..., inplace=True)`` (the logits are
-  restored from a pristine copy before each call, outside the timed region),
-* fastxent forward-only ``cross_entropy``,
-* the memory limit: ``np.copyto`` of the same array (one read, one write:
-  the least an in-place loss-and-gradient can do) and ``x.sum(axis=-1)``
-  (one read: the least a forward-only loss can do),
-* the installed peers: PyTorch CPU forward + backward, the textbook NumPy
-  loss and gradient, and JAX's jitted ``value_and_grad`` (see
-  :mod:`fastxent._peers`, shared with the asv suite).
+``main`` (per (N, C) shape)
+    fastxent ``cross_entropy_with_grad(..., inplace=True)`` (the logits are
+    restored from a pristine copy before each call, outside the timed
+    region) and the forward-only ``cross_entropy``; the memory limit,
+    ``np.copyto`` of the same array (one read, one write: the least an
+    in-place loss-and-gradient can do) and ``x.sum(axis=-1)`` (one read: the
+    least a forward-only loss can do); the installed peers: PyTorch CPU
+    forward + backward, the textbook NumPy loss and gradient, and JAX's
+    jitted ``value_and_grad`` (see :mod:`fastxent._peers`, shared with the
+    asv suite).
+``small`` (small batches of a 10-class classifier)
+    ``cross_entropy_with_grad`` against NumPy's textbook forward and
+    gradient and PyTorch's forward + ``backward()``, ``cross_entropy``
+    against NumPy's forward, and the ``CrossEntropyLoss`` object's call and
+    ``backward()`` against the function: there the time per call is mostly
+    the work done in Python around the kernel.
 
 Each round times every implementation once (a sample: the median of calls
 lasting about ``SAMPLE_SECONDS``), in a rotating order, after a short pause
@@ -18,17 +25,23 @@ lasting about ``SAMPLE_SECONDS``), in a rotating order, after a short pause
 ratio is the median over rounds of the ratio of the two samples taken in
 that round. On a busy machine only the ratios of one run mean anything:
 they compare times taken moments apart.
+
+``--markdown [PATH]`` also writes the run as a Markdown document
+(``docs/benchmarks.md`` by default): the machine, the tables, the legend
+and the command that produced it.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -53,6 +66,18 @@ RATIOS = (
     ("numpy/fastxent", "numpy", "fastxent"),
     ("jax/fastxent", "jax", "fastxent"),
 )
+
+#: The small-batch section's ratio columns (its time columns are
+#: :data:`fastxent._peers.SMALL_BATCH`).
+SMALL_RATIOS = (
+    ("numpy/fastxent", "numpy", "fastxent"),
+    ("torch/fastxent", "torch", "fastxent"),
+    ("numpy fwd/fwd", "numpy fwd", "fwd"),
+    ("object/fastxent", "object", "fastxent"),
+)
+
+#: Where ``--markdown`` writes when given no path.
+DEFAULT_MARKDOWN = "docs/benchmarks.md"
 
 DEFAULT_ROUNDS = 7
 QUICK_ROUNDS = 3
@@ -125,8 +150,26 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def machine_header(dtype, rounds: int) -> List[str]:
-    """Lines describing the machine and the libraries, printed above the table."""
+def register_description() -> str:
+    """The vector registers the CPU kernels are compiled for, e.g. ``512 bits (AVX-512)``."""
+    from ._fastmath import native_vector_bytes
+
+    size = native_vector_bytes()
+    name = {64: "AVX-512", 32: "AVX2, no AVX-512"}.get(size, "SSE or NEON")
+    return f"{size * 8} bits ({name})"
+
+
+def _memory() -> str:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as meminfo:
+            kib = int(meminfo.readline().split()[1])
+        return f"{kib / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        return "unknown"
+
+
+def machine_facts(dtype, rounds: int) -> List[Tuple[str, str]]:
+    """(what, value) pairs describing the machine and the libraries."""
     import numba
 
     import fastxent
@@ -135,16 +178,19 @@ def machine_header(dtype, rounds: int) -> List[str]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         usable = os.cpu_count()
+    threads = numba.get_num_threads()  # starts the thread pool, if not yet started
     try:
         layer = numba.threading_layer()
     except ValueError:
         layer = "not started"
-    lines = [
-        f"cpu              {cpu_model()}",
-        f"cores            {os.cpu_count()} logical, {usable} usable by this process",
-        f"numba threads    {numba.get_num_threads()} (threading layer: {layer})",
-        f"versions         fastxent {fastxent.__version__}, python {platform.python_version()}, "
-        f"numpy {np.__version__}, numba {numba.__version__}",
+    facts = [
+        ("cpu", cpu_model()),
+        ("vector registers", register_description()),
+        ("cores", f"{os.cpu_count()} logical, {usable} usable by this process"),
+        ("memory", _memory()),
+        ("numba threads", f"{threads} (threading layer: {layer})"),
+        ("versions", f"fastxent {fastxent.__version__}, python {platform.python_version()}, "
+                     f"numpy {np.__version__}, numba {numba.__version__}"),
     ]
     peers = []
     if "torch" in sys.modules:
@@ -152,9 +198,15 @@ def machine_header(dtype, rounds: int) -> List[str]:
         peers.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
     if "jax" in sys.modules:
         peers.append(f"jax {sys.modules['jax'].__version__}")
-    lines.append(f"peers            {', '.join(peers) if peers else 'none installed'}")
-    lines.append(f"dtype, rounds    {np.dtype(dtype).name}, median of {rounds} interleaved rounds")
-    return lines
+    facts.append(("peers", ", ".join(peers) if peers else "none installed"))
+    facts.append(("dtype, rounds",
+                  f"{np.dtype(dtype).name}, median of {rounds} interleaved rounds"))
+    return facts
+
+
+def machine_header(dtype, rounds: int) -> List[str]:
+    """Lines describing the machine and the libraries, printed above the table."""
+    return [f"{what:<16} {value}" for what, value in machine_facts(dtype, rounds)]
 
 
 @dataclass
@@ -183,8 +235,7 @@ def time_sample(runner: _peers.Runner, number: int) -> float:
 
     The median, not the mean: with PyTorch's and JAX's thread pools loaded
     in the same process, a parallel call now and then waits milliseconds for
-    a thread the OS scheduled away (seen on 2 cores: 3 calls of 12 taking 7
-    ms where the rest took 0.3 ms), which a program using one library alone
+    a thread the OS scheduled away, which a program using one library alone
     does not see.
     """
     times = []
@@ -206,20 +257,63 @@ def calibrate(runner: _peers.Runner, sample_seconds: float) -> int:
     return max(1, min(1000, int(sample_seconds / max(typical, 1e-9))))
 
 
+#: A column: its label and ``builder(inputs) -> Runner``.
+Column = Tuple[str, Callable[[Dict[str, np.ndarray]], _peers.Runner]]
+
+
+@dataclass(frozen=True)
+class Section:
+    """One table of the benchmark: its columns, ratios and legend."""
+
+    name: str
+    title: str
+    columns: Tuple[Column, ...]
+    ratios: Tuple[Tuple[str, str, str], ...]
+    legend: Tuple[str, ...]
+
+    @property
+    def labels(self) -> List[str]:
+        return [label for label, _ in self.columns]
+
+
+def _comparison_column(label, comparison, implementation):
+    return label, lambda inputs: _peers.COMPARISONS[comparison].runner(implementation, inputs)
+
+
+MAIN = Section(
+    "main", "Main shapes",
+    tuple(_comparison_column(*column) for column in COLUMNS), RATIOS,
+    ("fastxent: cross_entropy_with_grad(inplace=True); fwd: cross_entropy.",
+     "copyto: np.copyto of the logits; sum: x.sum(axis=-1) (the memory limits).",
+     "torch: F.cross_entropy + backward(); numpy: log-softmax, gather, softmax - one-hot; "
+     "jax: jit(value_and_grad)."))
+
+SMALL = Section(
+    "small", "Small batches",
+    tuple(_peers.SMALL_BATCH.items()), SMALL_RATIOS,
+    ("fastxent: cross_entropy_with_grad (a new gradient); numpy: the textbook forward and "
+     "gradient; torch: F.cross_entropy + backward().",
+     "fwd: cross_entropy; numpy fwd: the textbook forward.",
+     "object: CrossEntropyLoss()(logits, target) then backward()."))
+
+SECTIONS = {section.name: section for section in (MAIN, SMALL)}
+
+
 def bench_shape(shape, dtype, rounds: int, sample_seconds: float, progress: ProgressBar,
-                seed: int = 0, cooldown: float = COOLDOWN_SECONDS) -> Dict[str, Timing]:
-    """Time every column of :data:`COLUMNS` on one shape; returns label -> Timing."""
+                seed: int = 0, cooldown: float = COOLDOWN_SECONDS,
+                section: Section = MAIN) -> Dict[str, Timing]:
+    """Time every column of ``section`` on one shape; returns label -> Timing."""
     n, c = shape
     rng = np.random.default_rng(seed)
-    # The forward and the in-place kernels read the same logits and targets.
+    # Every column reads the same logits and targets.
     inputs = _peers.hard_target_inputs(n, c, dtype, rng)
     runners: Dict[str, _peers.Runner] = {}
     timings: Dict[str, Timing] = {}
     label_shape = _peers.format_shape(shape)
-    for label, comparison, implementation in COLUMNS:
+    for label, build in section.columns:
         progress.step(f"{label_shape} warm-up {label}")
         try:
-            runner = _peers.COMPARISONS[comparison].runner(implementation, inputs)
+            runner = build(inputs)
             runner.prepare()
             runner.run()  # compiles (Numba, JAX), starts thread pools
         except _peers.PeerUnavailable as missing:
@@ -236,7 +330,7 @@ def bench_shape(shape, dtype, rounds: int, sample_seconds: float, progress: Prog
             progress.step(f"{label_shape} round {round_index + 1}/{rounds} {label}")
             time.sleep(cooldown)
             timings[label].samples.append(time_sample(runners[label], numbers[label]))
-    for _ in range(len(COLUMNS) * rounds - len(labels) * rounds):
+    for _ in range(len(section.columns) * rounds - len(labels) * rounds):
         progress.step(label_shape)  # the unavailable peers' share of the bar
     return timings
 
@@ -248,43 +342,51 @@ def _format_time(seconds: float) -> str:
         return f"{seconds:.2f} s"
     if seconds >= 1e-3:
         return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds * 1e6:.0f} us"
+    if seconds >= 1e-5:
+        return f"{seconds * 1e6:.0f} us"
+    return f"{seconds * 1e6:.1f} us"
 
 
-def format_table(results: Dict[str, Dict[str, Timing]]) -> List[str]:
-    """Times (medians over rounds) and ratios (medians of the rounds'
-    ratios), one line per shape."""
-    time_labels = [label for label, _, _ in COLUMNS]
-    ratio_labels = [label for label, _, _ in RATIOS]
-    header = ["shape"] + time_labels + ratio_labels
-    rows = []
+def table_rows(results: Dict[str, Dict[str, Timing]], section: Section = MAIN
+               ) -> List[List[str]]:
+    """The header and one row per shape: times (medians over rounds) and
+    ratios (medians of the rounds' ratios), formatted."""
+    labels = section.labels
+    rows = [["shape"] + labels + [label for label, _, _ in section.ratios]]
     for shape, timings in results.items():
-        medians = {label: timings[label].median for label in time_labels}
-        row = [shape] + [_format_time(medians[label]) for label in time_labels]
-        for _, numerator, denominator in RATIOS:
+        row = [shape] + [_format_time(timings[label].median) for label in labels]
+        for _, numerator, denominator in section.ratios:
             ratio = timings[numerator].ratio_to(timings[denominator])
             row.append("-" if ratio != ratio else f"{ratio:.2f}")
         rows.append(row)
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in
-                       enumerate(zip(header, widths)))]
-    for row in rows:
-        lines.append("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in
-                               enumerate(zip(row, widths))))
+    return rows
+
+
+def format_table(results: Dict[str, Dict[str, Timing]], section: Section = MAIN) -> List[str]:
+    """The table as aligned plain text, one line per shape after the header."""
+    rows = table_rows(results, section)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in
+                      enumerate(zip(row, widths))) for row in rows]
+
+
+def markdown_table(results: Dict[str, Dict[str, Timing]], section: Section = MAIN) -> List[str]:
+    """The table as a Markdown pipe table."""
+    rows = table_rows(results, section)
+    lines = ["| " + " | ".join(rows[0]) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     return lines
 
 
-def legend(results: Dict[str, Dict[str, Timing]]) -> List[str]:
+_COMMON_LEGEND = ("Times are medians per call over the rounds; each ratio is the median of "
+                  "the rounds' ratios.",
+                  "A ratio below 1 means the numerator is faster.")
+
+
+def legend(results: Dict[str, Dict[str, Timing]], section: Section = MAIN) -> List[str]:
     """What the columns mean, and which peers were skipped."""
-    lines = [
-        "fastxent: cross_entropy_with_grad(inplace=True); fwd: cross_entropy; "
-        "copyto: np.copyto of the logits;",
-        "sum: x.sum(axis=-1); torch: F.cross_entropy + backward(); numpy: log-softmax, "
-        "gather, softmax - one-hot;",
-        "jax: jit(value_and_grad). Times are medians per call; ratios are medians of each "
-        "round's ratio;",
-        "a ratio below 1 means the numerator is faster.",
-    ]
+    lines = list(section.legend)
     skipped = {label: t.unavailable for timings in results.values()
                for label, t in timings.items() if t.unavailable}
     for label, why in skipped.items():
@@ -292,10 +394,55 @@ def legend(results: Dict[str, Dict[str, Timing]]) -> List[str]:
     return lines
 
 
+def markdown_document(facts: Sequence[Tuple[str, str]],
+                      tables: Sequence[Tuple[Section, Dict[str, Dict[str, Timing]]]],
+                      command: str) -> str:
+    """A run as Markdown: banner, machine, one table per section with its
+    legend, and the command that produced it."""
+    lines = [f"<!-- generated by `{command}`: do not edit by hand -->",
+             "# fastxent benchmarks", "",
+             f"Generated by `{command}`; do not edit by hand: rerun the command to update it.",
+             "", "## Machine", "", "| | |", "|---|---|"]
+    lines += [f"| {what} | {value} |" for what, value in facts]
+    for section, results in tables:
+        lines += ["", f"## {section.title}", ""]
+        lines += markdown_table(results, section)
+        lines.append("")
+        lines += [f"- {line}" for line in legend(results, section)]
+    lines += ["", "## Legend", ""] + [f"- {line}" for line in _COMMON_LEGEND]
+    lines += ["", "## Command", "", "```", command, "```", ""]
+    return "\n".join(lines)
+
+
+def command_line(quick=False, rounds=None, shapes=None, dtype="float32", threads=None,
+                 small=False, small_shapes=None, markdown=None) -> str:
+    """The ``python -m fastxent bench`` command line of these arguments."""
+    args = ["python", "-m", "fastxent", "bench"]
+    args += ["--quick"] if quick else []
+    args += ["--small"] if small else []
+    args += ["--rounds", str(rounds)] if rounds is not None else []
+    args += ["--shapes", *shapes] if shapes else []
+    args += ["--small-shapes", *small_shapes] if small_shapes else []
+    args += ["--dtype", str(np.dtype(dtype))] if np.dtype(dtype) != np.float32 else []
+    args += ["--threads", str(threads)] if threads is not None else []
+    if markdown is not None:
+        args += ["--markdown"] + ([] if str(markdown) == DEFAULT_MARKDOWN else [str(markdown)])
+    return shlex.join(args)
+
+
+def _shapes(texts):
+    try:
+        return [_peers.parse_shape(s) for s in texts]
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+
+
 def main(quick: bool = False, rounds: Optional[int] = None,
          shapes: Optional[Sequence[str]] = None, dtype: str = "float32",
-         threads: Optional[int] = None, stream=None) -> int:
-    """Run the benchmark and print the machine header and the table.
+         threads: Optional[int] = None, stream=None, small: bool = False,
+         small_shapes: Optional[Sequence[str]] = None, markdown=None,
+         command: Optional[str] = None) -> int:
+    """Run the benchmark and print the machine header and the tables.
 
     Parameters
     ----------
@@ -303,16 +450,28 @@ def main(quick: bool = False, rounds: Optional[int] = None,
         Small shapes (:data:`fastxent._peers.QUICK_SHAPES`), few rounds,
         short samples: well under a minute.
     rounds : int, optional
-        Interleaved rounds; the table reports the median over them.
+        Interleaved rounds; the tables report the median over them.
     shapes : sequence of str, optional
-        ``"NxC"`` shapes, overriding the defaults.
+        ``"NxC"`` shapes of the main section, overriding the defaults; given
+        alone, the main section runs alone. With ``small``, the small
+        section's shapes.
     dtype : {"float32", "float64"}
         Dtype of the logits.
     threads : int, optional
         Threads for Numba and PyTorch (default: their own defaults).
         XLA's pool is not resized: set ``XLA_FLAGS`` before starting.
     stream : file, optional
-        Where the table goes (stdout by default); the progress bar goes to stderr.
+        Where the tables go (stdout by default); the progress bar goes to stderr.
+    small : bool
+        Run only the small-batch section.
+    small_shapes : sequence of str, optional
+        Shapes of the small-batch section (default
+        :data:`fastxent._peers.SMALL_BATCH_SHAPES`); given, the section runs.
+    markdown : str or path, optional
+        Also write the run as Markdown there (``--markdown``).
+    command : str, optional
+        The command line to record in the Markdown (default: rebuilt from
+        these arguments).
 
     Returns
     -------
@@ -322,6 +481,9 @@ def main(quick: bool = False, rounds: Optional[int] = None,
     import numba
 
     stream = sys.stdout if stream is None else stream
+    if command is None:
+        command = command_line(quick, rounds, shapes, dtype, threads, small, small_shapes,
+                               markdown)
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise SystemExit(f"--dtype must be float32 or float64, not {dtype}")
@@ -334,33 +496,50 @@ def main(quick: bool = False, rounds: Optional[int] = None,
             _peers._torch()[0].set_num_threads(threads)
         except _peers.PeerUnavailable:
             pass
-    if shapes:
-        try:
-            shape_list = [_peers.parse_shape(s) for s in shapes]
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
+    plan: List[Tuple[Section, list]] = []
+    if small:
+        plan.append((SMALL, _shapes(small_shapes or shapes or [])
+                     or list(_peers.SMALL_BATCH_SHAPES)))
     else:
-        shape_list = list(_peers.QUICK_SHAPES if quick else _peers.MAIN_SHAPES)
+        plan.append((MAIN, _shapes(shapes) if shapes else
+                     list(_peers.QUICK_SHAPES if quick else _peers.MAIN_SHAPES)))
+        if small_shapes or not shapes:
+            plan.append((SMALL, _shapes(small_shapes or [])
+                         or list(_peers.SMALL_BATCH_SHAPES)))
     if rounds is None:
         rounds = QUICK_ROUNDS if quick else DEFAULT_ROUNDS
     if rounds < 1:
         raise SystemExit(f"--rounds must be at least 1, not {rounds}")
     sample_seconds = QUICK_SAMPLE_SECONDS if quick else SAMPLE_SECONDS
 
-    progress = ProgressBar(len(shape_list) * len(COLUMNS) * (rounds + 1))
-    results: Dict[str, Dict[str, Timing]] = {}
+    progress = ProgressBar(sum(len(shape_list) * len(section.columns) * (rounds + 1)
+                               for section, shape_list in plan))
+    tables: List[Tuple[Section, Dict[str, Dict[str, Timing]]]] = []
     start = time.perf_counter()
     try:
-        for shape in shape_list:
-            results[_peers.format_shape(shape)] = bench_shape(
-                shape, dtype, rounds, sample_seconds, progress,
-                cooldown=0.0 if quick else COOLDOWN_SECONDS)
+        for section, shape_list in plan:
+            results: Dict[str, Dict[str, Timing]] = {}
+            for shape in shape_list:
+                results[_peers.format_shape(shape)] = bench_shape(
+                    shape, dtype, rounds, sample_seconds, progress,
+                    cooldown=0.0 if quick else COOLDOWN_SECONDS, section=section)
+            tables.append((section, results))
     finally:
         progress.close()
     print("\n".join(machine_header(dtype, rounds)), file=stream)
-    print(file=stream)
-    print("\n".join(format_table(results)), file=stream)
-    print(file=stream)
-    print("\n".join(legend(results)), file=stream)
+    for section, results in tables:
+        print(file=stream)
+        if len(tables) > 1:
+            print(f"{section.title.lower()}:", file=stream)
+        print("\n".join(format_table(results, section)), file=stream)
+        print(file=stream)
+        print("\n".join(legend(results, section)), file=stream)
+    print("\n".join(_COMMON_LEGEND), file=stream)
+    if markdown is not None:
+        path = Path(markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(markdown_document(machine_facts(dtype, rounds), tables, command),
+                        encoding="utf-8")
+        print(f"wrote {path}", file=stream)
     print(f"({time.perf_counter() - start:.0f} s)", file=stream)
     return 0

@@ -5,8 +5,8 @@ not depend on how LLVM compiles a loop (serial or parallel variant, vector
 width, a cache written by another process): the fast-math flags leave out
 ``reassoc``. Without it LLVM keeps a sum loop scalar, and a loop over an
 explicit array of partial sums does not vectorize either (the vectorizer
-cannot prove that the scratch array and the row do not overlap): such sums
-ran at about 0.4 ns per element, 20 times slower than a vector loop.
+cannot prove that the scratch array and the row do not overlap), and a
+scalar sum is many times slower than a vector loop.
 
 The intrinsics here emit the loop themselves on ``<LANES x T>`` vectors (T
 the rows' float type). The order, for every function: the row is cut into
@@ -150,8 +150,8 @@ class _RowAccess:
 def max_lanes(fty) -> int:
     """Lanes of the max's vectors for float type ``fty``: ``MAX_REGISTERS``
     native registers, at most 64: enough independent maxima to keep the
-    vector units busy. A fixed 64 lanes is 16 AVX2 registers of float64, and
-    the loop spilled them to the stack (it ran 1.7x slower)."""
+    vector units busy. A fixed 64 lanes would be 16 AVX2 registers of
+    float64, which the loop would spill to the stack."""
     itemsize = 8 if isinstance(fty, ir.DoubleType) else 4
     return min(64, MAX_REGISTERS * native_vector_bytes() // itemsize)
 
@@ -399,8 +399,8 @@ def row_max(typingctx, x, copy_to):
 
     NaN is skipped, not propagated: a kernel's exponentials carry a NaN to
     every result of the row anyway, and a second running max for "is NaN"
-    made this sweep three instructions per vector longer (the row's first
-    read; the whole in-place kernel ran 5 to 10% faster without it)."""
+    would make this sweep (the row's first read) three instructions per
+    vector longer."""
     if not (_is_row(x) and (isinstance(copy_to, types.NoneType)
                             or (_is_row(copy_to, x.dtype) and copy_to.mutable))):
         return None

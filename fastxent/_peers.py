@@ -216,76 +216,77 @@ def _fastxent_call(function, *names, **options):
 
 
 # --------------------------------------------------------------------------
-# NumPy: the textbook formulations, allocating every intermediate
+# NumPy: the textbook formulas a NumPy user writes (benchmark peers only;
+# the tests' reference is tests/reference.py)
 
 
 def numpy_log_softmax(x):
-    """Stable log-softmax: ``x - max - log(sum(exp(x - max)))``."""
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    z = x - x.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def numpy_softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def numpy_logsumexp(x):
-    """Stable logsumexp along the last axis."""
-    m = x.max(axis=-1, keepdims=True)
-    return (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
+    m = x.max(axis=-1)
+    return m + np.log(np.exp(x - m[:, None]).sum(axis=-1))
 
 
-def numpy_cross_entropy(x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
-                        with_grad=False):
-    """Mean cross-entropy of class targets (PyTorch's semantics), and its gradient.
-
-    The textbook route: log-softmax, gather the targets' log-probabilities,
-    and for the gradient ``softmax - (smoothed, weighted) one-hot`` divided by
-    the sum of the weights of the targets not ignored.
-    """
-    n, c = x.shape
-    logp = numpy_log_softmax(x)
-    rows = np.arange(n)
-    kept = target != ignore_index
-    safe_target = np.where(kept, target, 0)
-    w = np.ones(c, x.dtype) if weight is None else weight
-    w_target = np.where(kept, w[safe_target], 0).astype(x.dtype)
-    eps = label_smoothing
-    losses = -(1 - eps) * w_target * logp[rows, safe_target]
-    if eps:
-        losses -= (eps / c) * kept * (logp * w).sum(axis=-1)
-    denominator = w_target.sum()
-    loss = losses.sum() / denominator
+def numpy_cross_entropy(x, target, with_grad=False):
+    """Mean cross-entropy and its gradient ``(softmax - one-hot) / N``."""
+    logp, rows = numpy_log_softmax(x), np.arange(len(target))
+    loss = -logp[rows, target].mean()
     if not with_grad:
         return loss
-    # d loss_i / d x_j = p_j * ((1 - eps) w_t + eps/C sum(w)) - (1 - eps) w_t [j = t] - eps/C w_j
     grad = np.exp(logp)
-    grad *= ((1 - eps) * w_target + (eps / c) * w.sum() * kept)[:, None]
-    grad[rows, safe_target] -= (1 - eps) * w_target
-    if eps:
-        grad -= (eps / c) * kept[:, None] * w
-    grad /= denominator
-    return loss, grad
+    grad[rows, target] -= 1
+    return loss, grad / len(target)
+
+
+def numpy_cross_entropy_options(x, target, weight=None, ignore_index=-100,
+                                label_smoothing=0.0, with_grad=False):
+    """The same with PyTorch's options: ``loss_i = -sum_c a_ic logp_ic`` with
+    ``a`` the (smoothed, weighted) one-hot, zero on ignored rows."""
+    n, c = x.shape
+    keep = target != ignore_index
+    w = np.ones(c, x.dtype) if weight is None else weight
+    a = np.zeros_like(x)
+    a[np.arange(n), np.where(keep, target, 0)] = 1 - label_smoothing
+    a = (a + label_smoothing / c) * keep[:, None] * w
+    total = (w[np.where(keep, target, 0)] * keep).sum()
+    logp = numpy_log_softmax(x)
+    loss = -(a * logp).sum() / total
+    if not with_grad:
+        return loss
+    return loss, (np.exp(logp) * a.sum(axis=-1, keepdims=True) - a) / total
 
 
 def numpy_soft_cross_entropy(x, target, with_grad=False):
-    """Mean cross-entropy of class probabilities, and its gradient ``(p * sum(t) - t) / N``."""
+    """Mean cross-entropy of class probabilities and its gradient ``(softmax - q) / N``."""
     logp = numpy_log_softmax(x)
-    n = x.shape[0]
-    loss = -(target * logp).sum() / n
-    if not with_grad:
-        return loss
-    grad = np.exp(logp) * target.sum(axis=-1, keepdims=True)
-    grad -= target
-    grad /= n
-    return loss, grad
+    loss = -(target * logp).sum() / len(x)
+    return (loss, (np.exp(logp) - target) / len(x)) if with_grad else loss
 
 
 def numpy_bce_with_logits(x, target, with_grad=False):
-    """Mean binary cross-entropy on logits, stable form, and its gradient ``(sigmoid - t) / size``."""
+    """Mean binary cross-entropy on logits and its gradient ``(sigmoid - t) / size``."""
     loss = (np.maximum(x, 0) - x * target + np.log1p(np.exp(-np.abs(x)))).mean()
-    if not with_grad:
-        return loss
-    grad = 1 / (1 + np.exp(-x))
-    grad -= target
-    grad /= x.size
-    return loss, grad
+    return (loss, (1 / (1 + np.exp(-x)) - target) / x.size) if with_grad else loss
+
+
+def _numpy_cross_entropy(with_grad, **options):
+    """Builder of the plain textbook loss, or of the one with options when
+    there are any (``options``, or class weights among the inputs)."""
+
+    def build(inputs):
+        plain = not options and "weight" not in inputs
+        function = numpy_cross_entropy if plain else numpy_cross_entropy_options
+        return _numpy_builder(function, "x", "target", with_grad=with_grad, **options)(inputs)
+
+    return build
 
 
 def _numpy_builder(function, *names, **options):
@@ -422,7 +423,7 @@ def _cross_entropy_variant(name, description, make_inputs, **options):
     return Comparison(
         name, description, make_inputs,
         {"fastxent": _fastxent_in_place(fastxent.cross_entropy_with_grad, **options),
-         "numpy": _numpy_builder(numpy_cross_entropy, "x", "target", with_grad=True, **options),
+         "numpy": _numpy_cross_entropy(with_grad=True, **options),
          "torch": _torch_builder(_torch_cross_entropy(**options), True, "x", "target"),
          "jax": _jax_builder(_jax_cross_entropy(**options), True, "x", "target")})
 
@@ -440,7 +441,7 @@ _COMPARISONS = [
         "cross_entropy", "mean cross-entropy of class targets, forward only",
         hard_target_inputs,
         {"fastxent": _fastxent_call(fastxent.cross_entropy, "x", "target"),
-         "numpy": _numpy_builder(numpy_cross_entropy, "x", "target"),
+         "numpy": _numpy_cross_entropy(with_grad=False),
          "torch": _torch_builder(_torch_cross_entropy(), False, "x", "target"),
          "jax": _jax_builder(_jax_cross_entropy(), False, "x", "target")},
         limit="x.sum"),
@@ -488,7 +489,7 @@ _COMPARISONS = [
         "softmax", "softmax into a new array",
         plain_inputs,
         {"fastxent": _fastxent_call(fastxent.softmax, "x"),
-         "numpy": _numpy_builder(lambda x: np.exp(numpy_log_softmax(x)), "x"),
+         "numpy": _numpy_builder(numpy_softmax, "x"),
          "torch": _torch_builder(lambda torch, F, inputs: lambda x: torch.softmax(x, -1),
                                  False, "x"),
          "jax": _jax_builder(lambda jax, jnp, inputs: lambda x: jax.nn.softmax(x, axis=-1),
@@ -526,6 +527,38 @@ _COMPARISONS = [
 
 #: Comparison name -> :class:`Comparison`, in the order of the tables.
 COMPARISONS: Dict[str, Comparison] = {c.name: c for c in _COMPARISONS}
+
+
+# --------------------------------------------------------------------------
+# Small batches: a classifier's training step, where per-call overhead counts
+
+#: (N, C) of the small-batch table: float32 batches of a 10-class classifier.
+SMALL_BATCH_SHAPES = ((32, 10), (128, 10), (1024, 10))
+
+
+def _loss_object(inputs):
+    """``CrossEntropyLoss()`` called, then ``backward()``: a training step's use."""
+    x, target = inputs["x"], inputs["target"]
+    criterion = fastxent.CrossEntropyLoss()
+
+    def run():
+        loss = criterion(x, target)
+        return loss, criterion.backward()
+
+    return Runner(run)
+
+
+#: The small-batch table: column label -> ``builder(inputs) -> Runner`` on
+#: :func:`hard_target_inputs`. Nothing is in place: each call returns a new
+#: gradient, as a training loop's first try does.
+SMALL_BATCH: Dict[str, Callable[[Dict[str, np.ndarray]], Runner]] = {
+    "fastxent": _fastxent_call(fastxent.cross_entropy_with_grad, "x", "target"),
+    "numpy": _numpy_builder(numpy_cross_entropy, "x", "target", with_grad=True),
+    "torch": _torch_builder(_torch_cross_entropy(), True, "x", "target"),
+    "fwd": _fastxent_call(fastxent.cross_entropy, "x", "target"),
+    "numpy fwd": _numpy_builder(numpy_cross_entropy, "x", "target"),
+    "object": _loss_object,
+}
 
 
 def parse_shape(text: str) -> tuple:

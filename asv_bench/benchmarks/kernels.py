@@ -8,6 +8,8 @@ times next to fastxent's in ``asv show`` and the html pages, and lets
 ``asv compare`` show that a peer stayed put while fastxent moved (a control
 for machine noise). ``MemoryLimitRatio.track_*`` records fastxent's time over
 ``np.copyto``'s, both measured moments apart in the same process.
+``SmallBatches`` and ``SmallBatchRatio`` time the small-batch table of
+:data:`fastxent._peers.SMALL_BATCH` (per-call overhead at 32 to 1024 rows).
 
 Shapes: small C, medium C (the tiled kernels), a classifier, an LLM
 vocabulary. The LLM shape is 1 GB per
@@ -197,3 +199,57 @@ class MemoryLimitRatio:
             fastxent_samples.append(_bench.time_sample(self.fastxent, number["fastxent"]))
             copyto_samples.append(_bench.time_sample(self.copyto, number["copyto"]))
         return float(np.median(fastxent_samples) / np.median(copyto_samples))
+
+
+class SmallBatches:
+    """Small batches of a 10-class classifier (:data:`fastxent._peers.SMALL_BATCH`):
+    ``cross_entropy_with_grad`` against NumPy's textbook forward and gradient
+    and PyTorch's forward + backward, the forward against NumPy's, and the
+    ``CrossEntropyLoss`` object against the function. Calls take
+    microseconds: asv times many per sample."""
+
+    params = ([_peers.format_shape(s) for s in _peers.SMALL_BATCH_SHAPES], DTYPES,
+              list(_peers.SMALL_BATCH))
+    param_names = ["shape", "dtype", "implementation"]
+
+    def setup(self, shape, dtype, implementation):
+        n, c = _peers.parse_shape(shape)
+        inputs = _peers.hard_target_inputs(n, c, np.dtype(dtype), np.random.default_rng(0))
+        try:
+            self.runner = _peers.SMALL_BATCH[implementation](inputs)
+        except _peers.PeerUnavailable as missing:
+            raise NotImplementedError(str(missing)) from None
+        self.runner.run()  # compiles outside the timings
+
+    def time_small_batch(self, shape, dtype, implementation):
+        self.runner.run()
+
+
+class SmallBatchRatio:
+    """The small-batch table's ratios (:data:`fastxent._bench.SMALL_RATIOS`):
+    the median over rounds of the ratio of two samples taken moments apart."""
+
+    params = ([label for label, _, _ in _bench.SMALL_RATIOS],
+              [_peers.format_shape(s) for s in _peers.SMALL_BATCH_SHAPES])
+    param_names = ["ratio", "shape"]
+    unit = "ratio"
+
+    def setup(self, ratio, shape):
+        _, numerator, denominator = next(r for r in _bench.SMALL_RATIOS if r[0] == ratio)
+        n, c = _peers.parse_shape(shape)
+        inputs = _peers.hard_target_inputs(n, c, np.dtype(np.float32), np.random.default_rng(0))
+        try:
+            self.runners = [_peers.SMALL_BATCH[label](inputs) for label in (numerator,
+                                                                              denominator)]
+        except _peers.PeerUnavailable as missing:
+            raise NotImplementedError(str(missing)) from None
+        for runner in self.runners:
+            runner.run()
+
+    def track_ratio(self, ratio, shape):
+        numbers = [_bench.calibrate(r, _bench.SAMPLE_SECONDS) for r in self.runners]
+        timings = [_bench.Timing([]), _bench.Timing([])]
+        for _ in range(RATIO_ROUNDS):
+            for timing, runner, number in zip(timings, self.runners, numbers):
+                timing.samples.append(_bench.time_sample(runner, number))
+        return timings[0].ratio_to(timings[1])
