@@ -11,6 +11,7 @@ smoothing), which cost nothing, across a few compiled variants.
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -259,6 +260,22 @@ def test_every_public_function_has_a_twin():
     public = {n for n in fastxent.__all__ if n[0].islower()}
     assert names == public
     assert {fn for fn, _ in parity.device_cases("cpu")} == set(COMPARISONS)
+
+
+def test_gpu_cases_cover_every_three_values():
+    """``device_cases("cuda")`` (the simulator's share of the grid): any 3
+    values of any 3 dimensions (the function and the class count among
+    them) meet in some case."""
+    cases = parity.device_cases("cuda")
+    for check_fn, grid in parity.GRIDS.items():
+        fns = [f for f, (_, _, kind) in COMPARISONS.items() if parity.CHECKS[kind] is check_fn]
+        dims = dict(fn=fns, **grid, **({"C": parity.GPU_CLASSES} if "layout" in grid else {}))
+        rows = [dict(case, fn=f) for f, case in cases if f in fns]
+        assert all(row.keys() == dims.keys() for row in rows)
+        for names in itertools.combinations(dims, 3):
+            seen = {tuple(repr(row[n]) for n in names) for row in rows}
+            for values in itertools.product(*(dims[n] for n in names)):
+                assert tuple(map(repr, values)) in seen, (names, values)
 
 
 def test_no_test_takes_the_benchmark_peers_as_reference():
