@@ -1,125 +1,34 @@
 """fastxent against PyTorch (CPU), option by option and in combination.
 
-``COMPARISONS`` maps each public function to its torch twin; the tests below
-iterate over it. Shapes are small: every new dtype / layout / None-ness
-combination is a Numba compile, so parametrizations vary option *values*
-(reduction, ignore_index, smoothing), which cost nothing, across a few
-compiled variants.
+The comparison table (``COMPARISONS``: each public function -> its torch
+twin and its float64 reference), the case grid, the problem builders and
+the checks are in ``tests/parity.py``, shared with the GPU tests
+(``tests/cuda_sim``); here they run on the CPU, over the whole grid. Shapes
+are small: every new dtype / layout / None-ness combination is a Numba
+compile, so parametrizations vary option *values* (reduction, ignore_index,
+smoothing), which cost nothing, across a few compiled variants.
 """
 
 from __future__ import annotations
 
+import itertools
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastxent
+from tests import parity
 from tests import reference as ref
+from tests.parity import (BCE_SHAPES, BCE_WEIGHTS, COMPARISONS, CPU, DTYPES, HARD_TARGETS,
+                          LAYOUTS, REDUCTIONS, SMOOTHINGS, TARGETS, check_close, problem,
+                          tensor)
 
-TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=1e-5, atol=1e-6)}
-# float32 loss against the float64 reference; float32 gradient against torch's
-LOSS32_RTOL = 2e-6
-GRAD32_ATOL = 1e-6
-
-
-def _t(a):
-    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
-
-
-def _torch_ce(x, y, axis=-1, **kw):
-    """torch's cross-entropy (loss, grad) with the class axis moved to 1."""
-    xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, axis, 1))).requires_grad_(True)
-    yt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(y, axis, 1) if y.dtype.kind == "f"
-                                               else y))
-    kw = dict(kw)
-    kw["weight"] = _t(kw.get("weight"))
-    loss = F.cross_entropy(xt, yt, **kw)
-    (loss.sum() if kw.get("reduction") == "none" else loss).backward()
-    return loss.detach().numpy(), np.moveaxis(xt.grad.numpy(), 1, axis)
-
-
-def _torch_bce(x, t, **kw):
-    xt = torch.from_numpy(x.copy()).requires_grad_(True)
-    kw = {k: (_t(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
-    loss = F.binary_cross_entropy_with_logits(xt, _t(t), **kw)
-    (loss.sum() if kw.get("reduction") == "none" else loss).backward()
-    return loss.detach().numpy(), xt.grad.numpy()
-
-
-def _torch_unary(fn):
-    def twin(x, axis=-1):
-        return fn(torch.from_numpy(np.ascontiguousarray(x)), dim=axis).numpy()
-    return twin
-
-
-def _torch_nll(lp, y, axis=-1, **kw):
-    lpt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(lp, axis, 1)))
-    kw = dict(kw)
-    kw["weight"] = _t(kw.get("weight"))
-    return F.nll_loss(lpt, torch.from_numpy(y), **kw).numpy()
-
-
-#: fastxent function -> (torch twin, float64 reference, kind)
-COMPARISONS = {
-    fastxent.cross_entropy: (lambda *a, **k: _torch_ce(*a, **k)[0], ref.cross_entropy, "ce"),
-    fastxent.cross_entropy_with_grad: (_torch_ce, ref.cross_entropy_with_grad, "ce_grad"),
-    fastxent.nll_loss: (_torch_nll, ref.nll_loss, "nll"),
-    fastxent.log_softmax: (_torch_unary(torch.log_softmax), ref.log_softmax, "unary"),
-    fastxent.softmax: (_torch_unary(torch.softmax), ref.softmax, "unary"),
-    fastxent.logsumexp: (_torch_unary(torch.logsumexp), ref.logsumexp, "unary"),
-    fastxent.binary_cross_entropy_with_logits: (lambda *a, **k: _torch_bce(*a, **k)[0],
-                                                lambda *a, **k: ref.bce_with_logits_with_grad(
-                                                    *a, **k)[0], "bce"),
-    fastxent.binary_cross_entropy_with_logits_with_grad: (_torch_bce,
-                                                          ref.bce_with_logits_with_grad,
-                                                          "bce_grad"),
-}
-IDS = {f: f.__name__ for f in COMPARISONS}
-DTYPES = [np.float64, np.float32]
-REDUCTIONS = ["mean", "sum", "none"]
-
-# (shape, axis): plain rows, (N, T, C) with the class axis last, torch's (N, C, d1, d2)
-LAYOUTS = {"2d": ((6, 5), -1), "ntc": ((2, 3, 5), -1), "ncdd": ((2, 5, 3, 2), 1)}
-
-
-def _problem(layout, dtype, soft, seed=0):
-    shape, axis = LAYOUTS[layout]
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal(shape) * 3).astype(dtype)
-    C = shape[axis]
-    batch = shape[:axis % len(shape)] + shape[axis % len(shape) + 1:]
-    if soft:
-        q = rng.random(shape)
-        y = (q / q.sum(axis=axis, keepdims=True)).astype(dtype)
-    else:
-        y = rng.integers(0, C, batch)
-        flat = y.reshape(-1)
-        flat[::3] = 2  # class 2 is common: ignore_index=2 removes several rows, not all
-    w = (rng.random(C) + 0.5).astype(dtype)
-    return x, y, w, axis
-
-
-def _check(ours, theirs, dtype, what, loss_ref=None):
-    """float64 against torch at 1e-10; float32 loss against the float64
-    reference at 2e-6, gradient against torch's at 1e-6 absolute."""
-    ours = np.asarray(ours)
-    if dtype == np.float64:
-        np.testing.assert_allclose(ours, theirs, **TOL[np.float64], err_msg=what)
-    elif what == "grad":
-        np.testing.assert_allclose(ours, theirs, rtol=0, atol=GRAD32_ATOL, err_msg=what)
-    else:
-        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6, err_msg=what)
-        if loss_ref is not None:
-            np.testing.assert_allclose(ours.astype(np.float64), loss_ref, rtol=LOSS32_RTOL,
-                                       atol=1e-7, err_msg=what + " vs float64 reference")
-
-
-def _scalar_type(loss, dtype, reduction):
-    if reduction == "none":
-        assert isinstance(loss, np.ndarray) and loss.dtype == dtype
-    else:
-        assert type(loss) is np.dtype(dtype).type, type(loss)
+torch_ce = parity.twin(fastxent.cross_entropy_with_grad)
+# the names tests/test_edge_cases.py imports from here
+_torch_ce, _torch_bce = parity.torch_ce, parity.torch_bce
 
 
 # --------------------------------------------------------------------------
@@ -129,36 +38,18 @@ def _scalar_type(loss, dtype, reduction):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("weighted", [False, True], ids=["now", "w"])
-@pytest.mark.parametrize("target", ["hard", "hard_ii_valid", "soft"])
-@pytest.mark.parametrize("smoothing", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("smoothing", SMOOTHINGS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cross_entropy_combinations(dtype, layout, weighted, target, smoothing, reduction):
-    x, y, w, axis = _problem(layout, dtype, soft=target == "soft")
-    kw = dict(weight=w if weighted else None, reduction=reduction, label_smoothing=smoothing)
-    if target == "hard_ii_valid":
-        kw["ignore_index"] = 2  # a valid class id: its rows are ignored
     for fn in (fastxent.cross_entropy, fastxent.cross_entropy_with_grad):
-        twin, reference, kind = COMPARISONS[fn]
-        ours = fn(x, y, axis=axis, **kw)
-        loss_ref, grad_ref = ref.cross_entropy_with_grad(x, y, axis=axis, **kw)
-        if kind == "ce":
-            _scalar_type(ours, dtype, reduction)
-            _check(ours, twin(x, y, axis=axis, **kw), dtype, "loss", loss_ref)
-            continue
-        loss, grad = ours
-        t_loss, t_grad = twin(x, y, axis=axis, **kw)
-        _scalar_type(loss, dtype, reduction)
-        assert grad.shape == x.shape and grad.dtype == dtype
-        _check(loss, t_loss, dtype, "loss", loss_ref)
-        _check(grad, t_grad, dtype, "grad")
-        # the reference agrees with torch too (it is what the float32 loss is held to)
-        np.testing.assert_allclose(loss_ref, t_loss, rtol=2e-6 if dtype == np.float32 else 1e-10,
-                                   atol=1e-6 if dtype == np.float32 else 1e-12)
+        parity.check(fn, CPU, dtype=dtype, layout=layout, weighted=weighted, target=target,
+                     smoothing=smoothing, reduction=reduction)
 
 
 def test_ignore_index_valid_class_changes_result():
     """ignore_index=2 must actually drop the class-2 rows (else the test above is vacuous)."""
-    x, y, w, axis = _problem("2d", np.float64, soft=False)
+    x, y, w, axis = problem("2d", np.float64, soft=False)
     assert (y == 2).any() and (y != 2).any()
     a = fastxent.cross_entropy(x, y, ignore_index=2)
     b = fastxent.cross_entropy(x, y)
@@ -167,11 +58,20 @@ def test_ignore_index_valid_class_changes_result():
     assert np.all(g[y == 2] == 0) and np.all(g[y != 2] != 0)
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_grid_targets_ignore_some_rows_not_all(layout):
+    """The grid's "hard_ignored" and "hard_ii_valid" targets each drop some rows."""
+    for target in ("hard_ignored", "hard_ii_valid"):
+        x, y, w, axis, options = parity.target_problem(layout, np.float64, target)
+        ignored = y == options.get("ignore_index", -100)
+        assert ignored.any() and not ignored.all(), target
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("weighted", [False, True], ids=["now", "w"])
 def test_out_and_inplace_give_the_same_gradient(dtype, layout, weighted):
-    x, y, w, axis = _problem(layout, dtype, soft=False, seed=1)
+    x, y, w, axis = problem(layout, dtype, soft=False, seed=1)
     kw = dict(weight=w if weighted else None, label_smoothing=0.1, axis=axis, ignore_index=2)
     loss, grad = fastxent.cross_entropy_with_grad(x, y, **kw)
     out = np.full_like(x, np.nan)
@@ -183,12 +83,12 @@ def test_out_and_inplace_give_the_same_gradient(dtype, layout, weighted):
     np.testing.assert_array_equal(grad_o, grad)
     np.testing.assert_array_equal(grad_i, grad)
     assert loss == loss_o == loss_i
-    _check(grad, _torch_ce(x, y, **kw)[1], dtype, "grad")
+    check_close(grad, torch_ce(x, y, **kw)[1], dtype, "grad")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 def test_inplace_soft_targets(dtype):
-    x, q, w, axis = _problem("ncdd", dtype, soft=True, seed=2)
+    x, q, w, axis = problem("ncdd", dtype, soft=True, seed=2)
     loss, grad = fastxent.cross_entropy_with_grad(x, q, axis=axis, label_smoothing=0.3)
     xi = x.copy()
     loss_i, grad_i = fastxent.cross_entropy_with_grad(xi, q, axis=axis, label_smoothing=0.3,
@@ -224,7 +124,7 @@ def test_noncontiguous_inputs(case):
     for reduction in REDUCTIONS:
         loss, grad = fastxent.cross_entropy_with_grad(x, y, axis=axis, reduction=reduction,
                                                       label_smoothing=0.1)
-        t_loss, t_grad = _torch_ce(np.ascontiguousarray(x), y, axis=axis, reduction=reduction,
+        t_loss, t_grad = torch_ce(np.ascontiguousarray(x), y, axis=axis, reduction=reduction,
                                    label_smoothing=0.1)
         np.testing.assert_allclose(loss, t_loss, rtol=1e-10, atol=1e-12, err_msg=name)
         np.testing.assert_allclose(grad, t_grad, rtol=1e-10, atol=1e-12, err_msg=name)
@@ -250,7 +150,7 @@ def test_inplace_into_strided_view_leaves_the_rest_alone():
     before = base.copy()
     view = base[:, 1::2]
     y = rng.integers(0, 5, 6)
-    expect = _torch_ce(np.ascontiguousarray(view), y)[1]
+    expect = torch_ce(np.ascontiguousarray(view), y)[1]
     _, g = fastxent.cross_entropy_with_grad(view, y, inplace=True)
     assert g is view
     np.testing.assert_allclose(base[:, 1::2], expect, rtol=1e-10, atol=1e-12)
@@ -274,17 +174,10 @@ def test_targets_of_any_integer_dtype_and_noncontiguous():
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("weighted", [False, True], ids=["now", "w"])
 def test_nll_loss(dtype, layout, weighted):
-    x, y, w, axis = _problem(layout, dtype, soft=False, seed=6)
-    lp = ref.log_softmax(x, axis=axis).astype(dtype)
-    twin, reference, _ = COMPARISONS[fastxent.nll_loss]
-    for ignore_index in (-100, 2):
+    for target in HARD_TARGETS:  # ignore_index -100 (none, then some, ignored) and 2
         for reduction in REDUCTIONS:
-            kw = dict(weight=w if weighted else None, ignore_index=ignore_index,
-                      reduction=reduction)
-            ours = fastxent.nll_loss(lp, y, axis=axis, **kw)
-            _scalar_type(ours, dtype, reduction)
-            _check(ours, twin(lp, y, axis=axis, **kw), dtype, "nll",
-                   reference(lp, y, axis=axis, **kw))
+            parity.check(fastxent.nll_loss, CPU, dtype=dtype, layout=layout, weighted=weighted,
+                         target=target, reduction=reduction)
 
 
 @pytest.mark.parametrize("fn", [fastxent.log_softmax, fastxent.softmax, fastxent.logsumexp],
@@ -292,23 +185,12 @@ def test_nll_loss(dtype, layout, weighted):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_unary(fn, dtype, layout):
-    x, _, _, axis = _problem(layout, dtype, soft=False, seed=7)
-    twin, reference, _ = COMPARISONS[fn]
-    ours = fn(x, axis=axis)
-    assert ours.dtype == dtype
-    expect = twin(np.moveaxis(x, axis, -1), axis=-1)
-    if fn is not fastxent.logsumexp:
-        expect = np.moveaxis(expect, -1, axis)
-    if dtype == np.float64:
-        np.testing.assert_allclose(ours, expect, rtol=1e-10, atol=1e-12)
-    else:
-        np.testing.assert_allclose(ours, expect, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(ours, reference(x, axis=axis), rtol=2e-6, atol=1e-6)
+    parity.check(fn, CPU, dtype=dtype, layout=layout)
 
 
 @pytest.mark.parametrize("fn", [fastxent.log_softmax, fastxent.softmax], ids=lambda f: f.__name__)
 def test_unary_out_and_in_place(fn):
-    x, _, _, axis = _problem("ncdd", np.float64, soft=False, seed=8)
+    x, _, _, axis = problem("ncdd", np.float64, soft=False, seed=8)
     expect = fn(x, axis=axis)
     out = np.empty_like(x)
     assert fn(x, axis=axis, out=out) is out
@@ -319,53 +201,14 @@ def test_unary_out_and_in_place(fn):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("shape", [(4, 7), (2, 3, 5)], ids=["2d", "3d"])
-@pytest.mark.parametrize("weights", ["none", "weight", "pos_weight", "both"])
+@pytest.mark.parametrize("shape", list(BCE_SHAPES))
+@pytest.mark.parametrize("weights", BCE_WEIGHTS)
 def test_bce_with_logits(dtype, shape, weights):
-    rng = np.random.default_rng(9)
-    x = (rng.standard_normal(shape) * 4).astype(dtype)
-    x.flat[0], x.flat[1] = 30.0, -30.0  # saturated sigmoid on both sides
-    t = rng.random(shape).astype(dtype)
-    t.flat[2:4] = (0.0, 1.0)
-    kw = {}
-    if weights in ("weight", "both"):
-        kw["weight"] = (rng.random(shape[-1]) + 0.5).astype(dtype)
-    if weights in ("pos_weight", "both"):
-        kw["pos_weight"] = (rng.random(shape[-1]) * 3).astype(dtype)
-    twin, reference, _ = COMPARISONS[fastxent.binary_cross_entropy_with_logits_with_grad]
-    w_ = kw.get("weight", 1.0)
-    pw_ = kw.get("pos_weight", 1.0)
-    # float32 elementwise losses cancel ((1-t) x against l softplus(-x)), in
-    # torch as here: the float32 check against the float64 reference is
-    # relative to the size of the terms, not of their difference.
-    terms = (np.abs(x) + (1 + (pw_ - 1) * t) * (np.abs(x) + 1.0)) * w_
     for reduction in REDUCTIONS:
-        loss_only = fastxent.binary_cross_entropy_with_logits(x, t, reduction=reduction, **kw)
-        loss, grad = fastxent.binary_cross_entropy_with_logits_with_grad(
-            x, t, reduction=reduction, **kw)
-        _scalar_type(loss, dtype, reduction)
-        # loss-only and fused paths are compiled separately: equal to rounding
-        np.testing.assert_allclose(loss_only, loss, rtol=4 * np.finfo(dtype).eps, atol=0)
-        t_loss, t_grad = twin(x, t, reduction=reduction, **kw)
-        r_loss, r_grad = reference(x, t, reduction=reduction, **kw)
-        np.testing.assert_allclose(r_loss, t_loss, rtol=1e-5, atol=1e-6)
-        _check(loss, t_loss, dtype, "loss")
-        if dtype == np.float32:
-            scale = {"none": terms, "sum": terms.sum(), "mean": terms.mean()}[reduction]
-            assert np.all(np.abs(loss - r_loss) <= 2e-6 * np.abs(r_loss) + 2e-7 * scale)
-        _check(grad, t_grad, dtype, "grad")
-        out = np.empty_like(x)
-        _, g_out = fastxent.binary_cross_entropy_with_logits_with_grad(
-            x, t, reduction=reduction, out=out, **kw)
-        xi = x.copy()
-        _, g_in = fastxent.binary_cross_entropy_with_logits_with_grad(
-            xi, t, reduction=reduction, inplace=True, **kw)
-        assert g_out is out and g_in is xi
-        np.testing.assert_array_equal(g_out, grad)
-        # The in-place block loop is compiled separately and the gradient
-        # (l sigmoid - l + 1 - t) cancels, so its bits may differ: it is held
-        # to torch's gradient with the same tolerance.
-        _check(g_in, t_grad, dtype, "grad")
+        for fn in (fastxent.binary_cross_entropy_with_logits,
+                   fastxent.binary_cross_entropy_with_logits_with_grad):
+            parity.check(fn, CPU, dtype=dtype, shape=shape, weights=weights,
+                         reduction=reduction)
 
 
 # --------------------------------------------------------------------------
@@ -374,13 +217,13 @@ def test_bce_with_logits(dtype, shape, weights):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cross_entropy_loss_object(reduction):
-    x, y, w, axis = _problem("ncdd", np.float64, soft=False, seed=10)
+    x, y, w, axis = problem("ncdd", np.float64, soft=False, seed=10)
     crit = fastxent.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.1, axis=axis,
                                      reduction=reduction)
     with pytest.raises(RuntimeError, match="loss computed first"):
         crit.backward()
     loss = crit(x, y)
-    t_crit = torch.nn.CrossEntropyLoss(weight=_t(w), ignore_index=2, label_smoothing=0.1,
+    t_crit = torch.nn.CrossEntropyLoss(weight=tensor(w), ignore_index=2, label_smoothing=0.1,
                                        reduction=reduction)
     xt = torch.from_numpy(x.copy()).requires_grad_(True)
     t_loss = t_crit(xt, torch.from_numpy(y))
@@ -406,7 +249,7 @@ def test_bce_loss_object(reduction):
     with pytest.raises(RuntimeError):
         crit.backward()
     loss = crit(x, t)
-    t_crit = torch.nn.BCEWithLogitsLoss(pos_weight=_t(pw), reduction=reduction)
+    t_crit = torch.nn.BCEWithLogitsLoss(pos_weight=tensor(pw), reduction=reduction)
     xt = torch.from_numpy(x.copy()).requires_grad_(True)
     t_loss = t_crit(xt, torch.from_numpy(t))
     t_loss.sum().backward()
@@ -418,6 +261,35 @@ def test_every_public_function_has_a_twin():
     names = {f.__name__ for f in COMPARISONS}
     public = {n for n in fastxent.__all__ if n[0].islower()}
     assert names == public
+    assert {fn for fn, _ in parity.device_cases("cpu")} == set(COMPARISONS)
+
+
+def test_gpu_cases_cover_every_three_values():
+    """``device_cases("cuda")`` (the simulator's share of the grid): any 3
+    values of any 3 dimensions (the function and the class count among
+    them) meet in some case."""
+    cases = parity.device_cases("cuda")
+    for check_fn, grid in parity.GRIDS.items():
+        fns = [f for f, (_, _, kind) in COMPARISONS.items() if parity.CHECKS[kind] is check_fn]
+        dims = dict(fn=fns, **grid, **({"C": parity.GPU_CLASSES} if "layout" in grid else {}))
+        rows = [dict(case, fn=f) for f, case in cases if f in fns]
+        assert all(row.keys() == dims.keys() for row in rows)
+        for names in itertools.combinations(dims, 3):
+            seen = {tuple(repr(row[n]) for n in names) for row in rows}
+            for values in itertools.product(*(dims[n] for n in names)):
+                assert tuple(map(repr, values)) in seen, (names, values)
+
+
+def test_no_test_takes_the_benchmark_peers_as_reference():
+    """``tests/reference.py`` is the one float64 reference: only the
+    benchmark table's own tests use ``fastxent._peers``."""
+    tests = Path(__file__).resolve().parent
+    allowed = {tests / "test_benchmarks.py", Path(__file__).resolve()}
+    pattern = re.compile(r"_peers|numpy_(cross_entropy|soft_cross_entropy|log_softmax|"
+                         r"logsumexp|bce_with_logits)")
+    users = [p.relative_to(tests) for p in tests.rglob("*.py")
+             if p not in allowed and pattern.search(p.read_text())]
+    assert not users, users
 
 
 # --------------------------------------------------------------------------
