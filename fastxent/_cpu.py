@@ -8,6 +8,8 @@ picks the layout strategy (direct rows, blocks or tiles: one kernel each in
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import _cpu_kernels as K
@@ -251,6 +253,10 @@ class CrossEntropyPlan:
         self.reshape_g = self.fast and self.new_grad and self.row_shape != problem.shape
         self.serial = x.size < self.kernel.PARALLEL_MIN_ELEMENTS
         self.no_weight = CEOptions(None, *self.options)
+        self.reduced = spec.reduction != "none"
+        self.mean = spec.reduction == "mean"
+        self.scalar = self.dtype.type
+        self._scratch = threading.local()
         self._entry = None
 
     def __call__(self, logits, target, weight, grad=None):
@@ -273,7 +279,12 @@ class CrossEntropyPlan:
         else:
             g = np.empty(self.row_shape, self.dtype) if self.new_grad else None
         problem = self.spec.problem
-        losses = np.empty(problem.n_rows)
+        if self.reduced:  # the row losses are scratch: one array per thread
+            losses = getattr(self._scratch, "losses", None)
+            if losses is None:
+                losses = self._scratch.losses = np.empty(problem.n_rows)
+        else:
+            losses = np.empty(problem.n_rows)
         args = (x, y, q, options, g, self.inplace, losses, self.inner)
         if not self.serial:
             bad, total, denominator = self.kernel(*args)
@@ -284,7 +295,10 @@ class CrossEntropyPlan:
         if bad >= 0:
             raise_bad_target(bad, y, problem.batch_shape, problem.n_classes,
                              self.spec.ignore_index)
-        loss = _reduce(losses, total, denominator, self.spec.reduction, problem)
+        if self.mean and denominator != 0.0:
+            loss = self.scalar(total / denominator)
+        else:
+            loss = _reduce(losses, total, denominator, self.spec.reduction, problem)
         if g is None:
             return loss, None
         if self.inplace:

@@ -99,30 +99,23 @@ _PLANS: dict = {}
 MAX_PLANS = 256
 
 
-def _plan_key(logits, target, weight, *options):
-    """What a plan depends on; None where the call is not planned (not every
-    array a NumPy array). The arrays' flags are part of it: a read-only
-    array is refused for ``inplace=True`` and compiles to another type."""
-    if type(logits) is not np.ndarray or type(target) is not np.ndarray:
-        return None
-    if weight is None:
-        weight_key = None
-    elif type(weight) is np.ndarray:
-        weight_key = (weight.shape, weight.strides, weight.dtype, weight.flags.writeable)
-    else:
-        return None
-    return (logits.shape, logits.strides, logits.dtype, logits.flags.writeable,
-            logits.flags.aligned, target.shape, target.strides, target.dtype,
-            target.flags.writeable, weight_key) + options
-
-
 def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, axis,
                    device, out, inplace, with_grad):
     key = None
-    if out is None:
-        key = _plan_key(logits, target, weight, ignore_index, reduction, label_smoothing, axis,
-                        device, inplace, with_grad)
-        if key is not None:
+    if out is None and type(logits) is np.ndarray and type(target) is np.ndarray:
+        # What a plan depends on. ``flags.num`` holds every flag of the
+        # logits at once (a read-only array is refused for ``inplace=True``;
+        # alignment is part of the compiled types).
+        if weight is None:
+            weight_key = None
+        elif type(weight) is np.ndarray:
+            weight_key = (weight.shape, weight.strides, weight.dtype)
+        else:
+            weight_key = False
+        if weight_key is not False:
+            key = (logits.shape, logits.strides, logits.dtype, logits.flags.num, target.shape,
+                   target.strides, target.dtype, weight_key, ignore_index, reduction,
+                   label_smoothing, axis, device, inplace, with_grad)
             try:
                 plan = _PLANS.get(key)
             except TypeError:  # an unhashable option, refused by the checks below
