@@ -262,20 +262,21 @@ def _zero(g):
 
 
 @_jit(inline=True)
-def _ce_hard_row(x, g, inplace, t, w, wsum, smooth, scale, ahead):
+def _ce_hard_row(x, g, inplace, t, opts, wsum, scale, ahead):
     """Cross-entropy of one contiguous row against class ``t``; gradient into ``g``.
 
     The exponentials are kept in ``g`` itself between the two sweeps. The
     next row, ``ahead``, is prefetched during the exponentials: memory
     streams it in while this row is computed in cache.
     """
+    w = opts.weight
     xt = np.float64(x[t])
     m = _max_pass(x, g, inplace)
     # sum(w * (x - m)), read before the gradient replaces the row
-    sx = lane_dot(x, w, m) if smooth > 0.0 else 0.0
+    sx = lane_dot(x, w, m) if opts.smoothing > 0.0 else 0.0
     s = _exp_pass(x, g, m, ahead)
     loss, k1, k2, kt = hard_target_row(np.float64(m), np.log(s), s, xt, _class_weight(w, t),
-                                       wsum, sx, smooth, scale, x.shape[0])
+                                       wsum, sx, opts, scale, x.shape[0])
     if g is not None:
         scale_minus(g, g, _cast_like(k1, g), _cast_like(k2, g), w)
         g[t] = g[t] - kt
@@ -297,7 +298,7 @@ def _soft_grad(e, g, q, w, k1, keep_s, uniform_s):
 
 
 @_jit
-def _ce_soft_finish(x, e, m, log_s, s, q, w, smooth, scale, g):
+def _ce_soft_finish(x, e, m, log_s, s, q, opts, scale, g):
     """Loss of a row against probabilities ``q``; gradient into ``g``.
 
     With q'_c = (1-eps) q_c + eps/C (times w_c with weights) and S = sum q'_c:
@@ -306,10 +307,11 @@ def _ce_soft_finish(x, e, m, log_s, s, q, w, smooth, scale, g):
     holds exp(x - m), or is None when they are in ``g``.
     """
     C = x.shape[0]
+    w, smooth = opts.weight, opts.smoothing
     keep = _cast_like(1.0 - smooth, x)
     uniform = _cast_like(smooth / C, x)
     total, qxm = soft_sums(x, q, w, keep, uniform, m, None)
-    loss, k1 = soft_target_row(total, qxm, log_s, s, scale)
+    loss, k1 = soft_target_row(np.float64(m), log_s, s, total, qxm, opts, scale)
     if g is not None:
         _soft_grad(e, g, q, w, _cast_like(k1, g), _cast_like(scale * (1.0 - smooth), g),
                    _cast_like(scale * smooth / C, g))
@@ -317,18 +319,19 @@ def _ce_soft_finish(x, e, m, log_s, s, q, w, smooth, scale, g):
 
 
 @_jit(inline=True)
-def _ce_soft_row(x, g, inplace, q, w, smooth, scale, ahead, q_ahead):
+def _ce_soft_row(x, g, inplace, q, opts, scale, ahead, q_ahead):
     """Cross-entropy of one contiguous row against probabilities ``q``
     (``ahead`` as in ``_ce_hard_row``; ``q_ahead``, the next row of
     probabilities, is prefetched while this one's are summed)."""
     m = _max_pass(x, g, inplace)
     C = x.shape[0]
+    w, smooth = opts.weight, opts.smoothing
     keep = _cast_like(1.0 - smooth, x)
     uniform = _cast_like(smooth / C, x)
     # The sums read the logits before the exponentials replace them.
     total, qxm = soft_sums(x, q, w, keep, uniform, m, q_ahead)
     s = _exp_pass(x, g, m, ahead)
-    loss, k1 = soft_target_row(total, qxm, np.log(s), s, scale)
+    loss, k1 = soft_target_row(np.float64(m), np.log(s), s, total, qxm, opts, scale)
     if g is not None:
         _soft_grad(None, g, q, w, _cast_like(k1, g), _cast_like(scale * (1.0 - smooth), g),
                    _cast_like(scale * smooth / C, g))
@@ -412,20 +415,18 @@ def _ce_hard_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r):
             _zero(_row(g, r, inner))
         return 0.0
     if g is None:
-        return _ce_hard_row(_row(x, r, inner), None, False, t, opts.weight, wsum,
-                            opts.smoothing, scale, _next_row(x, r, inner))
-    return _ce_hard_row(_row(x, r, inner), _row(g, r, inner), inplace, t, opts.weight, wsum,
-                        opts.smoothing, scale, _next_row(x, r, inner))
+        return _ce_hard_row(_row(x, r, inner), None, False, t, opts, wsum, scale,
+                            _next_row(x, r, inner))
+    return _ce_hard_row(_row(x, r, inner), _row(g, r, inner), inplace, t, opts, wsum, scale,
+                        _next_row(x, r, inner))
 
 
 def _ce_soft_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r):
     if g is None:
-        return _ce_soft_row(_row(x, r, inner), None, False, _row(q, r, inner), opts.weight,
-                            opts.smoothing, scale, _next_row(x, r, inner),
-                            _next_row(q, r, inner))
-    return _ce_soft_row(_row(x, r, inner), _row(g, r, inner), inplace, _row(q, r, inner),
-                        opts.weight, opts.smoothing, scale, _next_row(x, r, inner),
-                        _next_row(q, r, inner))
+        return _ce_soft_row(_row(x, r, inner), None, False, _row(q, r, inner), opts, scale,
+                            _next_row(x, r, inner), _next_row(q, r, inner))
+    return _ce_soft_row(_row(x, r, inner), _row(g, r, inner), inplace, _row(q, r, inner), opts,
+                        scale, _next_row(x, r, inner), _next_row(q, r, inner))
 
 
 overload(_ce_direct, jit_options=_JIT_OPTIONS)(
@@ -434,10 +435,10 @@ overload(_ce_direct, jit_options=_JIT_OPTIONS)(
 
 
 @_jit
-def _ce_hard_rows(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, r0, n,
-                  e, m, s, log_s):
+def _ce_hard_rows(x, y, opts, wsum, scale, g, losses, inner, r0, n, e, m, s, log_s):
     """Losses and gradients of a block of rows whose exponentials are ``e``."""
     C = x.shape[1]
+    w, smooth, ignore_index = opts.weight, opts.smoothing, opts.ignore_index
     for i in range(n):
         r = r0 + i
         t = y[r]
@@ -449,7 +450,7 @@ def _ce_hard_rows(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, 
         xr = _row(x, r, inner)
         sx = lane_dot(xr, w, m[i]) if smooth > 0.0 else 0.0
         loss, k1, k2, kt = hard_target_row(np.float64(m[i]), log_s[i], s[i], np.float64(xr[t]),
-                                           _class_weight(w, t), wsum, sx, smooth, scale, C)
+                                           _class_weight(w, t), wsum, sx, opts, scale, C)
         losses[r] = loss
         if g is not None:
             gr = _row(g, r, inner)
@@ -458,15 +459,15 @@ def _ce_hard_rows(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, 
 
 
 @_jit
-def _ce_soft_rows(x, q, w, smooth, scale, g, losses, inner, r0, n, e, m, s, log_s):
+def _ce_soft_rows(x, q, opts, scale, g, losses, inner, r0, n, e, m, s, log_s):
     for i in range(n):
         r = r0 + i
         if g is None:
             losses[r] = _ce_soft_finish(_row(x, r, inner), e[i], m[i], log_s[i], s[i],
-                                        _row(q, r, inner), w, smooth, scale, None)
+                                        _row(q, r, inner), opts, scale, None)
         else:
             losses[r] = _ce_soft_finish(_row(x, r, inner), e[i], m[i], log_s[i], s[i],
-                                        _row(q, r, inner), w, smooth, scale, _row(g, r, inner))
+                                        _row(q, r, inner), opts, scale, _row(g, r, inner))
 
 
 def _ce_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n):
@@ -476,14 +477,12 @@ def _ce_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n):
 
 def _ce_hard_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n):
     e, m, s, log_s = _exp_wide(x, r0, n, inner)
-    _ce_hard_rows(x, y, opts.weight, wsum, opts.ignore_index, opts.smoothing, scale, g, losses,
-                  inner, r0, n, e, m, s, log_s)
+    _ce_hard_rows(x, y, opts, wsum, scale, g, losses, inner, r0, n, e, m, s, log_s)
 
 
 def _ce_soft_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n):
     e, m, s, log_s = _exp_wide(x, r0, n, inner)
-    _ce_soft_rows(x, q, opts.weight, opts.smoothing, scale, g, losses, inner, r0, n, e, m, s,
-                  log_s)
+    _ce_soft_rows(x, q, opts, scale, g, losses, inner, r0, n, e, m, s, log_s)
 
 
 overload(_ce_block, jit_options=_JIT_OPTIONS)(
@@ -603,14 +602,14 @@ def _tile_buffer(x):
     return np.zeros(((C + TILE - 1) // TILE * TILE, TILE), x.dtype)
 
 
-@_jit
-def _ce_hard_tiles(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner, k0, k1):
+def _ce_hard_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
     """Cross-entropy against class indices for tiles k0 .. k1 - 1.
 
     The per-row work runs over all ``TILE`` lanes without branches (lanes
     past the tile's rows and ignored rows take class 0 and are dropped at
     the end), so that LLVM turns it into vector code."""
     C = x.shape[1]
+    w, smooth, ignore_index = opts.weight, opts.smoothing, opts.ignore_index
     t = _tile_buffer(x)
     tc = t[:C]
     m, a1, a2, at = _lane_arrays(x)
@@ -635,7 +634,7 @@ def _ce_hard_tiles(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner,
         for i in range(TILE):
             loss[i], a1[i], a2[i], at[i] = hard_target_row(np.float64(m[i]), log_s[i], s[i],
                                                            xt[i], _class_weight(w, target[i]),
-                                                           wsum, sx[i], smooth, scale, C)
+                                                           wsum, sx[i], opts, scale, C)
         for i in range(n):
             losses[r0 + i * step] = loss[i] if keep[i] else 0.0
         if g is not None:
@@ -649,10 +648,10 @@ def _ce_hard_tiles(x, y, w, wsum, ignore_index, smooth, scale, g, losses, inner,
             tile_out(t, _tile(g, k, inner)[0])
 
 
-@_jit
-def _ce_soft_tiles(x, q, w, smooth, scale, g, losses, inner, k0, k1):
+def _ce_soft_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
     """Cross-entropy against probabilities for tiles k0 .. k1 - 1."""
     C = x.shape[1]
+    w, smooth = opts.weight, opts.smoothing
     t, qt = _tile_buffer(x), _tile_buffer(x)
     tc, qc = t[:C], qt[:C]
     m, a1, a2, _ = _lane_arrays(x)
@@ -669,7 +668,8 @@ def _ce_soft_tiles(x, q, w, smooth, scale, g, losses, inner, k0, k1):
         tile_dot(tc, qc, w, keep, uniform, m, total, qxm)
         tile_exp_sums(tc, m, s, log_s, g is not None)
         for i in range(TILE):  # every lane: no branch, vector code
-            loss[i], a1[i] = soft_target_row(total[i], qxm[i], log_s[i], s[i], scale)
+            loss[i], a1[i] = soft_target_row(np.float64(m[i]), log_s[i], s[i], total[i], qxm[i],
+                                             opts, scale)
         for i in range(rows.shape[0]):
             losses[r0 + i * step] = loss[i]
         if g is not None:
@@ -682,18 +682,9 @@ def _ce_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
     raise NotImplementedError  # only called from compiled code
 
 
-def _ce_hard_tile_task(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
-    _ce_hard_tiles(x, y, opts.weight, wsum, opts.ignore_index, opts.smoothing, scale, g,
-                   losses, inner, k0, k1)
-
-
-def _ce_soft_tile_task(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
-    _ce_soft_tiles(x, q, opts.weight, opts.smoothing, scale, g, losses, inner, k0, k1)
-
-
 overload(_ce_tiles, jit_options=_JIT_OPTIONS)(
     lambda x, y, q, opts, wsum, scale, g, losses, inner, k0, k1:
-    _by_targets(_ce_hard_tile_task, _ce_soft_tile_task)(x, y))
+    _by_targets(_ce_hard_tiles, _ce_soft_tiles)(x, y))
 
 
 @_jit

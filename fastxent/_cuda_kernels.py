@@ -47,6 +47,7 @@ import numpy as np
 from numba import config, cuda
 
 from . import _formulas as F
+from ._spec import CEOptions
 
 #: True under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``).
 SIMULATED = bool(config.ENABLE_CUDASIM)
@@ -230,6 +231,7 @@ def ce_py(dtype, cached):
            w, ignore_index, smooth, mean):
         scratch = cuda.shared.array(SCRATCH, ST)
         cache = cuda.shared.array(0, ST)
+        opts = CEOptions(w, ignore_index, smooth, mean)  # the record the formulas read
         zero = FT(0.0)
         one = FT(1.0)
         keep_q = FT(1.0 - smooth)
@@ -282,8 +284,8 @@ def ce_py(dtype, cached):
             wt = 1.0
             if q is not None:
                 # sum q' (x - m) from the online pass's sum q' x
-                loss, k1 = soft_target_row(np.float64(a1), np.float64(a2) - np.float64(a1) * m64,
-                                           log_s, s64, scale)
+                loss, k1 = soft_target_row(m64, log_s, s64, np.float64(a1),
+                                           np.float64(a2) - np.float64(a1) * m64, opts, scale)
                 k2 = kt = 0.0
             else:
                 if w is not None:
@@ -293,7 +295,7 @@ def ce_py(dtype, cached):
                 if smooth > 0.0:  # sum w (x - m) from the online pass's sum w x
                     w_dot = np.float64(a2) - m64 * wsum
                 loss, k1, k2, kt = hard_target_row(m64, log_s, s64, np.float64(a1), wt, wsum,
-                                                   w_dot, smooth, scale, n_classes)
+                                                   w_dot, opts, scale, n_classes)
             if active and lane == 0:
                 losses[r] = loss if take else 0.0
             if g is not None:

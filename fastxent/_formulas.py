@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 
-def hard_target_row(m, log_s, s, x_target, w_target, w_sum, w_dot, smoothing, scale,
+def hard_target_row(m, log_s, s, x_target, w_target, w_sum, w_dot, options, scale,
                     n_classes):
     """Loss of a row against class t and its gradient's coefficients.
 
@@ -30,8 +30,10 @@ def hard_target_row(m, log_s, s, x_target, w_target, w_sum, w_dot, smoothing, sc
     and more keep log(s). The gradient is
     grad_c = e_c k1 - k2 w_c - kt [c = t], with e_c = exp(x_c - m),
     k1 = scale ((1-eps) w_t + eps W/C) / s, k2 = scale eps/C, kt = scale (1-eps) w_t.
-    Returns (loss, k1, k2, kt), float64.
+    ``options`` is the call's ``_spec.CEOptions``. Returns (loss, k1, k2, kt),
+    float64.
     """
+    smoothing = options.smoothing
     keep = 1.0 - smoothing
     loss = keep * w_target * ((m - x_target) + log_s)
     if smoothing > 0.0:
@@ -48,13 +50,14 @@ def smoothed_target(q, keep, uniform):
     return keep * q + uniform
 
 
-def soft_target_row(total, q_dot, log_s, s, scale):
+def soft_target_row(m, log_s, s, total, q_dot, options, scale):
     """Loss of a row against probabilities and its gradient's coefficient.
 
     With q'_c the smoothed (and weighted) targets, ``total`` = sum_c q'_c and
     ``q_dot`` = sum_c q'_c (x_c - m): loss = total lse - sum_c q'_c x_c
     = total log(s) - q_dot, and grad_c = e_c k1 - scale q'_c with
-    k1 = scale total / s. Returns (loss, k1).
+    k1 = scale total / s. ``options`` is the call's ``_spec.CEOptions``.
+    Returns (loss, k1).
     """
     return total * log_s - q_dot, scale * total / s
 

@@ -2,12 +2,12 @@
 
 The first step of every public function: it picks the device from the
 arrays, converts host inputs (lists, scalars) to NumPy arrays, checks every
-shape, dtype and option value, and returns the spec (``_spec``) that the
-backend runs. Everything here looks only at shapes, dtypes and option
-values, so the same checks serve NumPy arrays and GPU arrays alike, and all
-of them run before any kernel writes. The one data-dependent check, class
-indices in range, is done by the backends (``_host.scan_hard_targets``)
-before their kernels write.
+shape, dtype and option value, and returns the spec (``_spec``) with the
+backend module that runs it (``_dispatch``). Everything here looks only at
+shapes, dtypes and option values, so the same checks serve NumPy arrays and
+GPU arrays alike, and all of them run before any kernel writes. The one
+data-dependent check, class indices in range, is done by the backends
+(``_host.scan_hard_targets``) before their kernels write.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import _dispatch
 from ._host import as_host_array, on_gpu
 from ._spec import BCESpec, ClassProblem, CrossEntropySpec, SoftmaxSpec
 
@@ -232,7 +233,8 @@ def grad_destination(logits, out, inplace, shape, dtype):
 
 
 # --------------------------------------------------------------------------
-# A call's arguments in, (spec, arrays, gradient destination) out
+# A call's arguments in; out: the backend, the spec, the arrays as the
+# backend takes them and, for gradients, the gradient's destination
 
 
 def cross_entropy_call(logits, target, weight, ignore_index, reduction, label_smoothing, axis,
@@ -245,7 +247,7 @@ def cross_entropy_call(logits, target, weight, ignore_index, reduction, label_sm
     grad = None
     if with_grad:
         grad = grad_destination(arrays[0], out, inplace, spec.problem.shape, spec.problem.dtype)
-    return spec, arrays, grad
+    return _dispatch.backend(device), spec, arrays, grad
 
 
 def nll_call(log_probs, target, weight, ignore_index, reduction, axis, device):
@@ -255,7 +257,7 @@ def nll_call(log_probs, target, weight, ignore_index, reduction, axis, device):
     if t_dtype.kind not in "iu":
         raise TypeError(f"nll_loss needs integer class indices as target, got dtype {t_dtype}")
     spec = cross_entropy_spec(*arrays, ignore_index, reduction, 0.0, axis, device, "log_probs")
-    return spec, arrays
+    return _dispatch.backend(device), spec, arrays
 
 
 def softmax_call(x, axis, out, device):
@@ -267,13 +269,14 @@ def softmax_call(x, axis, out, device):
     spec = SoftmaxSpec(class_problem(xa, axis, "x"), device)
     if out is not None:
         check_grad_out(out, spec.problem.shape, spec.problem.dtype)
-    return spec, xa
+    return _dispatch.backend(device), spec, xa
 
 
 def logsumexp_call(x, axis, device):
     device = device_arg(device, x)
     (xa,) = _arrays((x,))
-    return SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True), device), xa
+    spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True), device)
+    return _dispatch.backend(device), spec, xa
 
 
 def bce_call(logits, target, weight, pos_weight, reduction, device, out, inplace, with_grad):
@@ -285,4 +288,4 @@ def bce_call(logits, target, weight, pos_weight, reduction, device, out, inplace
     grad = None
     if with_grad:
         grad = grad_destination(arrays[0], out, inplace, spec.shape, spec.dtype)
-    return spec, arrays, grad
+    return _dispatch.backend(device), spec, arrays, grad

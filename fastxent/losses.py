@@ -1,8 +1,8 @@
 """Public functions and loss objects, with PyTorch's semantics.
 
-Each function goes one way: its arguments are checked into one spec
-(``_validate``), the spec selects the backend (``_dispatch``), and the
-backend runs its kernels. Every check runs before any kernel writes, so a
+Each function goes one way: its arguments are checked into one spec, which
+selects the backend (``_validate``, through ``_dispatch``), and the backend
+runs its kernels. Every check runs before any kernel writes, so a
 call that raises has written nothing (``inplace=True`` included).
 
 Cross-entropy calls on NumPy arrays keep the CPU backend's prepared call
@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Tuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import _dispatch, _validate
+from . import _validate
 from ._validate import reduction_arg, smoothing_arg
 
 Reduction = Literal["none", "mean", "sum"]
@@ -122,10 +122,9 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
                 plan = key = None
             if plan is not None:
                 return plan(logits, target, weight)
-    spec, (x, t, w), grad = _validate.cross_entropy_call(
+    backend, spec, (x, t, w), grad = _validate.cross_entropy_call(
         logits, target, weight, ignore_index, reduction, label_smoothing, axis, device, out,
         inplace, with_grad)
-    backend = _dispatch.backend(spec.device)
     if key is not None and spec.device == "cpu":
         plan = backend.CrossEntropyPlan(spec, x, t, grad)
         if plan.fast:
@@ -145,14 +144,14 @@ def nll_loss(log_probs: ArrayLike, target: ArrayLike, *, weight: Optional[ArrayL
     the loss of a row is ``-weight[t] * log_probs[t]``. Other arguments as in
     :func:`cross_entropy` (class indices only).
     """
-    spec, (lp, t, w) = _validate.nll_call(log_probs, target, weight, ignore_index, reduction,
-                                          axis, device)
-    return _dispatch.backend(spec.device).nll_loss(spec, lp, t, w)
+    backend, spec, (lp, t, w) = _validate.nll_call(log_probs, target, weight, ignore_index,
+                                                   reduction, axis, device)
+    return backend.nll_loss(spec, lp, t, w)
 
 
 def _softmax(x, axis, out, device, log):
-    spec, xa = _validate.softmax_call(x, axis, out, device)
-    return _dispatch.backend(spec.device).softmax(spec.problem, xa, out, log)
+    backend, spec, xa = _validate.softmax_call(x, axis, out, device)
+    return backend.softmax(spec.problem, xa, out, log)
 
 
 def log_softmax(x: ArrayLike, axis: int = -1, out: Optional[np.ndarray] = None, *,
@@ -179,8 +178,8 @@ def logsumexp(x: ArrayLike, axis: int = -1, *, device: Device = "auto") -> Any:
     Rows of ``-inf`` give ``-inf``, rows holding ``+inf`` give ``+inf``, and an
     empty axis gives ``-inf``. Returns an array of ``x``'s shape without ``axis``.
     """
-    spec, xa = _validate.logsumexp_call(x, axis, device)
-    return _dispatch.backend(spec.device).logsumexp(spec.problem, xa)
+    backend, spec, xa = _validate.logsumexp_call(x, axis, device)
+    return backend.logsumexp(spec.problem, xa)
 
 
 def binary_cross_entropy_with_logits(logits: ArrayLike, target: ArrayLike, *,
@@ -219,9 +218,9 @@ def binary_cross_entropy_with_logits_with_grad(
 
 
 def _bce(logits, target, weight, pos_weight, reduction, device, out, inplace, with_grad):
-    spec, (x, t, w, pw), grad = _validate.bce_call(logits, target, weight, pos_weight,
-                                                   reduction, device, out, inplace, with_grad)
-    return _dispatch.backend(spec.device).bce_with_logits(spec, x, t, w, pw, grad)
+    backend, spec, (x, t, w, pw), grad = _validate.bce_call(
+        logits, target, weight, pos_weight, reduction, device, out, inplace, with_grad)
+    return backend.bce_with_logits(spec, x, t, w, pw, grad)
 
 
 class _LossWithGrad:
