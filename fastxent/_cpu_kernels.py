@@ -195,6 +195,8 @@ soft_target_row = _jit(F.soft_target_row, inline=True)
 smoothed_target = _jit(F.smoothed_target, inline=True)
 gradient_element = _jit(F.gradient_element, inline=True)
 log_sum_exp = _jit(F.log_sum_exp, inline=True)
+log_softmax_element = _jit(F.log_softmax_element, inline=True)
+softmax_element = _jit(F.softmax_element, inline=True)
 nll_row = _jit(F.nll_row, inline=True)
 mean_scale = _jit(F.mean_scale, inline=True)
 bce_label_weight = _jit(F.bce_label_weight, inline=True)
@@ -507,20 +509,20 @@ def _softmax_direct(x, out, inplace, inner, log, r):
             m = row_max(o, None)
             log_s = _cast_like(np.log(exp_sum(o, m, _next_row(out, r, inner))), o)
             for c in range(o.shape[0]):
-                o[c] = (o[c] - m) - log_s
+                o[c] = log_softmax_element(o[c], m, log_s)
         else:
             xr = _row(x, r, inner)
             m = row_max(xr, None)
             log_s = _cast_like(np.log(exp_sum(xr, m, _next_row(out, r, inner))), o)
             for c in range(o.shape[0]):
-                o[c] = (xr[c] - m) - log_s
+                o[c] = log_softmax_element(xr[c], m, log_s)
     else:
         xr = _row(x, r, inner)
         m = _max_pass(xr, o, inplace)
         # the row the next max pass reads
         inv_s = _cast_like(1.0 / exp_sum_inplace(o, m, _next_row(x, r, inner)), o)
         for c in range(o.shape[0]):
-            o[c] = o[c] * inv_s
+            o[c] = softmax_element(o[c], inv_s)
 
 
 @_jit
@@ -533,12 +535,12 @@ def _softmax_rows(x, out, inner, log, r0, n, e, m, s, log_s):
             mi = m[i]
             ls = _cast_like(log_s[i], o)
             for c in range(C):
-                o[c] = (xr[c] - mi) - ls
+                o[c] = log_softmax_element(xr[c], mi, ls)
         else:
             er = e[i]
             inv_s = _cast_like(1.0 / s[i], o)
             for c in range(C):
-                o[c] = er[c] * inv_s
+                o[c] = softmax_element(er[c], inv_s)
 
 
 @_jit

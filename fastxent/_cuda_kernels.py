@@ -1,4 +1,4 @@
-"""CUDA kernels (numba-cuda): the row math of ``_cpu_kernels`` on the GPU.
+"""CUDA kernels (numba-cuda): the losses of ``_formulas`` over rows on the GPU.
 
 Imported only by ``_cuda``, never at ``fastxent`` import time, so the CPU
 package works where no CUDA library is installed.
@@ -94,6 +94,8 @@ soft_target_row = _device(F.soft_target_row)
 smoothed_target = _device(F.smoothed_target)
 gradient_element = _device(F.gradient_element)
 log_sum_exp = _device(F.log_sum_exp)
+log_softmax_element = _device(F.log_softmax_element)
+softmax_element = _device(F.softmax_element)
 nll_row = _device(F.nll_row)
 bce_label_weight = _device(F.bce_label_weight)
 bce_element = _device(F.bce_element)
@@ -385,9 +387,9 @@ def softmax_py(dtype, cached, log):
                     else:
                         v = x[i]
                     if log:
-                        out[i] = (v - m) - log_s
+                        out[i] = log_softmax_element(v, m, log_s)
                     else:
-                        out[i] = math.exp(v - m) * inv_s
+                        out[i] = softmax_element(math.exp(v - m), inv_s)
             base += step
 
     return softmax

@@ -68,6 +68,17 @@ def gradient_element(e, k1, k2):
     return e * k1 - k2
 
 
+def log_softmax_element(x, m, log_s):
+    """log p_c = (x_c - m) - log(s), the shift taken first (as
+    ``torch.log_softmax`` rounds it)."""
+    return (x - m) - log_s
+
+
+def softmax_element(e, inv_s):
+    """p_c = exp(x_c - m) / s, as e times 1/s."""
+    return e * inv_s
+
+
 def log_sum_exp(m, log_s):
     """lse = m + log(s) for a finite max; an infinite max is the answer
     itself (rows of -inf give -inf, rows holding +inf give +inf, as
