@@ -259,3 +259,39 @@ def test_one_dimensional_logits_take_a_scalar_target():
     np.testing.assert_allclose(loss, np.log(np.exp(x).sum()) - 3.0, rtol=1e-14)
     with pytest.raises(IndexError, match=r"target 3 at position \(\)"):
         fastxent.cross_entropy(x, 3)
+
+
+def test_a_prepared_call_still_checks_the_data(monkeypatch):
+    """A call repeating an earlier one's shapes, strides, dtypes, flags and
+    options runs the plan kept by ``losses`` without the checks; what depends
+    on the data (the class indices) is still checked before any write, and
+    what the key leaves out is checked again."""
+    from fastxent import _validate
+
+    x = RNG.standard_normal((5, 3))
+    y = np.array([0, 1, 2, 1, 0])
+    fastxent.cross_entropy_with_grad(x.copy(), y, inplace=True)  # prepares the plan
+    checked = []
+    real = _validate.cross_entropy_call
+    monkeypatch.setattr(_validate, "cross_entropy_call",
+                        lambda *args: checked.append(args) or real(*args))
+    for bad, pattern in ((np.array([0, 1, 3, 1, 0]), r"target 3 at position \(2,\)"),
+                         (np.array([0, -1, 2, 1, 9]), r"target -1 at position \(1,\)")):
+        xi = x.copy()
+        with pytest.raises(IndexError, match=pattern):
+            fastxent.cross_entropy_with_grad(xi, bad, inplace=True)
+        np.testing.assert_array_equal(xi, x)
+    assert not checked, "the prepared plan did not serve the repeated calls"
+    huge = np.array([0, 1, 2**64 - 1, 1, 0], dtype=np.uint64)
+    fastxent.cross_entropy_with_grad(x.copy(), y.astype(np.uint64), inplace=True)
+    xi = x.copy()
+    with pytest.raises(IndexError, match=r"target 18446744073709551615 at position \(2,\)"):
+        fastxent.cross_entropy_with_grad(xi, huge, inplace=True)
+    np.testing.assert_array_equal(xi, x)
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        fastxent.cross_entropy_with_grad(read_only, y, inplace=True)
+    fastxent.cross_entropy(x, y, weight=np.ones(3))
+    with pytest.raises(ValueError, match=r"weight must be a 1-D array of 3 values"):
+        fastxent.cross_entropy(x, y, weight=np.ones(4))
