@@ -24,6 +24,7 @@ from ._spec import BCESpec, ClassProblem, CrossEntropySpec, SoftmaxSpec
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 DEVICES = ("auto", "cpu", "cuda")
+_INT64 = np.iinfo(np.int64)
 
 
 class _Described(NamedTuple):
@@ -135,6 +136,9 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
     reduction = reduction_arg(reduction)
     smoothing = smoothing_arg(label_smoothing)
     ignore_index = index_arg(ignore_index, "ignore_index")
+    if not _INT64.min <= ignore_index <= _INT64.max:  # class indices are int64
+        raise ValueError(f"ignore_index must be between {_INT64.min} and {_INT64.max} "
+                         f"(a 64-bit integer), got {ignore_index}")
     t_dtype = np.dtype(target.dtype)
     t_shape = tuple(target.shape)
     if t_dtype.kind == "f":

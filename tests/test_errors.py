@@ -62,6 +62,9 @@ CE_CASES = {
     "axis_negative_out_of_range": (dict(axis=-3), ValueError, r"axis -3 is out of range"),
     "axis_float": (dict(axis=1.0), TypeError, r"axis must be an integer"),
     "ignore_index_float": (dict(ignore_index=1.5), TypeError, r"ignore_index must be an integer"),
+    "ignore_index_beyond_int64": (dict(ignore_index=2**70), ValueError,
+                                  r"ignore_index must be between -9223372036854775808 and "
+                                  r"9223372036854775807 \(a 64-bit integer\), got 1180591620717411303424"),
     "unknown_device": (dict(device="tpu"), ValueError, r"device must be 'auto', 'cpu' or 'cuda'"),
 }
 
