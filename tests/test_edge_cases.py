@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fastxent
 from tests import reference as ref
-from tests.test_torch_parity import _torch_bce, _torch_ce
+from tests.parity import torch_bce as _torch_bce, torch_ce as _torch_ce
 
 DTYPES = [np.float64, np.float32]
 IDS = ["f64", "f32"]

@@ -27,8 +27,6 @@ from tests.parity import (BCE_SHAPES, BCE_WEIGHTS, COMPARISONS, CPU, DTYPES, HAR
                           tensor)
 
 torch_ce = parity.twin(fastxent.cross_entropy_with_grad)
-# the names tests/test_edge_cases.py imports from here
-_torch_ce, _torch_bce = parity.torch_ce, parity.torch_bce
 
 
 # --------------------------------------------------------------------------
