@@ -220,7 +220,8 @@ class CrossEntropyPlan:
         self.spec = spec
         problem = spec.problem
         self.dtype = problem.dtype
-        self.options = (spec.ignore_index, spec.smoothing, spec.reduction == "mean")
+        self.options = (spec.ignore_index, spec.smoothing, spec.reduction == "mean",
+                        spec.z_loss)
         x = np.asarray(logits, dtype=self.dtype)
         x_rows, self.form = rows_of(x, problem)
         self.kernel = _ce_kernel(x_rows, self.form)
@@ -347,7 +348,7 @@ def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
     y = _hard_targets(np.asarray(target))
     if np.asarray(target).dtype == np.uint64:
         _check_uint64_targets(target, y, spec)
-    opts = CEOptions(_weight(weight, problem.dtype), spec.ignore_index, 0.0, False)
+    opts = CEOptions(_weight(weight, problem.dtype), spec.ignore_index, 0.0, False, 0.0)
     losses = np.empty(problem.n_rows)
     bad, total, denominator = K.nll(lp_rows, y, opts, losses, _inner(problem, form))
     if bad >= 0:

@@ -509,7 +509,8 @@ def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
     else:
         (y, denominator), q = _hard_targets(spec, target, w_host), None
     x = _contiguous(logits, dtype)
-    options = CEOptions(w, spec.ignore_index, spec.smoothing, spec.reduction == "mean")
+    options = CEOptions(w, spec.ignore_index, spec.smoothing, spec.reduction == "mean",
+                        spec.z_loss)
     scale = mean_scale(options.mean, denominator)
     g = dest = None
     if grad is not None:

@@ -221,7 +221,7 @@ def ce_py(dtype, cached):
     ``y``: int64 targets (hard) or None; ``q``: class probabilities of the
     logits' form (soft) or None; ``g``: the gradient (may be ``x`` itself)
     or None; ``wsum``: the sum of the class weights; ``scale``: the
-    gradient's (``_formulas.mean_scale``). The last four parameters are the
+    gradient's (``_formulas.mean_scale``). The last five parameters are the
     fields of ``_spec.CEOptions`` in order (kernel parameters, so that a
     ``weight`` of None compiles away). Dynamic shared memory (cached): C
     values (hard), 2C (soft: the logits, then the smoothed, weighted targets).
@@ -230,10 +230,10 @@ def ce_py(dtype, cached):
     ST = _shared_type(FT)
 
     def ce(x, y, q, g, losses, n_rows, n_classes, inner, group, wsum, scale,
-           w, ignore_index, smooth, mean):
+           w, ignore_index, smooth, mean, z_loss):
         scratch = cuda.shared.array(SCRATCH, ST)
         cache = cuda.shared.array(0, ST)
-        opts = CEOptions(w, ignore_index, smooth, mean)  # the record the formulas read
+        opts = CEOptions(w, ignore_index, smooth, mean, z_loss)  # the record the formulas read
         zero = FT(0.0)
         one = FT(1.0)
         keep_q = FT(1.0 - smooth)

@@ -30,8 +30,11 @@ def hard_target_row(m, log_s, s, x_target, w_target, w_sum, w_dot, options, scal
     and more keep log(s). The gradient is
     grad_c = e_c k1 - k2 w_c - kt [c = t], with e_c = exp(x_c - m),
     k1 = scale ((1-eps) w_t + eps W/C) / s, k2 = scale eps/C, kt = scale (1-eps) w_t.
-    ``options`` is the call's ``_spec.CEOptions``. Returns (loss, k1, k2, kt),
-    float64.
+    ``options`` is the call's ``_spec.CEOptions``. Its z-loss (PaLM's; Liger's
+    ``lse_square_scale``) adds w_t z lse**2 to the loss, weighted by the
+    target's class weight as the cross-entropy is, and so
+    d/dx_c = 2 w_t z lse p_c to the gradient: scale 2 w_t z lse / s to k1.
+    Returns (loss, k1, k2, kt), float64.
     """
     smoothing = options.smoothing
     keep = 1.0 - smoothing
@@ -41,6 +44,11 @@ def hard_target_row(m, log_s, s, x_target, w_target, w_sum, w_dot, options, scal
     k1 = scale * (keep * w_target + smoothing * w_sum / n_classes) / s
     k2 = scale * smoothing / n_classes
     kt = scale * keep * w_target
+    z = options.z_loss
+    if z > 0.0:
+        lse = m + log_s
+        loss += w_target * z * lse * lse
+        k1 += scale * 2.0 * w_target * z * lse / s
     return loss, k1, k2, kt
 
 
@@ -56,10 +64,17 @@ def soft_target_row(m, log_s, s, total, q_dot, options, scale):
     With q'_c the smoothed (and weighted) targets, ``total`` = sum_c q'_c and
     ``q_dot`` = sum_c q'_c (x_c - m): loss = total lse - sum_c q'_c x_c
     = total log(s) - q_dot, and grad_c = e_c k1 - scale q'_c with
-    k1 = scale total / s. ``options`` is the call's ``_spec.CEOptions``.
-    Returns (loss, k1).
+    k1 = scale total / s. ``options`` is the call's ``_spec.CEOptions``; its
+    z-loss adds z lse**2 to the loss (each row once, as the mean counts it)
+    and scale 2 z lse / s to k1 (see ``hard_target_row``). Returns (loss, k1).
     """
-    return total * log_s - q_dot, scale * total / s
+    loss, k1 = total * log_s - q_dot, scale * total / s
+    z = options.z_loss
+    if z > 0.0:
+        lse = m + log_s
+        loss += z * lse * lse
+        k1 += scale * 2.0 * z * lse / s
+    return loss, k1
 
 
 def gradient_element(e, k1, k2):

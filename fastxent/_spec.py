@@ -59,13 +59,15 @@ class CEOptions(NamedTuple):
     ``weight`` is a contiguous array of one value per class in the logits'
     dtype, or ``None``; ``mean`` says the gradient is scaled by one over the
     mean's denominator (the sum of the weights of the targets not ignored,
-    or the number of rows for class probabilities).
+    or the number of rows for class probabilities); ``z_loss`` is the
+    coefficient of each row's lse**2 added to its loss.
     """
 
     weight: Optional[np.ndarray]
     ignore_index: int
     smoothing: float
     mean: bool
+    z_loss: float
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class CrossEntropySpec:
     smoothing: float
     ignore_index: int
     device: str  # "cpu" or "cuda"
+    z_loss: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ data-dependent check, class indices in range, is done by the backends
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import NamedTuple
 
@@ -87,6 +88,16 @@ def smoothing_arg(label_smoothing) -> float:
     return eps
 
 
+def z_loss_arg(z_loss) -> float:
+    try:
+        z = float(z_loss)
+    except (TypeError, ValueError):
+        raise TypeError(f"z_loss must be a float, got {z_loss!r}") from None
+    if not 0.0 <= z < math.inf:  # also refuses NaN
+        raise ValueError(f"z_loss must be finite and at least 0.0, got {z_loss!r}")
+    return z
+
+
 def index_arg(value, name) -> int:
     try:
         return operator.index(value)
@@ -130,11 +141,12 @@ def class_problem(logits, axis, name="logits", allow_empty=False) -> ClassProble
 
 
 def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_smoothing,
-                       axis, device, name="logits") -> CrossEntropySpec:
+                       axis, device, name="logits", z_loss=0.0) -> CrossEntropySpec:
     problem = class_problem(logits, axis, name)
     target, weight = _describe(target), _describe(weight)
     reduction = reduction_arg(reduction)
     smoothing = smoothing_arg(label_smoothing)
+    z_loss = z_loss_arg(z_loss)
     ignore_index = index_arg(ignore_index, "ignore_index")
     if not _INT64.min <= ignore_index <= _INT64.max:  # class indices are int64
         raise ValueError(f"ignore_index must be between {_INT64.min} and {_INT64.max} "
@@ -162,7 +174,7 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
                         f"got dtype {t_dtype}")
     if weight is not None:
         check_weight(weight, problem.n_classes, "weight")
-    return CrossEntropySpec(problem, soft, reduction, smoothing, ignore_index, device)
+    return CrossEntropySpec(problem, soft, reduction, smoothing, ignore_index, device, z_loss)
 
 
 def check_weight(weight, length, name):
@@ -241,13 +253,14 @@ def grad_destination(logits, out, inplace, shape, dtype):
 # backend takes them and, for gradients, the gradient's destination
 
 
-def cross_entropy_call(logits, target, weight, ignore_index, reduction, label_smoothing, axis,
-                       device, out, inplace, with_grad):
+def cross_entropy_call(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                       axis, device, out, inplace, with_grad):
     device = device_arg(device, logits, target, weight)
     if with_grad and inplace:
         check_inplace(logits)  # before a list would be converted into a new array
     arrays = _arrays((logits, target, weight))
-    spec = cross_entropy_spec(*arrays, ignore_index, reduction, label_smoothing, axis, device)
+    spec = cross_entropy_spec(*arrays, ignore_index, reduction, label_smoothing, axis, device,
+                              z_loss=z_loss)
     grad = None
     if with_grad:
         grad = grad_destination(arrays[0], out, inplace, spec.problem.shape, spec.problem.dtype)

@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from . import _validate
-from ._validate import reduction_arg, smoothing_arg
+from ._validate import reduction_arg, smoothing_arg, z_loss_arg
 
 Reduction = Literal["none", "mean", "sum"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -29,7 +29,8 @@ Device = Literal["auto", "cpu", "cuda"]
 
 def cross_entropy(logits: ArrayLike, target: ArrayLike, *, weight: Optional[ArrayLike] = None,
                   ignore_index: int = -100, reduction: Reduction = "mean",
-                  label_smoothing: float = 0.0, axis: int = -1, device: Device = "auto") -> Any:
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, axis: int = -1,
+                  device: Device = "auto") -> Any:
     """Cross-entropy between logits and class targets, as ``torch.nn.functional.cross_entropy``.
 
     Parameters
@@ -51,6 +52,11 @@ def cross_entropy(logits: ArrayLike, target: ArrayLike, *, weight: Optional[Arra
         of the targets not ignored (by the number of rows for probabilities).
     label_smoothing : float in [0, 1], default 0
         Mixes the target with the uniform distribution, as in PyTorch.
+    z_loss : float >= 0, default 0
+        PaLM's z-loss: each row's loss gains ``z_loss * lse**2``, lse being
+        its log-sum-exp, times the target's class weight (1 for class
+        probabilities); ignored rows add nothing, and the reduction is the
+        cross-entropy's (same mean denominator).
     axis : int, default -1
         The class axis.
     device : {"auto", "cpu", "cuda"}, default "auto"
@@ -62,14 +68,15 @@ def cross_entropy(logits: ArrayLike, target: ArrayLike, *, weight: Optional[Arra
         for ``reduction="none"`` (a device array for GPU inputs).
     """
     loss, _ = _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
-                             axis, device, None, False, with_grad=False)
+                             z_loss, axis, device, None, False, with_grad=False)
     return loss
 
 
 def cross_entropy_with_grad(logits: ArrayLike, target: ArrayLike, *,
                             weight: Optional[ArrayLike] = None, ignore_index: int = -100,
                             reduction: Reduction = "mean", label_smoothing: float = 0.0,
-                            axis: int = -1, out: Optional[np.ndarray] = None,
+                            z_loss: float = 0.0, axis: int = -1,
+                            out: Optional[np.ndarray] = None,
                             inplace: bool = False, device: Device = "auto") -> Tuple[Any, Any]:
     """Cross-entropy and its gradient with respect to the logits, in one pass.
 
@@ -90,7 +97,7 @@ def cross_entropy_with_grad(logits: ArrayLike, target: ArrayLike, *,
         of the sum of the per-element losses (``loss.sum().backward()``).
     """
     return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
-                          axis, device, out, inplace, with_grad=True)
+                          z_loss, axis, device, out, inplace, with_grad=True)
 
 
 #: Prepared CPU cross-entropy calls, by ``_plan_key``.
@@ -99,8 +106,8 @@ _PLANS: dict = {}
 MAX_PLANS = 256
 
 
-def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, axis,
-                   device, out, inplace, with_grad):
+def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                   axis, device, out, inplace, with_grad):
     key = None
     if out is None and type(logits) is np.ndarray and type(target) is np.ndarray:
         # What a plan depends on. ``flags.num`` holds every flag of the
@@ -115,7 +122,7 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
         if weight_key is not False:
             key = (logits.shape, logits.strides, logits.dtype, logits.flags.num, target.shape,
                    target.strides, target.dtype, weight_key, ignore_index, reduction,
-                   label_smoothing, axis, device, inplace, with_grad)
+                   label_smoothing, z_loss, axis, device, inplace, with_grad)
             try:
                 plan = _PLANS.get(key)
             except TypeError:  # an unhashable option, refused by the checks below
@@ -123,8 +130,8 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
             if plan is not None:
                 return plan(logits, target, weight)
     backend, spec, (x, t, w), grad = _validate.cross_entropy_call(
-        logits, target, weight, ignore_index, reduction, label_smoothing, axis, device, out,
-        inplace, with_grad)
+        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, axis, device,
+        out, inplace, with_grad)
     if key is not None and spec.device == "cpu":
         plan = backend.CrossEntropyPlan(spec, x, t, grad)
         if plan.fast:
@@ -257,13 +264,14 @@ class CrossEntropyLoss(_LossWithGrad):
     """
 
     def __init__(self, *, weight: Optional[ArrayLike] = None, ignore_index: int = -100,
-                 reduction: Reduction = "mean", label_smoothing: float = 0.0, axis: int = -1,
-                 inplace: bool = False, device: Device = "auto"):
+                 reduction: Reduction = "mean", label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, axis: int = -1, inplace: bool = False,
+                 device: Device = "auto"):
         super().__init__()
         self.options = dict(weight=weight, ignore_index=ignore_index,
                             reduction=reduction_arg(reduction),
-                            label_smoothing=smoothing_arg(label_smoothing), axis=axis,
-                            inplace=inplace, device=device)
+                            label_smoothing=smoothing_arg(label_smoothing),
+                            z_loss=z_loss_arg(z_loss), axis=axis, inplace=inplace, device=device)
 
     def __call__(self, logits: ArrayLike, target: ArrayLike) -> Any:
         return self._store(cross_entropy_with_grad(logits, target, **self.options))

@@ -449,3 +449,84 @@ def case_id(value):
                 parts.append(str(v))
         return "-".join(parts)
     return str(value)
+
+
+# --------------------------------------------------------------------------
+# options beyond torch's functions: a float64 torch reference with autograd
+# written in a few lines, one check, run on both devices
+
+Z_LOSS = 1e-2
+
+
+def torch_ce_z_loss(x, y, axis=-1, weight=None, ignore_index=-100, reduction="mean",
+                    label_smoothing=0.0, z_loss=0.0):
+    """Cross-entropy plus PaLM's z-loss, (loss, grad), in float64: each row's
+    ``F.cross_entropy(reduction="none")`` plus ``z_loss * lse**2`` times the
+    target's class weight (1 for probabilities, 0 for ignored rows), then
+    the cross-entropy's reduction by hand."""
+    xt = torch.from_numpy(np.moveaxis(np.asarray(x, np.float64), axis, 1).copy())
+    xt.requires_grad_(True)
+    soft = y.dtype.kind == "f"
+    yt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(y, axis, 1).astype(np.float64)
+                                               if soft else y))
+    wt = None if weight is None else torch.from_numpy(np.asarray(weight, np.float64))
+    rows = F.cross_entropy(xt, yt, weight=wt, ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing)
+    lse = torch.logsumexp(xt, dim=1)
+    if soft:
+        row_weight = torch.ones_like(lse)
+        denominator = float(lse.numel())
+    else:
+        kept = yt != ignore_index
+        safe = torch.where(kept, yt, torch.zeros_like(yt))
+        w_t = torch.ones_like(lse) if wt is None else wt[safe]
+        row_weight = torch.where(kept, w_t, torch.zeros_like(w_t))
+        denominator = row_weight.sum()
+    rows = rows + row_weight * z_loss * lse ** 2
+    loss = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / denominator}[reduction]
+    loss.sum().backward()
+    return loss.detach().numpy(), np.moveaxis(xt.grad.numpy(), 1, axis)
+
+
+def check_z_loss(device, *, dtype, layout, weighted, target, smoothing, reduction, C=None,
+                 seed=0, z_loss=Z_LOSS):
+    """``cross_entropy_with_grad`` and ``cross_entropy`` with ``z_loss`` on
+    ``device`` against ``torch_ce_z_loss`` (float32 results held as the
+    table holds them against the float64 reference)."""
+    x, y, w, axis, options = target_problem(layout, dtype, target, seed, C)
+    kw = dict(weight=w if weighted else None, reduction=reduction, label_smoothing=smoothing,
+              z_loss=z_loss, **options)
+    loss, grad = fastxent.cross_entropy_with_grad(device.put(x), device.put(y), axis=axis,
+                                                  **_on(device, kw))
+    loss_only = fastxent.cross_entropy(device.put(x), device.put(y), axis=axis,
+                                       **_on(device, kw))
+    t_loss, t_grad = torch_ce_z_loss(x, y, axis=axis, **kw)
+    check_loss_type(device, loss, dtype, reduction)
+    assert device.is_array(grad) and grad.shape == x.shape and grad.dtype == dtype
+    rtol = 1e-10 if dtype == np.float64 else LOSS32_RTOL
+    atol = 1e-12 if dtype == np.float64 else 1e-7
+    for ours in (loss, loss_only):
+        np.testing.assert_allclose(np.asarray(device.get(ours), np.float64), t_loss, rtol=rtol,
+                                   atol=atol, err_msg="loss")
+    np.testing.assert_allclose(device.get(grad), t_grad, rtol=rtol,
+                               atol=1e-12 if dtype == np.float64 else GRAD32_ATOL,
+                               err_msg="grad")
+
+
+#: The grid of the options' checks: the cross-entropy grid (label smoothing 0
+#: and 0.2) and, on the CPU, class counts that take each layout strategy
+#: (tiles, blocks, direct rows).
+OPTION_GRID = dict(dtype=DTYPES, layout=list(LAYOUTS), weighted=WEIGHTED, target=TARGETS,
+                   smoothing=[0.0, 0.2], reduction=REDUCTIONS)
+
+
+def option_cases(device):
+    """The cases of ``check_z_loss`` on ``device``: every combination on the
+    CPU (5 classes, and 100 and 300 for the 2-D layout); on the GPU, a
+    pairwise covering array with ``GPU_CLASSES`` (the table's 3-wise one
+    already runs the kernel's other options together)."""
+    if device == "cpu":
+        cases = [dict(zip(OPTION_GRID, v)) for v in itertools.product(*OPTION_GRID.values())]
+        cases += [dict(c, C=n) for c in cases if c["layout"] == "2d" for n in (100, 300)]
+        return cases
+    return covering(dict(OPTION_GRID, C=GPU_CLASSES), strength=2)

@@ -31,10 +31,10 @@ i64, f64 = T.int64, T.float64
 
 def _ce_sig(ft, soft, weighted, grad):
     """x, y, q, g, losses, n_rows, n_classes, inner, group, wsum, scale, and
-    the fields of ``_spec.CEOptions``: weight, ignore_index, smoothing, mean."""
+    the fields of ``_spec.CEOptions``: weight, ignore_index, smoothing, mean, z_loss."""
     a = ft[::1]
     return (a, None if soft else i64[::1], a if soft else None, a if grad else None, f64[::1],
-            i64, i64, i64, i64, f64, f64, a if weighted else None, i64, f64, T.boolean)
+            i64, i64, i64, i64, f64, f64, a if weighted else None, i64, f64, T.boolean, f64)
 
 
 def _sig(*args):
