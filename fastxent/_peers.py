@@ -49,6 +49,8 @@ QUICK_SHAPES = ((256, 32000), (64, 128256), (1024, 1000), (256, 64), (8192, 10))
 #: Share of hard targets set to ``ignore_index`` in the ignore_index variant.
 IGNORED_SHARE = 0.1
 LABEL_SMOOTHING = 0.1
+#: The z-loss coefficient of LLM training (PaLM).
+Z_LOSS = 1e-4
 
 
 class PeerUnavailable(RuntimeError):
@@ -264,6 +266,22 @@ def numpy_cross_entropy_options(x, target, weight=None, ignore_index=-100,
     return loss, (np.exp(logp) * a.sum(axis=-1, keepdims=True) - a) / total
 
 
+def numpy_cross_entropy_z_loss(x, target, with_grad=False):
+    """Mean cross-entropy plus ``Z_LOSS * lse**2`` (PaLM), and its gradient
+    ``(softmax (1 + 2 Z_LOSS lse) - one-hot) / N``."""
+    n = len(x)
+    m = x.max(axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    s = e.sum(axis=-1, keepdims=True)
+    lse = m + np.log(s)
+    loss = (lse[:, 0] - x[np.arange(n), target] + Z_LOSS * lse[:, 0] ** 2).mean()
+    if not with_grad:
+        return loss
+    grad = e / s * (1 + 2 * Z_LOSS * lse)
+    grad[np.arange(n), target] -= 1
+    return loss, grad / n
+
+
 def numpy_soft_cross_entropy(x, target, with_grad=False):
     """Mean cross-entropy of class probabilities and its gradient ``(softmax - q) / N``."""
     logp = numpy_log_softmax(x)
@@ -351,6 +369,11 @@ def _torch_cross_entropy(**options):
     return make_call
 
 
+def _torch_z_loss(torch, F, inputs):
+    """The z-loss as PyTorch users add it to their loss."""
+    return lambda x, t: F.cross_entropy(x, t) + Z_LOSS * (torch.logsumexp(x, -1) ** 2).mean()
+
+
 # --------------------------------------------------------------------------
 # JAX
 
@@ -403,6 +426,14 @@ def _jax_cross_entropy(ignore_index=-100, label_smoothing=0.0):
         return lambda x, t: jax_cross_entropy(jnp, jax, x, t, weight, ignore_index,
                                               label_smoothing)
     return make_loss
+
+
+def _jax_z_loss(jax, jnp, inputs):
+    def loss(x, t):
+        lse = jax.scipy.special.logsumexp(x, axis=-1)
+        return jnp.mean(lse - jnp.take_along_axis(x, t[:, None], axis=-1)[:, 0]
+                        + Z_LOSS * lse ** 2)
+    return loss
 
 
 def _jax_soft_cross_entropy(jax, jnp, inputs):
@@ -466,6 +497,13 @@ _COMPARISONS = [
                            f"cross-entropy with label_smoothing={LABEL_SMOOTHING} and its "
                            "gradient, in place", hard_target_inputs,
                            label_smoothing=LABEL_SMOOTHING),
+    Comparison(
+        "cross_entropy_z_loss",
+        f"cross-entropy with z_loss={Z_LOSS} and its gradient, in place", hard_target_inputs,
+        {"fastxent": _fastxent_in_place(fastxent.cross_entropy_with_grad, z_loss=Z_LOSS),
+         "numpy": _numpy_builder(numpy_cross_entropy_z_loss, "x", "target", with_grad=True),
+         "torch": _torch_builder(_torch_z_loss, True, "x", "target"),
+         "jax": _jax_builder(_jax_z_loss, True, "x", "target")}),
     Comparison(
         "nll_loss", "negative log-likelihood of log-probabilities",
         log_prob_inputs,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from fastxent import _bench, _peers
-from tests import reference as ref
+from tests import parity, reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
 ASV_DIR = ROOT / "asv_bench"
@@ -313,6 +313,8 @@ EXPECTED = {
     "cross_entropy_ignore_index": lambda i: ref.cross_entropy_with_grad(i["x"], i["target"]),
     "cross_entropy_label_smoothing": lambda i: ref.cross_entropy_with_grad(
         i["x"], i["target"], label_smoothing=_peers.LABEL_SMOOTHING),
+    "cross_entropy_z_loss": lambda i: parity.torch_ce_z_loss(i["x"], i["target"],
+                                                             z_loss=_peers.Z_LOSS),
     "nll_loss": lambda i: (ref.nll_loss(i["x"], i["target"]),),
     "log_softmax": lambda i: (ref.log_softmax(i["x"]),),
     "softmax": lambda i: (ref.softmax(i["x"]),),

@@ -132,6 +132,12 @@ class CrossEntropyLabelSmoothing(_KernelBenchmark):
     comparison = "cross_entropy_label_smoothing"
 
 
+class CrossEntropyZLoss(_KernelBenchmark):
+    """cross_entropy_with_grad(inplace=True, z_loss=1e-4)."""
+
+    comparison = "cross_entropy_z_loss"
+
+
 class NllLoss(_KernelBenchmark):
     """nll_loss of log-probabilities."""
 
