@@ -149,7 +149,7 @@ def _deliver(dest):
     return host
 
 
-def _host(a):
+def _host_copy(a):
     """A host NumPy copy (device arrays) or view (host arrays)."""
     if _is_numba_array(a):
         return _contiguous(a, a.dtype).copy_to_host()
@@ -228,7 +228,7 @@ def _contiguous(d, dtype):
 
 def _small_to_device(a, dtype):
     """Weights: small, needed on the host too (sums, target scan)."""
-    host = np.ascontiguousarray(_host(a), dtype=dtype)
+    host = np.ascontiguousarray(_host_copy(a), dtype=dtype)
     return host, cuda.to_device(host)
 
 
@@ -468,7 +468,7 @@ def _hard_targets(spec: CrossEntropySpec, target, w_host):
     """Targets on the device as int64, checked on a host copy; the mean's
     denominator."""
     problem = spec.problem
-    host = _host(target).reshape(-1)
+    host = _host_copy(target).reshape(-1)
     y = np.ascontiguousarray(host, dtype=np.int64)
     bad, denominator = scan_hard_targets(y, problem.n_classes, spec.ignore_index, w_host)
     if host.dtype == np.uint64:
@@ -577,7 +577,7 @@ def _broadcast_operand(a, shape, dtype):
         return None
     if tuple(a.shape) == tuple(shape):
         return _flat(_contiguous(a, dtype))
-    host = np.ascontiguousarray(np.broadcast_to(_host(a).astype(dtype), shape))
+    host = np.ascontiguousarray(np.broadcast_to(_host_copy(a).astype(dtype), shape))
     return _flat(cuda.to_device(host))
 
 
