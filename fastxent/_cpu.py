@@ -165,24 +165,24 @@ class _Output:
         return self.dest
 
 
-def _hard_targets(target):
-    """Class indices as the flat int64 array the kernels read."""
+def _hard_targets(target, spec: CrossEntropySpec):
+    """Class indices as the flat int64 array the kernels read (which check
+    their range). uint64 indices above 2**63 - 1 would wrap to negative
+    int64 values, which could even equal ``ignore_index``: those are
+    refused here, before a kernel runs."""
     flat = target.reshape(-1)
     if flat.dtype == np.int64 and flat.flags.c_contiguous:
         return flat
-    return np.ascontiguousarray(flat, dtype=np.int64)
-
-
-def _check_uint64_targets(target, y, spec: CrossEntropySpec):
-    """uint64 targets above 2**63 - 1 wrap to negative int64 values, which
-    could even equal ``ignore_index``: found here, before a kernel runs."""
-    flat = np.asarray(target).reshape(-1)
-    bad = bad_uint64_target(flat, -1)
-    if bad >= 0:
-        problem = spec.problem
-        scanned, _ = scan_hard_targets(y, problem.n_classes, spec.ignore_index, None)
-        bad = bad if scanned < 0 else min(bad, scanned)
-        raise_bad_target(bad, flat, problem.batch_shape, problem.n_classes, spec.ignore_index)
+    y = np.ascontiguousarray(flat, dtype=np.int64)
+    if flat.dtype == np.uint64:
+        bad = bad_uint64_target(flat, -1)
+        if bad >= 0:
+            problem = spec.problem
+            scanned, _ = scan_hard_targets(y, problem.n_classes, spec.ignore_index, None)
+            bad = bad if scanned < 0 else min(bad, scanned)
+            raise_bad_target(bad, flat, problem.batch_shape, problem.n_classes,
+                             spec.ignore_index)
+    return y
 
 
 def _weight(weight, dtype):
@@ -222,37 +222,42 @@ class CrossEntropyPlan:
         self.dtype = problem.dtype
         self.options = (spec.ignore_index, spec.smoothing, spec.reduction == "mean",
                         spec.z_loss)
-        x = np.asarray(logits, dtype=self.dtype)
-        x_rows, self.form = rows_of(x, problem)
-        self.kernel = _ce_kernel(x_rows, self.form)
-        self.inner = _inner(problem, self.form)
         self.grad = None if grad is None else ("new" if isinstance(grad, str) else "out")
         self.inplace = grad is not None and grad is logits
         if self.inplace:
             self.grad = "inplace"
         # The fast way: logits (and soft targets) of the kernels' dtype whose
-        # row form is a view that ``reshape`` makes.
-        self.row_shape = None
-        if (x is logits and self.grad != "out"
-                and (self.form == SLABS or problem.axis == x.ndim - 1)):
-            view = x.reshape(x_rows.shape)
-            if np.may_share_memory(view, x) and view.strides == x_rows.strides:
+        # row form is a view that ``reshape`` makes. Only views are tried
+        # here: any other call goes the general way, which makes the copy.
+        self.row_shape = x_rows = None
+        if type(logits) is np.ndarray and logits.dtype == self.dtype and self.grad != "out":
+            for form in (ROWS, SLABS):  # in ``rows_of``'s order
+                x_rows = _as_form(logits, problem, form)
+                if x_rows is not None:
+                    self.form = form
+                    break
+        if x_rows is not None and (self.form == SLABS or problem.axis == logits.ndim - 1):
+            view = logits.reshape(x_rows.shape)
+            if np.may_share_memory(view, logits) and view.strides == x_rows.strides:
                 self.row_shape = x_rows.shape
         if spec.soft and self.row_shape is not None:
             if (np.dtype(target.dtype) != self.dtype
                     or not np.may_share_memory(target.reshape(self.row_shape), target)):
                 self.row_shape = None
         self.fast = self.row_shape is not None
+        if not self.fast:
+            return
         # what a fast call does, decided here once
+        self.kernel = _ce_kernel(x_rows, self.form)
+        self.inner = _inner(problem, self.form)
         self.soft = spec.soft
-        self.reshape_x = self.fast and logits.shape != self.row_shape
-        self.reshape_q = self.fast and spec.soft and target.shape != self.row_shape
+        self.reshape_x = logits.shape != self.row_shape
+        self.reshape_q = spec.soft and target.shape != self.row_shape
         self.whole_y = (not spec.soft and target.ndim == 1 and target.dtype == np.int64
                         and target.flags.c_contiguous)
-        self.uint64_y = not spec.soft and np.dtype(target.dtype) == np.uint64
         self.new_grad = self.grad == "new"
-        self.reshape_g = self.fast and self.new_grad and self.row_shape != problem.shape
-        self.serial = x.size < self.kernel.PARALLEL_MIN_ELEMENTS
+        self.reshape_g = self.new_grad and self.row_shape != problem.shape
+        self.serial = logits.size < self.kernel.PARALLEL_MIN_ELEMENTS
         self.no_weight = CEOptions(None, *self.options)
         self.reduced = spec.reduction != "none"
         self.mean = spec.reduction == "mean"
@@ -268,9 +273,7 @@ class CrossEntropyPlan:
             y, q = None, (target.reshape(self.row_shape) if self.reshape_q else target)
         else:
             q = None
-            y = target if self.whole_y else _hard_targets(target)
-            if self.uint64_y:
-                _check_uint64_targets(target, y, self.spec)
+            y = target if self.whole_y else _hard_targets(target, self.spec)
         if weight is None:
             options = self.no_weight
         else:
@@ -313,9 +316,7 @@ class CrossEntropyPlan:
         if spec.soft:
             y, q = None, rows_of(np.asarray(target, dtype=problem.dtype), problem, form)[0]
         else:
-            y, q = _hard_targets(np.asarray(target)), None
-            if y is not target and np.asarray(target).dtype == np.uint64:
-                _check_uint64_targets(target, y, spec)
+            y, q = _hard_targets(np.asarray(target), spec), None
         opts = CEOptions(_weight(weight, problem.dtype), *self.options)
         out = g = None
         inplace = False
@@ -345,9 +346,7 @@ def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
     problem = spec.problem
     lp = np.asarray(log_probs, dtype=problem.dtype)
     lp_rows, form = rows_of(lp, problem)
-    y = _hard_targets(np.asarray(target))
-    if np.asarray(target).dtype == np.uint64:
-        _check_uint64_targets(target, y, spec)
+    y = _hard_targets(np.asarray(target), spec)
     opts = CEOptions(_weight(weight, problem.dtype), spec.ignore_index, 0.0, False, 0.0)
     losses = np.empty(problem.n_rows)
     bad, total, denominator = K.nll(lp_rows, y, opts, losses, _inner(problem, form))
