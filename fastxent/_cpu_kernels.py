@@ -392,14 +392,12 @@ def _rows_per_block(C):
 # instead. ``_cpu.py`` picks.
 
 
-def _by_targets(hard, soft):
+def _by_targets(y, hard, soft):
     """The overload implementation for class indices (``y`` an array: ``hard``)
     or class probabilities (``y`` None: ``soft``), chosen when compiling.
     (``if y is None`` would not do: Numba prunes that branch only where ``y``
     is None, and would type the probabilities' branch with ``q`` None.)"""
-    def choose(x, y, *rest):
-        return soft if isinstance(y, types.NoneType) else hard
-    return choose
+    return soft if isinstance(y, types.NoneType) else hard
 
 
 def _ce_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r):
@@ -433,7 +431,7 @@ def _ce_soft_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r):
 
 overload(_ce_direct, jit_options=_JIT_OPTIONS)(
     lambda x, y, q, opts, wsum, scale, g, inplace, inner, r:
-    _by_targets(_ce_hard_direct, _ce_soft_direct)(x, y))
+    _by_targets(y, _ce_hard_direct, _ce_soft_direct))
 
 
 @_jit
@@ -489,7 +487,7 @@ def _ce_soft_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n):
 
 overload(_ce_block, jit_options=_JIT_OPTIONS)(
     lambda x, y, q, opts, wsum, scale, g, losses, inner, r0, n:
-    _by_targets(_ce_hard_block, _ce_soft_block)(x, y))
+    _by_targets(y, _ce_hard_block, _ce_soft_block))
 
 
 @_jit
@@ -686,7 +684,7 @@ def _ce_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
 
 overload(_ce_tiles, jit_options=_JIT_OPTIONS)(
     lambda x, y, q, opts, wsum, scale, g, losses, inner, k0, k1:
-    _by_targets(_ce_hard_tiles, _ce_soft_tiles)(x, y))
+    _by_targets(y, _ce_hard_tiles, _ce_soft_tiles))
 
 
 @_jit
