@@ -190,25 +190,17 @@ def _weight(weight, dtype):
     return None if weight is None else np.ascontiguousarray(weight, dtype=dtype)
 
 
-def _transform(spec: CrossEntropySpec):
-    """``CEOptions.transform`` of a call: None for the plain kernels, else
-    (logit_scale, softcap or 0), with the statistics' arrays (see
-    ``_cpu_kernels``: both or neither)."""
-    if not (spec.transformed or spec.stats):
-        return None
-    return (float(spec.logit_scale), float(spec.softcap))
-
-
 def _reduce(losses, total, denominator, reduction, problem: ClassProblem):
     if reduction == "none":
         return losses.astype(problem.dtype).reshape(problem.batch_shape)
     return finish_loss(total, denominator, reduction, problem.dtype)
 
 
-def _ce_kernel(x_rows, form):
-    """The cross-entropy kernel for rows of this shape, layout and form."""
+def _ce_kernel(x_rows, form, options=False):
+    """The cross-entropy kernel for rows of this shape, layout and form
+    (``options``: with the LLM options or statistics)."""
     if _direct(x_rows, form):
-        return K.cross_entropy_direct
+        return K.cross_entropy_direct_options if options else K.cross_entropy_direct
     if _tiled(x_rows):
         return K.cross_entropy_tiles
     return K.cross_entropy_blocks
@@ -231,7 +223,7 @@ class CrossEntropyPlan:
         problem = spec.problem
         self.dtype = problem.dtype
         self.options = (spec.ignore_index, spec.smoothing, spec.reduction == "mean",
-                        spec.z_loss, _transform(spec))
+                        spec.z_loss, spec.logit_scale, spec.softcap)
         self.grad = None if grad is None else ("new" if isinstance(grad, str) else "out")
         self.inplace = grad is not None and grad is logits
         if self.inplace:
@@ -300,7 +292,7 @@ class CrossEntropyPlan:
                 losses = self._scratch.losses = np.empty(problem.n_rows)
         else:
             losses = np.empty(problem.n_rows)
-        args = (x, y, q, options, g, self.inplace, losses, self.inner, None)
+        args = (x, y, q, options, g, self.inplace, losses, self.inner, None, None)
         if not self.serial:
             bad, total, denominator = self.kernel(*args)
         else:
@@ -336,12 +328,14 @@ class CrossEntropyPlan:
                           (x, target, weight))
             g, inplace = out.rows, out.inplace
         losses = np.empty(problem.n_rows)
-        stats = None
-        if opts.transform is not None:
+        # the LLM options' kernels (see _cpu_kernels): statistics' arrays,
+        # of no rows when only the transform is asked for
+        stats = (None, None)
+        if spec.transformed or spec.stats:
             n = problem.n_rows if spec.stats else 0
             stats = (np.empty(n), np.empty(n, np.int64))
-        bad, total, denominator = _ce_kernel(x_rows, form)(
-            x_rows, y, q, opts, g, inplace, losses, _inner(problem, form), stats)
+        bad, total, denominator = _ce_kernel(x_rows, form, stats[0] is not None)(
+            x_rows, y, q, opts, g, inplace, losses, _inner(problem, form), *stats)
         if bad >= 0:
             raise_bad_target(bad, y, problem.batch_shape, problem.n_classes, spec.ignore_index)
         loss = _reduce(losses, total, denominator, spec.reduction, problem)

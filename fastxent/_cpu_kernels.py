@@ -265,17 +265,66 @@ def _zero(g):
         g[c] = 0.0
 
 
+@_jit
+def _first_hit(row, m, c0, nan_only):
+    """The first index from ``c0`` holding ``m`` or a NaN (a NaN only, with
+    ``nan_only``), or -1: blocks of 256 tested by vectorized counts (over a
+    block's own view: indexing the row there keeps the loop scalar), then
+    the block that holds one searched."""
+    C = row.shape[0]
+    for b0 in range(c0, C, 256):
+        block = row[b0:min(b0 + 256, C)]
+        hit = 0
+        if nan_only:
+            for c in range(block.shape[0]):
+                hit += block[c] != block[c]
+        else:
+            for c in range(block.shape[0]):
+                v = block[c]
+                hit += (v == m) | (v != v)
+        if hit:
+            for c in range(block.shape[0]):
+                v = block[c]
+                if v != v or (v == m and not nan_only):
+                    return b0 + c
+    return -1
+
+
+@_jit
+def _argmax_from(row, m):
+    """The first index of the row's maximum, a NaN counting as the maximum
+    (``torch.argmax``), from its NaN-skipping max ``m``: the first element
+    equal to it or NaN, then a NaN after it, if any."""
+    found = _first_hit(row, m, 0, False)
+    if found < 0:
+        return 0
+    if row[found] != row[found]:
+        return found
+    later = _first_hit(row, row[found], found + 1, True)
+    return found if later < 0 else later
+
+
+@_jit
+def _first_argmax(row):
+    """``_argmax_from`` the row's max."""
+    return _argmax_from(row, row_max(row, None))
+
+
 @_jit(inline=True)
-def _ce_hard_row(x, g, inplace, t, opts, wsum, scale, ahead):
+def _ce_hard_row(x, g, inplace, t, opts, wsum, scale, ahead, want_argmax):
     """Cross-entropy of one contiguous row against class ``t``; gradient into ``g``.
 
     The exponentials are kept in ``g`` itself between the two sweeps. The
     next row, ``ahead``, is prefetched during the exponentials: memory
-    streams it in while this row is computed in cache.
+    streams it in while this row is computed in cache. Returns (loss, lse,
+    the first argmax of the row or 0 unless ``want_argmax``): the argmax is
+    found from the max while the row is still in cache, before the
+    exponentials replace it.
     """
     w = opts.weight
     xt = np.float64(x[t])
     m = _max_pass(x, g, inplace)
+    arg = _argmax_from(x, m) if want_argmax else 0
     # sum(w * (x - m)), read before the gradient replaces the row
     sx = lane_dot(x, w, m) if opts.smoothing > 0.0 else 0.0
     s = _exp_pass(x, g, m, ahead)
@@ -285,7 +334,7 @@ def _ce_hard_row(x, g, inplace, t, opts, wsum, scale, ahead):
     if g is not None:
         scale_minus(g, g, _cast_like(k1, g), _cast_like(k2, g), w)
         g[t] = g[t] - kt
-    return loss, log_sum_exp(np.float64(m), log_s)
+    return loss, log_sum_exp(np.float64(m), log_s), arg
 
 
 @_jit
@@ -324,11 +373,12 @@ def _ce_soft_finish(x, e, m, log_s, s, q, opts, scale, g):
 
 
 @_jit(inline=True)
-def _ce_soft_row(x, g, inplace, q, opts, scale, ahead, q_ahead):
+def _ce_soft_row(x, g, inplace, q, opts, scale, ahead, q_ahead, want_argmax):
     """Cross-entropy of one contiguous row against probabilities ``q``
-    (``ahead`` as in ``_ce_hard_row``; ``q_ahead``, the next row of
-    probabilities, is prefetched while this one's are summed)."""
+    (``ahead`` and the result as in ``_ce_hard_row``; ``q_ahead``, the next
+    row of probabilities, is prefetched while this one's are summed)."""
     m = _max_pass(x, g, inplace)
+    arg = _argmax_from(x, m) if want_argmax else 0
     C = x.shape[0]
     w, smooth = opts.weight, opts.smoothing
     keep = _cast_like(1.0 - smooth, x)
@@ -341,7 +391,7 @@ def _ce_soft_row(x, g, inplace, q, opts, scale, ahead, q_ahead):
     if g is not None:
         _soft_grad(None, g, q, w, _cast_like(k1, g), _cast_like(scale * (1.0 - smooth), g),
                    _cast_like(scale * smooth / C, g))
-    return loss, log_sum_exp(np.float64(m), log_s)
+    return loss, log_sum_exp(np.float64(m), log_s), arg
 
 
 @_jit
@@ -420,17 +470,17 @@ def _ce_hard_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r):
         return 0.0
     if g is None:
         return _ce_hard_row(_row(x, r, inner), None, False, t, opts, wsum, scale,
-                            _next_row(x, r, inner))[0]
+                            _next_row(x, r, inner), False)[0]
     return _ce_hard_row(_row(x, r, inner), _row(g, r, inner), inplace, t, opts, wsum, scale,
-                        _next_row(x, r, inner))[0]
+                        _next_row(x, r, inner), False)[0]
 
 
 def _ce_soft_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r):
     if g is None:
         return _ce_soft_row(_row(x, r, inner), None, False, _row(q, r, inner), opts, scale,
-                            _next_row(x, r, inner), _next_row(q, r, inner))[0]
+                            _next_row(x, r, inner), _next_row(q, r, inner), False)[0]
     return _ce_soft_row(_row(x, r, inner), _row(g, r, inner), inplace, _row(q, r, inner), opts,
-                        scale, _next_row(x, r, inner), _next_row(q, r, inner))[0]
+                        scale, _next_row(x, r, inner), _next_row(q, r, inner), False)[0]
 
 
 overload(_ce_direct, jit_options=_JIT_OPTIONS)(
@@ -837,11 +887,12 @@ def _bce_task(x, t, w, pw, scale, g, out, inplace, r0, r1, b0, b1):
 # --------------------------------------------------------------------------
 # Transformed logits and row statistics. A call with ``logit_scale``,
 # ``softcap`` or ``return_stats`` goes through these routines, chosen when
-# compiling, so that the plain kernels are unchanged: it passes both
-# ``opts.transform`` = (logit_scale, softcap or 0) and ``stats`` = (lse,
-# predicted), arrays of no rows when no statistics are asked for. Which of
-# them a call uses is decided at run time, so that one more compiled variant
-# of each kernel serves them all. A row's transformed logits z are written where
+# compiling, so that the plain kernels are unchanged: it passes the arrays
+# ``lse_out`` and ``predicted`` (None for the plain kernels; of no rows when
+# no statistics are asked for), and ``opts.logit_scale``, ``opts.softcap``.
+# Which options a call uses is decided at run time, so that one more
+# compiled variant of each kernel serves them all. (Arrays and floats, not
+# tuples: a parallel kernel's arguments cannot be tuples of arrays.) A row's transformed logits z are written where
 # its gradient goes (or into a scratch row when there is no gradient), the
 # plain routine runs in place on them, and the gradient is then multiplied by
 # dz/dx (kept in a scratch row: the backward needs nothing else); without a
@@ -856,34 +907,37 @@ def _field(record, name):
     return dict(zip(record.fields, record.types))[name]
 
 
-def _plain(opts, stats):
+def _plain(opts, lse_out):
     """Whether a call needs none of the routines below (a compile-time test)."""
-    return isinstance(stats, types.NoneType)
-
-
-@_jit(inline=True)
-def _identity(tr):
-    """Whether the transform ``tr`` leaves the logits as they are."""
-    return tr[0] == 1.0 and tr[1] == 0.0
+    return isinstance(lse_out, types.NoneType)
 
 
 @_jit
 def _transform(x, z, dz, logit_scale, cap, same):
     """z <- logit_scale x, or cap tanh(logit_scale x / cap) when ``cap`` is
-    not 0 (``same``: z is x); dz <- dz/dx unless ``dz`` is empty."""
+    not 0 (``same``: z is x); dz <- dz/dx unless ``dz`` is empty. One loop
+    per case, each reading one array or two distinct ones (see above)."""
     C = z.shape[0]
     if cap != 0.0:
         a, b = _cast_like(logit_scale / cap, z), _cast_like(cap, z)
-        if same:
+        k, inv = _cast_like(logit_scale, z), _cast_like(1.0 / cap, z)
+        if dz.shape[0] > 0:
+            if same:
+                for c in range(C):
+                    zc = softcapped(fast_tanh(z[c] * a), b)
+                    z[c] = zc
+                    dz[c] = softcap_slope(zc, k, inv)
+            else:
+                for c in range(C):
+                    zc = softcapped(fast_tanh(x[c] * a), b)
+                    z[c] = zc
+                    dz[c] = softcap_slope(zc, k, inv)
+        elif same:
             for c in range(C):
                 z[c] = softcapped(fast_tanh(z[c] * a), b)
         else:
             for c in range(C):
                 z[c] = softcapped(fast_tanh(x[c] * a), b)
-        if dz.shape[0] > 0:
-            k = _cast_like(logit_scale, z)
-            for c in range(C):
-                dz[c] = softcap_slope(z[c], k, b)
     else:
         k = _cast_like(logit_scale, z)
         if same:
@@ -898,30 +952,6 @@ def _transform(x, z, dz, logit_scale, cap, same):
 def _times(g, dz):
     for c in range(g.shape[0]):
         g[c] = g[c] * dz[c]
-
-
-@_jit
-def _first_argmax(row):
-    """The first index of the row's maximum, a NaN counting as the maximum
-    (``torch.argmax``): a NaN-propagating max sweep, then a search in blocks
-    of 64 that the compiler vectorizes."""
-    C = row.shape[0]
-    m = row[0]
-    for c in range(1, C):
-        m = maximum(m, row[c])
-    nan = m != m
-    for c0 in range(0, C, 64):
-        c1 = min(c0 + 64, C)
-        hit = False
-        for c in range(c0, c1):
-            v = row[c]
-            hit = hit | ((v != v) if nan else (v == m))
-        if hit:
-            for c in range(c0, c1):
-                v = row[c]
-                if (v != v) if nan else (v == m):
-                    return c
-    return 0
 
 
 def _part(a, r0, n, step):
@@ -984,106 +1014,118 @@ _ce_soft_row_called = _jit(_ce_soft_row.py_func)
 
 
 @_jit
-def _hard_row_any(xr, gr, inplace, t, opts, wsum, scale, ahead, tr):
-    """(loss, lse) of a contiguous row against class ``t``, its logits
-    transformed by ``tr`` (``opts.transform``); gradient into ``gr``."""
-    if _identity(tr):
-        return _ce_hard_row_called(xr, gr, inplace, t, opts, wsum, scale, ahead)
-    logit_scale, cap = tr
+def _hard_row_any(xr, gr, inplace, t, opts, wsum, scale, ahead, want, scratch):
+    """(loss, lse, argmax or 0 unless ``want``) of a contiguous row against
+    class ``t``, its logits transformed by the options' logit_scale and
+    softcap; gradient into ``gr``. ``scratch``: a row of the row's length,
+    for the transformed logits (no gradient) or their derivative."""
+    logit_scale, cap = opts.logit_scale, opts.softcap
+    if logit_scale == 1.0 and cap == 0.0:
+        return _ce_hard_row_called(xr, gr, inplace, t, opts, wsum, scale, ahead, want)
+    arg = _first_argmax(xr) if want else 0  # of the logits as given
     C = xr.shape[0]
     if gr is None:
-        z = np.empty(C, xr.dtype)
+        z = scratch
         _transform(xr, z, z[:0], logit_scale, cap, False)
-        return _ce_hard_row_called(z, None, False, t, opts, wsum, scale, ahead)
-    dz = np.empty(C if cap != 0.0 else 0, xr.dtype)
+        loss, lse, _ = _ce_hard_row_called(z, None, False, t, opts, wsum, scale, ahead, False)
+        return loss, lse, arg
+    dz = scratch[:C if cap != 0.0 else 0]
     _transform(xr, gr, dz, logit_scale, cap, inplace)
-    if cap == 0.0:
-        return _ce_hard_row_called(gr, gr, True, t, opts, wsum, scale * logit_scale, ahead)
-    res = _ce_hard_row_called(gr, gr, True, t, opts, wsum, scale, ahead)
+    if cap == 0.0:  # dz/dx = logit_scale: folded into the coefficients
+        loss, lse, _ = _ce_hard_row_called(gr, gr, True, t, opts, wsum, scale * logit_scale,
+                                           ahead, False)
+        return loss, lse, arg
+    loss, lse, _ = _ce_hard_row_called(gr, gr, True, t, opts, wsum, scale, ahead, False)
     _times(gr, dz)
-    return res
+    return loss, lse, arg
 
 
 @_jit
-def _soft_row_any(xr, gr, inplace, qr, opts, scale, ahead, q_ahead, tr):
+def _soft_row_any(xr, gr, inplace, qr, opts, scale, ahead, q_ahead, want, scratch):
     """``_hard_row_any`` against probabilities ``qr``."""
-    if _identity(tr):
-        return _ce_soft_row_called(xr, gr, inplace, qr, opts, scale, ahead, q_ahead)
-    logit_scale, cap = tr
+    logit_scale, cap = opts.logit_scale, opts.softcap
+    if logit_scale == 1.0 and cap == 0.0:
+        return _ce_soft_row_called(xr, gr, inplace, qr, opts, scale, ahead, q_ahead, want)
+    arg = _first_argmax(xr) if want else 0
     C = xr.shape[0]
     if gr is None:
-        z = np.empty(C, xr.dtype)
+        z = scratch
         _transform(xr, z, z[:0], logit_scale, cap, False)
-        return _ce_soft_row_called(z, None, False, qr, opts, scale, ahead, q_ahead)
-    dz = np.empty(C if cap != 0.0 else 0, xr.dtype)
+        loss, lse, _ = _ce_soft_row_called(z, None, False, qr, opts, scale, ahead, q_ahead,
+                                           False)
+        return loss, lse, arg
+    dz = scratch[:C if cap != 0.0 else 0]
     _transform(xr, gr, dz, logit_scale, cap, inplace)
     if cap == 0.0:
-        return _ce_soft_row_called(gr, gr, True, qr, opts, scale * logit_scale, ahead, q_ahead)
-    res = _ce_soft_row_called(gr, gr, True, qr, opts, scale, ahead, q_ahead)
+        loss, lse, _ = _ce_soft_row_called(gr, gr, True, qr, opts, scale * logit_scale, ahead,
+                                           q_ahead, False)
+        return loss, lse, arg
+    loss, lse, _ = _ce_soft_row_called(gr, gr, True, qr, opts, scale, ahead, q_ahead, False)
     _times(gr, dz)
-    return res
+    return loss, lse, arg
 
 
-def _ce_hard_direct_any(x, y, q, opts, wsum, scale, g, inplace, inner, r, stats):
-    t = y[r]
-    wanted = stats[0].shape[0] > 0
-    if wanted:
-        stats[1][r] = _first_argmax(_row(x, r, inner))
-    if t == opts.ignore_index:
-        if wanted:  # the row's lse all the same (any class will do)
-            stats[0][r] = _hard_row_any(_row(x, r, inner), None, False, 0, opts, wsum, scale,
-                                        _next_row(x, r, inner), opts.transform)[1]
-        if g is not None:
-            _zero(_row(g, r, inner))
-        return 0.0
-    if g is None:
-        loss, lse = _hard_row_any(_row(x, r, inner), None, False, t, opts, wsum, scale,
-                                  _next_row(x, r, inner), opts.transform)
-    else:
-        loss, lse = _hard_row_any(_row(x, r, inner), _row(g, r, inner), inplace, t, opts, wsum,
-                                  scale, _next_row(x, r, inner), opts.transform)
-    if wanted:
-        stats[0][r] = lse
-    return loss
+def _ce_hard_direct_rows(x, y, q, opts, wsum, scale, g, inplace, inner, r0, r1, losses, lse_out,
+                         predicted):
+    want = lse_out.shape[0] > 0
+    scratch = np.empty(x.shape[1], x.dtype)
+    for r in range(r0, r1):
+        t = y[r]
+        if t == opts.ignore_index:
+            losses[r] = 0.0
+            if want:  # the row's statistics all the same (any class will do)
+                _, lse, arg = _hard_row_any(_row(x, r, inner), None, False, 0, opts, wsum, scale,
+                                            _next_row(x, r, inner), True, scratch)
+                lse_out[r], predicted[r] = lse, arg
+            if g is not None:
+                _zero(_row(g, r, inner))
+            continue
+        if g is None:
+            loss, lse, arg = _hard_row_any(_row(x, r, inner), None, False, t, opts, wsum, scale,
+                                           _next_row(x, r, inner), want, scratch)
+        else:
+            loss, lse, arg = _hard_row_any(_row(x, r, inner), _row(g, r, inner), inplace, t, opts,
+                                           wsum, scale, _next_row(x, r, inner), want, scratch)
+        losses[r] = loss
+        if want:
+            lse_out[r], predicted[r] = lse, arg
 
 
-def _ce_soft_direct_any(x, y, q, opts, wsum, scale, g, inplace, inner, r, stats):
-    wanted = stats[0].shape[0] > 0
-    if wanted:
-        stats[1][r] = _first_argmax(_row(x, r, inner))
-    if g is None:
-        loss, lse = _soft_row_any(_row(x, r, inner), None, False, _row(q, r, inner), opts, scale,
-                                  _next_row(x, r, inner), _next_row(q, r, inner), opts.transform)
-    else:
-        loss, lse = _soft_row_any(_row(x, r, inner), _row(g, r, inner), inplace, _row(q, r, inner),
-                                  opts, scale, _next_row(x, r, inner), _next_row(q, r, inner),
-                                  opts.transform)
-    if wanted:
-        stats[0][r] = lse
-    return loss
+def _ce_soft_direct_rows(x, y, q, opts, wsum, scale, g, inplace, inner, r0, r1, losses, lse_out,
+                         predicted):
+    want = lse_out.shape[0] > 0
+    scratch = np.empty(x.shape[1], x.dtype)
+    for r in range(r0, r1):
+        if g is None:
+            loss, lse, arg = _soft_row_any(_row(x, r, inner), None, False, _row(q, r, inner),
+                                           opts, scale, _next_row(x, r, inner),
+                                           _next_row(q, r, inner), want, scratch)
+        else:
+            loss, lse, arg = _soft_row_any(_row(x, r, inner), _row(g, r, inner), inplace,
+                                           _row(q, r, inner), opts, scale, _next_row(x, r, inner),
+                                           _next_row(q, r, inner), want, scratch)
+        losses[r] = loss
+        if want:
+            lse_out[r], predicted[r] = lse, arg
 
 
-def _ce_direct_any(x, y, q, opts, wsum, scale, g, inplace, inner, r, stats):
-    """``_ce_direct``, with the options and statistics above."""
+def _ce_direct_rows(x, y, q, opts, wsum, scale, g, inplace, inner, r0, r1, losses, lse_out,
+                    predicted):
+    """Rows ``r0 .. r1 - 1`` as ``_ce_direct``, with the options and statistics
+    above; one scratch row serves them all."""
     raise NotImplementedError  # only called from compiled code
 
 
-def _ce_direct_plain(x, y, q, opts, wsum, scale, g, inplace, inner, r, stats):
-    return _ce_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r)
-
-
-@overload(_ce_direct_any, jit_options=_JIT_OPTIONS)
-def _ce_direct_any_impl(x, y, q, opts, wsum, scale, g, inplace, inner, r, stats):
-    if _plain(opts, stats):
-        return _ce_direct_plain
-    return _by_targets(y, _ce_hard_direct_any, _ce_soft_direct_any)
+overload(_ce_direct_rows, jit_options=_JIT_OPTIONS)(
+    lambda x, y, q, opts, wsum, scale, g, inplace, inner, r0, r1, losses, lse_out, predicted:
+    _by_targets(y, _ce_hard_direct_rows, _ce_soft_direct_rows))
 
 
 @_jit
-def _block_transformed(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse, tr):
-    """``_ce_block`` on logits transformed by ``tr`` (see above; the identity
+def _block_transformed(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse):
+    """``_ce_block`` on logits transformed by the options (see above; the identity
     too: one compiled variant for every call with options)."""
-    logit_scale, cap = tr
+    logit_scale, cap = opts.logit_scale, opts.softcap
     C = x.shape[1]
     z = np.empty((n, C), x.dtype)
     dz = np.empty((n, C if cap != 0.0 and g is not None else 0), x.dtype)
@@ -1106,30 +1148,28 @@ def _block_transformed(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse,
                 gr[c] = z[i, c]
 
 
-def _ce_block_any(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, stats):
+def _ce_block_any(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse_out, predicted):
     """``_ce_block`` with the options and statistics above."""
     raise NotImplementedError  # only called from compiled code
 
 
-def _ce_block_plain(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, stats):
+def _ce_block_plain(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse_out, predicted):
     _ce_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, None)
 
 
-def _ce_block_general(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, stats):
-    predicted = stats[1]
+def _ce_block_general(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse_out, predicted):
     if predicted.shape[0] > 0:
         for i in range(n):
             predicted[r0 + i] = _first_argmax(_row(x, r0 + i, inner))
-    _block_transformed(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, stats[0],
-                       opts.transform)
+    _block_transformed(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse_out)
 
 
 @_jit
-def _tiles_transformed(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse, tr):
-    """``_ce_tiles`` on logits transformed by ``tr``: each tile's rows are
+def _tiles_transformed(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse):
+    """``_ce_tiles`` on logits transformed by the options: each tile's rows are
     transformed into a scratch tile of rows, which the plain routine takes
     (the identity too: one compiled variant for every call with options)."""
-    logit_scale, cap = tr
+    logit_scale, cap = opts.logit_scale, opts.softcap
     C = x.shape[1]
     z = np.empty((TILE, C), x.dtype)
     dz = np.empty((TILE, C if cap != 0.0 and g is not None else 0), x.dtype)
@@ -1160,42 +1200,40 @@ def _tiles_transformed(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse
                     gr[c] = z[i, c]
 
 
-def _ce_tiles_any(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, stats):
+def _ce_tiles_any(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse_out, predicted):
     """``_ce_tiles`` with the options and statistics above."""
     raise NotImplementedError  # only called from compiled code
 
 
-def _ce_tiles_plain(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, stats):
+def _ce_tiles_plain(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse_out, predicted):
     _ce_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, None)
 
 
-def _ce_tiles_general(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, stats):
-    predicted = stats[1]
+def _ce_tiles_general(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse_out, predicted):
     if predicted.shape[0] > 0:
         for k in range(k0, k1):
             rows, r0, step = _tile(x, k, inner)
             for i in range(rows.shape[0]):
                 predicted[r0 + i * step] = _first_argmax(rows[i])
-    _tiles_transformed(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, stats[0],
-                       opts.transform)
+    _tiles_transformed(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse_out)
 
 
 @overload(_ce_block_any, jit_options=_JIT_OPTIONS)
-def _ce_block_any_impl(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, stats):
-    return _ce_block_plain if _plain(opts, stats) else _ce_block_general
+def _ce_block_any_impl(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse_out, predicted):
+    return _ce_block_plain if _plain(opts, lse_out) else _ce_block_general
 
 
 @overload(_ce_tiles_any, jit_options=_JIT_OPTIONS)
-def _ce_tiles_any_impl(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, stats):
-    return _ce_tiles_plain if _plain(opts, stats) else _ce_tiles_general
+def _ce_tiles_any_impl(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse_out, predicted):
+    return _ce_tiles_plain if _plain(opts, lse_out) else _ce_tiles_general
 
 
 # --------------------------------------------------------------------------
 # Kernels. Each is compiled twice (parallel and serial, see ``_Kernel``);
 # ``prange`` is a plain ``range`` in the serial one. The cross-entropy
 # kernels, one per layout strategy, take class indices ``y`` or class
-# probabilities ``q`` (the other None) and the options record ``opts``
-# (``_spec.CEOptions``); they check the targets before writing anything and
+# probabilities ``q`` (the other None), the options record ``opts``
+# (``_spec.CEOptions``) and the statistics' arrays (see above); they check the targets before writing anything and
 # return (first bad target or -1, sum of the row losses, the mean's
 # denominator), the sum in a fixed order.
 
@@ -1212,17 +1250,35 @@ def _ce_prologue(y, n_classes, n_rows, opts):
     return bad, denominator, mean_scale(opts.mean, denominator), _weight_sum(w, n_classes)
 
 
-def _cross_entropy_direct(x, y, q, opts, g, inplace, losses, inner, stats):
-    """Long rows contiguous along the classes, one at a time."""
+def _cross_entropy_direct(x, y, q, opts, g, inplace, losses, inner, lse_out, predicted):
+    """Long rows contiguous along the classes, one at a time (without the
+    LLM options and statistics: ``lse_out`` and ``predicted`` are None)."""
     bad, denominator, scale, wsum = _ce_prologue(y, x.shape[1], losses.shape[0], opts)
     if bad >= 0:
         return bad, 0.0, denominator
     for r in prange(losses.shape[0]):
-        losses[r] = _ce_direct_any(x, y, q, opts, wsum, scale, g, inplace, inner, r, stats)
+        losses[r] = _ce_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r)
     return -1, lane_dot(losses, None, 0.0), denominator
 
 
-def _cross_entropy_blocks(x, y, q, opts, g, inplace, losses, inner, stats):
+#: Rows per task of the direct kernel with options (which share a scratch row).
+_DIRECT_TASK_ROWS = 16
+
+
+def _cross_entropy_direct_options(x, y, q, opts, g, inplace, losses, inner, lse_out, predicted):
+    """Direct rows with the LLM options or statistics (see above), in tasks
+    of ``_DIRECT_TASK_ROWS`` rows."""
+    bad, denominator, scale, wsum = _ce_prologue(y, x.shape[1], losses.shape[0], opts)
+    if bad >= 0:
+        return bad, 0.0, denominator
+    n_rows, per = losses.shape[0], _DIRECT_TASK_ROWS
+    for j in prange((n_rows + per - 1) // per):
+        _ce_direct_rows(x, y, q, opts, wsum, scale, g, inplace, inner, j * per,
+                        min(n_rows, (j + 1) * per), losses, lse_out, predicted)
+    return -1, lane_dot(losses, None, 0.0), denominator
+
+
+def _cross_entropy_blocks(x, y, q, opts, g, inplace, losses, inner, lse_out, predicted):
     """Blocks of ``_rows_per_block(C)`` rows of any length and layout."""
     bad, denominator, scale, wsum = _ce_prologue(y, x.shape[1], losses.shape[0], opts)
     if bad >= 0:
@@ -1230,11 +1286,11 @@ def _cross_entropy_blocks(x, y, q, opts, g, inplace, losses, inner, stats):
     n_rows, per = losses.shape[0], _rows_per_block(x.shape[1])
     for b in prange((n_rows + per - 1) // per):
         _ce_block_any(x, y, q, opts, wsum, scale, g, losses, inner, b * per,
-                      min(per, n_rows - b * per), stats)
+                      min(per, n_rows - b * per), lse_out, predicted)
     return -1, lane_dot(losses, None, 0.0), denominator
 
 
-def _cross_entropy_tiles(x, y, q, opts, g, inplace, losses, inner, stats):
+def _cross_entropy_tiles(x, y, q, opts, g, inplace, losses, inner, lse_out, predicted):
     """Short rows, ``TILE`` at a time (``inplace`` is not needed: a tile is
     read whole before it is written)."""
     bad, denominator, scale, wsum = _ce_prologue(y, x.shape[1], losses.shape[0], opts)
@@ -1243,7 +1299,7 @@ def _cross_entropy_tiles(x, y, q, opts, g, inplace, losses, inner, stats):
     n_tiles, per = _tile_count(x, inner), _tiles_per_task(x.shape[1])
     for j in prange((n_tiles + per - 1) // per):
         _ce_tiles_any(x, y, q, opts, wsum, scale, g, losses, inner, j * per,
-                      min(n_tiles, (j + 1) * per), stats)
+                      min(n_tiles, (j + 1) * per), lse_out, predicted)
     return -1, lane_dot(losses, None, 0.0), denominator
 
 
@@ -1356,6 +1412,7 @@ class _Kernel:
 
 
 cross_entropy_direct = _Kernel(_cross_entropy_direct)
+cross_entropy_direct_options = _Kernel(_cross_entropy_direct_options)
 cross_entropy_blocks = _Kernel(_cross_entropy_blocks)
 cross_entropy_tiles = _Kernel(_cross_entropy_tiles)
 nll = _Kernel(_nll)

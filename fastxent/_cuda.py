@@ -509,9 +509,8 @@ def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
     else:
         (y, denominator), q = _hard_targets(spec, target, w_host), None
     x = _contiguous(logits, dtype)
-    transform = (float(spec.logit_scale), float(spec.softcap)) if spec.transformed else None
     options = CEOptions(w, spec.ignore_index, spec.smoothing, spec.reduction == "mean",
-                        spec.z_loss, transform)
+                        spec.z_loss, spec.logit_scale, spec.softcap)
     scale = mean_scale(options.mean, denominator)
     g = dest = None
     if grad is not None:

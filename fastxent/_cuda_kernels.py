@@ -262,11 +262,10 @@ def ce_py(dtype, cached):
     logits' form (soft) or None; ``g``: the gradient (may be ``x`` itself)
     or None; ``lse`` (float64) and ``predicted`` (int64): each row's
     statistics, or None; ``wsum``: the sum of the class weights; ``scale``:
-    the gradient's (``_formulas.mean_scale``). The last six parameters are
-    the fields of ``_spec.CEOptions`` in order (kernel parameters, so that a
-    ``weight`` or ``transform`` of None compiles away). A transform
-    (logit_scale, softcap) applies to each logit as it is loaded, in both
-    passes; the cached copy holds the transformed logits. Dynamic shared
+    the gradient's (``_formulas.mean_scale``). The last seven parameters
+    are the fields of ``_spec.CEOptions`` in order (kernel parameters, so
+    that a ``weight`` of None compiles away). The transform (logit_scale,
+    softcap) applies to each logit as it is loaded, in both passes; the cached copy holds the transformed logits. Dynamic shared
     memory (cached): C values (hard), 2C (soft: the logits, then the
     smoothed, weighted targets).
     """
@@ -274,24 +273,24 @@ def ce_py(dtype, cached):
     ST = _shared_type(FT)
 
     def ce(x, y, q, g, losses, lse, predicted, n_rows, n_classes, inner, group, wsum, scale,
-           w, ignore_index, smooth, mean, z_loss, transform):
+           w, ignore_index, smooth, mean, z_loss, logit_scale, softcap):
         scratch = cuda.shared.array(SCRATCH, ST)
         indices = cuda.shared.array(MAX_WARPS, np.int64)
         cache = cuda.shared.array(0, ST)
         # the record the formulas read
-        opts = CEOptions(w, ignore_index, smooth, mean, z_loss, transform)
+        opts = CEOptions(w, ignore_index, smooth, mean, z_loss, logit_scale, softcap)
         zero = FT(0.0)
         one = FT(1.0)
         keep_q = FT(1.0 - smooth)
         uniform_q = FT(smooth / n_classes)
         scale_f = FT(scale)
-        x_scale = one
-        cap = zero
+        transform = logit_scale != 1.0 or softcap != 0.0
+        x_scale, cap = FT(logit_scale), FT(softcap)
         cap_arg = zero  # logit_scale / softcap
-        if transform is not None:
-            x_scale, cap = FT(transform[0]), FT(transform[1])
-            if transform[1] != 0.0:
-                cap_arg = FT(transform[0] / transform[1])
+        inv_cap = zero
+        if softcap != 0.0:
+            cap_arg = FT(logit_scale / softcap)
+            inv_cap = FT(1.0 / softcap)
         offset, lane, base, step = _row_slot(group)
         while base < n_rows:
             r = base + offset
@@ -317,7 +316,7 @@ def ce_py(dtype, cached):
                     if predicted is not None:
                         if _beats(best, best_at, v, np.int64(c), n_classes):
                             best, best_at = v, np.int64(c)
-                    if transform is not None:
+                    if transform:
                         if cap != zero:
                             v = softcapped(math.tanh(v * cap_arg), cap)
                         else:
@@ -380,15 +379,15 @@ def ce_py(dtype, cached):
                             v = cache[c]
                         else:
                             v = x[i]
-                            if transform is not None:
+                            if transform:
                                 if cap != zero:
                                     v = softcapped(math.tanh(v * cap_arg), cap)
                                 else:
                                     v = v * x_scale
                         slope = one  # dz/dx of the transform
-                        if transform is not None:
+                        if transform:
                             if cap != zero:
-                                slope = softcap_slope(v, x_scale, cap)
+                                slope = softcap_slope(v, x_scale, inv_cap)
                             else:
                                 slope = x_scale
                         if q is not None:

@@ -58,11 +58,12 @@ def softcapped(tanh_y, cap):
     return cap * tanh_y
 
 
-def softcap_slope(z, scale, cap):
+def softcap_slope(z, scale, inv_cap):
     """dz/dx of ``softcapped``: scale (1 - tanh(y)**2) = scale (1 - (z/cap)**2),
-    from z itself, so that the backward needs only the capped row. (Without
-    a cap, z = scale x and dz/dx = scale.)"""
-    t = z / cap
+    from z itself, so that the backward needs only the capped row
+    (``inv_cap`` = 1/cap: a product, not a division, per element). Without a
+    cap, z = scale x and dz/dx = scale."""
+    t = z * inv_cap
     return scale * (1.0 - t * t)
 
 

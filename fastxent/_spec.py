@@ -60,9 +60,8 @@ class CEOptions(NamedTuple):
     dtype, or ``None``; ``mean`` says the gradient is scaled by one over the
     mean's denominator (the sum of the weights of the targets not ignored,
     or the number of rows for class probabilities); ``z_loss`` is the
-    coefficient of each row's lse**2 added to its loss. ``transform`` is
-    None, or ``(logit_scale, softcap)``: the logits are first multiplied by
-    ``logit_scale``, then, when ``softcap`` is not 0, replaced by
+    coefficient of each row's lse**2 added to its loss. The logits are
+    first multiplied by ``logit_scale``, then, when ``softcap`` is not 0, replaced by
     ``softcap * tanh(x / softcap)``; the kernels compute the loss of these
     transformed logits and multiply the gradient by their derivative.
     """
@@ -72,7 +71,8 @@ class CEOptions(NamedTuple):
     smoothing: float
     mean: bool
     z_loss: float
-    transform: Optional[tuple] = None  # (logit_scale, softcap or 0.0), None if neither
+    logit_scale: float = 1.0
+    softcap: float = 0.0  # 0: none
 
 
 @dataclass(frozen=True)

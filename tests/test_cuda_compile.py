@@ -32,13 +32,13 @@ i64, f64 = T.int64, T.float64
 def _ce_sig(ft, soft, weighted, grad, llm=False):
     """x, y, q, g, losses, lse, predicted, n_rows, n_classes, inner, group,
     wsum, scale, and the fields of ``_spec.CEOptions``: weight, ignore_index,
-    smoothing, mean, z_loss, transform. ``llm``: with return_stats' arrays
-    and a transform (logit_scale, softcap)."""
+    smoothing, mean, z_loss, logit_scale, softcap. ``llm``: with
+    return_stats' arrays."""
     a = ft[::1]
     return (a, None if soft else i64[::1], a if soft else None, a if grad else None, f64[::1],
             f64[::1] if llm else None, i64[::1] if llm else None,
             i64, i64, i64, i64, f64, f64, a if weighted else None, i64, f64, T.boolean, f64,
-            T.UniTuple(f64, 2) if llm else None)
+            f64, f64)
 
 
 def _sig(*args):
