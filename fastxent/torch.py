@@ -34,7 +34,8 @@ the op's (see ``cross_entropy`` below).
 
 from __future__ import annotations
 
-import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
@@ -52,7 +53,8 @@ from . import losses as _losses
 Tensor = torch.Tensor
 
 __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "binary_cross_entropy_with_logits",
-           "cross_entropy", "nll_loss", "repeatable_backward"]
+           "cross_entropy", "empty_cache", "nll_loss", "repeatable_backward",
+           "reuse_gradient_buffers"]
 
 
 # --------------------------------------------------------------------------
@@ -103,6 +105,85 @@ class _on_current_stream:
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.default_stream(self.stream.device))
         return False
+
+
+# --------------------------------------------------------------------------
+# Gradient buffers kept from step to step (CPU)
+
+class _GradientBuffers:
+    """The last gradient buffers of each shape, reused once nothing holds them.
+
+    A new CPU tensor of a gigabyte costs more in page faults (the kernel
+    zeroing fresh pages) than fastxent's loss and gradient cost to compute.
+    A training loop allocates the same gradient every step, so the buffer of
+    the last step is kept (as a private alias of its memory) and reused when
+    autograd, the caller and every view have let go of it: only this alias
+    still refers to its memory. Up to ``MAX_ENTRIES`` shapes; CUDA tensors
+    come from PyTorch's own caching allocator instead.
+    """
+
+    MAX_ENTRIES = 4
+
+    def __init__(self):
+        self.enabled = True
+        self.lock = threading.Lock()
+        self.entries: "OrderedDict[tuple, Tensor]" = OrderedDict()
+
+    @staticmethod
+    def _key(like: Tensor) -> tuple:
+        return tuple(like.shape), like.dtype, like.device
+
+    @staticmethod
+    def _unused(alias: Tensor) -> bool:
+        # The alias is private (only this cache holds it); every other
+        # tensor on its memory (the gradient autograd handed on, a leaf's
+        # .grad, views, autograd's saved copies) holds the storage too. So
+        # the memory is free when only the alias and the storage object
+        # asked for here hold it.
+        return torch._C._storage_Use_Count(alias.untyped_storage()._cdata) <= 2
+
+    def take(self, like: Tensor) -> Tensor:
+        """A buffer of ``like``'s shape and dtype, contiguous: a kept one if it is free."""
+        if self.enabled and like.device.type == "cpu":
+            with self.lock:
+                alias = self.entries.pop(self._key(like), None)
+            if alias is not None and self._unused(alias):
+                return alias
+            del alias  # still in use: it lives on with its users
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+    def keep(self, buffer: Tensor) -> None:
+        """Remember ``buffer`` (the gradient just written) for a later step."""
+        if not self.enabled or buffer.device.type != "cpu":
+            return
+        with self.lock:
+            self.entries[self._key(buffer)] = buffer.detach()
+            while len(self.entries) > self.MAX_ENTRIES:
+                self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+
+_BUFFERS = _GradientBuffers()
+
+
+def empty_cache() -> None:
+    """Forget the gradient buffers kept for reuse (their memory is freed once unused)."""
+    _BUFFERS.clear()
+
+
+def reuse_gradient_buffers(enabled: bool = True) -> None:
+    """Keep each shape's last gradient buffer to reuse in the next step (the default).
+
+    Off, every forward that needs a gradient allocates a new buffer (and
+    pays its page faults); on, one buffer per shape (up to four) stays
+    allocated between steps.
+    """
+    _BUFFERS.enabled = bool(enabled)
+    if not enabled:
+        _BUFFERS.clear()
 
 
 # --------------------------------------------------------------------------
@@ -227,8 +308,10 @@ def _fused_op(spec: FusedLoss):
         *args, with_grad = rest
         if not with_grad:
             return _run(spec, input, args, None), input.new_empty(0)
-        grad = torch.empty_like(input)
-        return _run(spec, input, args, grad), grad
+        grad = _BUFFERS.take(input)
+        loss = _run(spec, input, args, grad)
+        _BUFFERS.keep(grad)
+        return loss, grad
 
     op = torch.library.custom_op(f"fastxent::{spec.name}", compute, mutates_args=(),
                                  schema=schema)
@@ -246,15 +329,21 @@ def _fused_op(spec: FusedLoss):
         *args, with_grad = inputs[1:]
         ctx.reduction = _reduction_of(spec, args)
         ctx.in_place = repeatable_backward.depth == 0
+        # The buffer is not a result: autograd must not build a zero
+        # gradient of its size for it in the backward.
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(output[1])
 
     def backward(ctx, grad_loss, _unused):
         _refuse_double_backward(spec.name)
+        n_args = len(spec.schema.split(",")) + 1
+        if grad_loss is None:  # the loss got no gradient (gradcheck's undefined-grad check)
+            return (None,) * (n_args + 1)
         in_place = ctx.in_place and type(grad_loss) is Tensor  # eager
         if in_place:
             _consume(ctx, spec.name)
         (grad,) = ctx.saved_tensors
-        n_args = len(spec.schema.split(",")) + 1
         return (_scale(spec, grad, grad_loss, ctx.reduction, in_place),) + (None,) * n_args
 
     op.register_autograd(backward, setup_context=setup_context)

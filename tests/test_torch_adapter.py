@@ -434,3 +434,52 @@ def test_importing_without_torch_says_what_is_missing():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert "fastxent.torch needs PyTorch" in result.stdout
+
+
+# --------------------------------------------------------------------------
+# Gradient buffers reused from step to step
+
+def _step_grad(x_source, keep):
+    """One loss on logits made from ``x_source``; ``keep(logits)`` may hold on to its gradient."""
+    logits = x_source * 1.0
+    keep(logits)
+    ft.cross_entropy(logits, _classes((6,), C)).backward()
+
+
+def _expected_grad(seed):
+    x = _logits((6, C), seed=seed)
+    F.cross_entropy(x, _classes((6,), C)).backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("hold", ["hook", "view", "leaf"])
+def test_a_gradient_still_held_is_never_reused(hold):
+    ft.empty_cache()
+    kept = []
+    first, second = _logits((6, C), seed=0), _logits((6, C), seed=1)
+    if hold == "leaf":  # the buffer becomes the leaf's .grad
+        ft.cross_entropy(first, _classes((6,), C)).backward()
+        kept.append(first.grad)
+    else:
+        transform = (lambda g: g) if hold == "hook" else (lambda g: g[1:])
+        _step_grad(first, lambda t: t.register_hook(lambda g: kept.append(transform(g))))
+    before = kept[0].clone()
+    _step_grad(second, lambda t: None)
+    assert torch.equal(kept[0], before)
+    torch.testing.assert_close(before, _expected_grad(0)[1:] if hold == "view"
+                               else _expected_grad(0))
+
+
+def test_a_free_gradient_buffer_is_reused():
+    ft.empty_cache()
+    pointers = []
+    for seed in range(3):
+        _step_grad(_logits((6, C), seed=seed),
+                   lambda t: t.register_hook(lambda g: pointers.append(g.data_ptr())))
+    assert len(set(pointers)) == 1
+    try:
+        ft.reuse_gradient_buffers(False)
+        _step_grad(_logits((6, C)), lambda t: None)
+        assert not ft._BUFFERS.entries
+    finally:
+        ft.reuse_gradient_buffers(True)
