@@ -318,7 +318,8 @@ TORCH = Section(
      "fastxent, inplace, torch: the loss's forward and backward down to d loss / d logits, "
      f"on logits an nn.Linear({_peers.TORCH_GRAPH_FEATURES}, C) made (untimed).",
      "step: linear(h), the loss, loss.backward() into the layer's parameters.",
-     "peak: resident memory the step added at its peak (Linux VmHWM), one step per round."))
+     "peak: resident memory the step added at its peak (Linux VmHWM), one step per round; "
+     "the gradient buffer fastxent.torch keeps between steps counts as the step's."))
 
 SECTIONS = {section.name: section for section in (MAIN, SMALL, TORCH)}
 

@@ -254,14 +254,18 @@ class repeatable_backward:
     backwards need.
     """
 
-    depth = 0
+    _state = threading.local()  # per thread, as torch.no_grad() is
+
+    @classmethod
+    def active(cls) -> bool:
+        return getattr(cls._state, "depth", 0) > 0
 
     def __enter__(self):
-        repeatable_backward.depth += 1
+        self._state.depth = getattr(self._state, "depth", 0) + 1
         return self
 
     def __exit__(self, *exc):
-        repeatable_backward.depth -= 1
+        self._state.depth -= 1
         return False
 
 
@@ -323,12 +327,12 @@ def _fused_op(spec: FusedLoss):
             loss = input.new_empty(spec.batch_shape(tuple(input.shape)))
         else:
             loss = input.new_empty(())
-        return loss, (torch.empty_like(input) if with_grad else input.new_empty(0))
+        return loss, input.new_empty(tuple(input.shape) if with_grad else (0,))
 
     def setup_context(ctx, inputs, output):
         *args, with_grad = inputs[1:]
         ctx.reduction = _reduction_of(spec, args)
-        ctx.in_place = repeatable_backward.depth == 0
+        ctx.in_place = not repeatable_backward.active()
         # The buffer is not a result: autograd must not build a zero
         # gradient of its size for it in the backward.
         ctx.mark_non_differentiable(output[1])
@@ -360,7 +364,7 @@ class _InPlace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, spec, reduction, *args):
         ctx.spec, ctx.reduction, ctx.n_args = spec, reduction, len(args)
-        ctx.in_place = repeatable_backward.depth == 0
+        ctx.in_place = not repeatable_backward.active()
         loss = _run(spec, input, args, "inplace")
         ctx.grad = input.detach()  # the input's memory, now the gradient
         return loss
