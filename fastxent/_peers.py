@@ -706,6 +706,10 @@ def _torch_graph(loss_name: str, part: str):
         generator = torch.Generator().manual_seed(0)
         h = torch.randn(n, TORCH_GRAPH_FEATURES, generator=generator, dtype=dtype)
         linear = torch.nn.Linear(TORCH_GRAPH_FEATURES, c, dtype=dtype)
+        with torch.no_grad():  # the same layer in every column
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator,
+                                            dtype=dtype) / TORCH_GRAPH_FEATURES ** 0.5)
+            linear.bias.zero_()
         if loss_name == "torch":
             loss_fn = F.cross_entropy
         else:
