@@ -37,7 +37,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Callable, Optional
 
 try:
     import torch
@@ -71,7 +71,8 @@ def _array(t: Optional[Tensor]):
 
 
 def _tensor(result, like: Tensor) -> Tensor:
-    """A fastxent result (NumPy scalar or array, or a CUDA tensor) as a tensor on ``like``'s device."""
+    """A fastxent result (NumPy scalar or array, or a CUDA tensor) as a tensor on ``like``'s
+    device."""
     if isinstance(result, Tensor):
         return result
     if isinstance(result, np.ndarray):
