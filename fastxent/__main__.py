@@ -107,6 +107,9 @@ def main(argv=None) -> int:
                               "only, or the small-batch one with --small)")
     p_bench.add_argument("--small", action="store_true",
                          help="only the small-batch table (32x10, 128x10, 1024x10)")
+    p_bench.add_argument("--torch", dest="torch_section", action="store_true",
+                         help="only the torch table: fastxent.torch inside a PyTorch graph "
+                              "(8192x32000, or --shapes)")
     p_bench.add_argument("--small-shapes", nargs="+", metavar="NxC", default=None,
                          help="shapes of the small-batch table")
     p_bench.add_argument("--markdown", nargs="?", metavar="PATH", default=None,
@@ -127,6 +130,7 @@ def main(argv=None) -> int:
     return _bench.main(quick=args.quick, rounds=args.rounds, shapes=args.shapes,
                        dtype=args.dtype, threads=args.threads, small=args.small,
                        small_shapes=args.small_shapes, markdown=args.markdown,
+                       torch_section=args.torch_section,
                        command=shlex.join(["python", "-m", "fastxent", *argv]))
 
 

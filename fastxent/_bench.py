@@ -1,6 +1,6 @@
 """``python -m fastxent bench``: fastxent against the memory limit and its peers.
 
-Two sections, each a table of times and ratios:
+Three sections, each a table of times (and, in ``torch``, peak memory) and ratios:
 
 ``main`` (per (N, C) shape)
     fastxent ``cross_entropy_with_grad(..., inplace=True)`` (the logits are
@@ -18,6 +18,12 @@ Two sections, each a table of times and ratios:
     against NumPy's forward, and the ``CrossEntropyLoss`` object's call and
     ``backward()`` against the function: there the time per call is mostly
     the work done in Python around the kernel.
+``torch`` (``fastxent.torch`` inside a PyTorch graph; ``--torch`` alone)
+    ``fastxent.torch.cross_entropy`` (also with ``inplace_backward=True``)
+    against ``F.cross_entropy`` on logits an ``nn.Linear`` made: the loss's
+    forward and backward down to the logits, the whole step
+    (``loss.backward()`` into the layer), and the step's peak resident
+    memory (Linux's high-water mark, reset before each step).
 
 Each round times every implementation once (a sample: the median of calls
 lasting about ``SAMPLE_SECONDS``), in a rotating order, after a short pause
@@ -215,6 +221,8 @@ class Timing:
 
     samples: List[float]
     unavailable: Optional[str] = None
+    #: ``"s"`` for times; ``"B"`` for the torch section's peak memory.
+    unit: str = "s"
 
     @property
     def median(self) -> float:
@@ -225,7 +233,8 @@ class Timing:
         same round: samples of one round are taken moments apart, so a
         machine whose speed drifts from round to round (a shared machine's
         memory bandwidth does, by up to half) moves both alike."""
-        if not self.samples or len(self.samples) != len(other.samples):
+        if (not self.samples or len(self.samples) != len(other.samples)
+                or 0 in other.samples):
             return float("nan")
         return statistics.median(a / b for a, b in zip(self.samples, other.samples))
 
@@ -296,7 +305,23 @@ SMALL = Section(
      "fwd: cross_entropy; numpy fwd: the textbook forward.",
      "object: CrossEntropyLoss()(logits, target) then backward()."))
 
-SECTIONS = {section.name: section for section in (MAIN, SMALL)}
+TORCH = Section(
+    "torch", "Inside a PyTorch graph (fastxent.torch)",
+    tuple(_peers.TORCH_GRAPH.items()),
+    (("torch/fastxent", "torch", "fastxent"), ("torch/inplace", "torch", "inplace"),
+     ("step torch/fastxent", "torch step", "fastxent step"),
+     ("step torch/inplace", "torch step", "inplace step"),
+     ("peak torch/fastxent", "torch peak", "fastxent peak"),
+     ("peak torch/inplace", "torch peak", "inplace peak")),
+    ("fastxent: fastxent.torch.cross_entropy; inplace: the same with inplace_backward=True; "
+     "torch: F.cross_entropy.",
+     "fastxent, inplace, torch: the loss's forward and backward down to d loss / d logits, "
+     f"on logits an nn.Linear({_peers.TORCH_GRAPH_FEATURES}, C) made (untimed).",
+     "step: linear(h), the loss, loss.backward() into the layer's parameters.",
+     "peak: resident memory the step added at its peak (Linux VmHWM), one step per round; "
+     "the gradient buffer fastxent.torch keeps between steps counts as the step's."))
+
+SECTIONS = {section.name: section for section in (MAIN, SMALL, TORCH)}
 
 
 def bench_shape(shape, dtype, rounds: int, sample_seconds: float, progress: ProgressBar,
@@ -320,8 +345,9 @@ def bench_shape(shape, dtype, rounds: int, sample_seconds: float, progress: Prog
             timings[label] = Timing([], unavailable=str(missing))
             continue
         runners[label] = runner
-        timings[label] = Timing([])
-    numbers = {label: calibrate(runner, sample_seconds) for label, runner in runners.items()}
+        timings[label] = Timing([], unit=runner.unit)
+    numbers = {label: calibrate(runner, sample_seconds) for label, runner in runners.items()
+               if runner.unit == "s"}
     labels = list(runners)
     for round_index in range(rounds):
         # Rotating the order spreads any drift of the machine over all columns.
@@ -329,10 +355,26 @@ def bench_shape(shape, dtype, rounds: int, sample_seconds: float, progress: Prog
         for label in labels[shift:] + labels[:shift]:
             progress.step(f"{label_shape} round {round_index + 1}/{rounds} {label}")
             time.sleep(cooldown)
-            timings[label].samples.append(time_sample(runners[label], numbers[label]))
+            timings[label].samples.append(_sample(runners[label], numbers.get(label)))
     for _ in range(len(section.columns) * rounds - len(labels) * rounds):
         progress.step(label_shape)  # the unavailable peers' share of the bar
     return timings
+
+
+def _sample(runner: _peers.Runner, number: Optional[int]) -> float:
+    """A time (seconds per call), or for a measuring runner its measurement."""
+    if runner.unit == "s":
+        return time_sample(runner, number)
+    runner.prepare()
+    return float(runner.run())
+
+
+def _format_bytes(size: float) -> str:
+    if size != size:  # nan: not measured
+        return "-"
+    if size >= 2**30:
+        return f"{size / 2**30:.2f} GiB"
+    return f"{size / 2**20:.0f} MiB"
 
 
 def _format_time(seconds: float) -> str:
@@ -354,7 +396,8 @@ def table_rows(results: Dict[str, Dict[str, Timing]], section: Section = MAIN
     labels = section.labels
     rows = [["shape"] + labels + [label for label, _, _ in section.ratios]]
     for shape, timings in results.items():
-        row = [shape] + [_format_time(timings[label].median) for label in labels]
+        row = [shape] + [(_format_time if timings[label].unit == "s" else _format_bytes)(
+            timings[label].median) for label in labels]
         for _, numerator, denominator in section.ratios:
             ratio = timings[numerator].ratio_to(timings[denominator])
             row.append("-" if ratio != ratio else f"{ratio:.2f}")
@@ -415,11 +458,12 @@ def markdown_document(facts: Sequence[Tuple[str, str]],
 
 
 def command_line(quick=False, rounds=None, shapes=None, dtype="float32", threads=None,
-                 small=False, small_shapes=None, markdown=None) -> str:
+                 small=False, small_shapes=None, markdown=None, torch_section=False) -> str:
     """The ``python -m fastxent bench`` command line of these arguments."""
     args = ["python", "-m", "fastxent", "bench"]
     args += ["--quick"] if quick else []
     args += ["--small"] if small else []
+    args += ["--torch"] if torch_section else []
     args += ["--rounds", str(rounds)] if rounds is not None else []
     args += ["--shapes", *shapes] if shapes else []
     args += ["--small-shapes", *small_shapes] if small_shapes else []
@@ -441,7 +485,7 @@ def main(quick: bool = False, rounds: Optional[int] = None,
          shapes: Optional[Sequence[str]] = None, dtype: str = "float32",
          threads: Optional[int] = None, stream=None, small: bool = False,
          small_shapes: Optional[Sequence[str]] = None, markdown=None,
-         command: Optional[str] = None) -> int:
+         command: Optional[str] = None, torch_section: bool = False) -> int:
     """Run the benchmark and print the machine header and the tables.
 
     Parameters
@@ -472,6 +516,10 @@ def main(quick: bool = False, rounds: Optional[int] = None,
     command : str, optional
         The command line to record in the Markdown (default: rebuilt from
         these arguments).
+    torch_section : bool
+        Run only the torch section (``fastxent.torch`` inside a PyTorch
+        graph), on ``shapes`` if given. A full run (no ``shapes``, not
+        ``small``) includes it.
 
     Returns
     -------
@@ -483,7 +531,7 @@ def main(quick: bool = False, rounds: Optional[int] = None,
     stream = sys.stdout if stream is None else stream
     if command is None:
         command = command_line(quick, rounds, shapes, dtype, threads, small, small_shapes,
-                               markdown)
+                               markdown, torch_section)
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise SystemExit(f"--dtype must be float32 or float64, not {dtype}")
@@ -497,7 +545,10 @@ def main(quick: bool = False, rounds: Optional[int] = None,
         except _peers.PeerUnavailable:
             pass
     plan: List[Tuple[Section, list]] = []
-    if small:
+    torch_shapes = list(_peers.TORCH_GRAPH_QUICK_SHAPES if quick else _peers.TORCH_GRAPH_SHAPES)
+    if torch_section:
+        plan.append((TORCH, _shapes(shapes) if shapes else torch_shapes))
+    elif small:
         plan.append((SMALL, _shapes(small_shapes or shapes or [])
                      or list(_peers.SMALL_BATCH_SHAPES)))
     else:
@@ -506,6 +557,8 @@ def main(quick: bool = False, rounds: Optional[int] = None,
         if small_shapes or not shapes:
             plan.append((SMALL, _shapes(small_shapes or [])
                          or list(_peers.SMALL_BATCH_SHAPES)))
+        if not shapes and not small_shapes:
+            plan.append((TORCH, torch_shapes))
     if rounds is None:
         rounds = QUICK_ROUNDS if quick else DEFAULT_ROUNDS
     if rounds < 1:

@@ -88,6 +88,9 @@ class Runner:
 
     run: Callable[[], Any]
     reset: Optional[Callable[[], None]] = None
+    #: ``"s"``: ``run`` is timed. Otherwise ``run`` returns the measurement
+    #: itself in that unit (``"B"``: bytes of peak memory), once per sample.
+    unit: str = "s"
 
     def prepare(self) -> None:
         """Run ``reset`` if there is one (outside any timed region)."""
@@ -710,3 +713,147 @@ def format_shape(shape) -> str:
 def small_shapes_requested() -> bool:
     """Whether ``FASTXENT_BENCH_SMALL`` asks for the small shapes (CI)."""
     return os.environ.get("FASTXENT_BENCH_SMALL", "").strip() not in ("", "0")
+
+
+# --------------------------------------------------------------------------
+# Inside a PyTorch graph: fastxent.torch against torch.nn.functional
+
+#: Features of the ``nn.Linear`` that makes the logits of the torch section:
+#: few, so that the loss, not the matrix product, is what a step measures.
+TORCH_GRAPH_FEATURES = 16
+#: (N, C) of the torch section: an LLM vocabulary, and a quick one.
+TORCH_GRAPH_SHAPES = ((8192, 32000),)
+TORCH_GRAPH_QUICK_SHAPES = ((256, 32000),)
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise PeerUnavailable(f"/proc/self/status has no {key}")
+
+
+_MMAP_THRESHOLD_SET = []
+
+
+def _allocate_large_blocks_fresh() -> None:
+    """Have glibc map every block of 1 MiB or more afresh, and unmap it when freed.
+
+    By default glibc raises this threshold as blocks are freed (up to 32
+    MiB) and then serves large blocks from pages it kept: a step would then
+    add no resident memory, whatever it allocates. Fixed, every large
+    tensor a step allocates shows in its peak. Once per process.
+    """
+    if _MMAP_THRESHOLD_SET:
+        return
+    _MMAP_THRESHOLD_SET.append(True)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: peaks may then read low for small shapes
+
+
+def peak_memory_of(run: Callable[[], Any]) -> float:
+    """Bytes of resident memory ``run()`` added at its peak (Linux: VmHWM).
+
+    The kernel's high-water mark is reset (``/proc/self/clear_refs``) first,
+    so every page a call touched counts, however briefly it lived.
+    """
+    _allocate_large_blocks_fresh()
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+            clear.write("5")
+    except OSError as error:
+        raise PeerUnavailable("peak memory needs Linux's /proc/self/clear_refs") from error
+    before = _proc_status_bytes("VmRSS:")
+    run()
+    return float(_proc_status_bytes("VmHWM:") - before)
+
+
+def _torch_graph(loss_name: str, part: str):
+    """Builder of one column of the torch section.
+
+    ``loss_name``: ``"fastxent"`` (``fastxent.torch.cross_entropy``),
+    ``"inplace"`` (the same with ``inplace_backward=True``) or ``"torch"``
+    (``F.cross_entropy``). ``part``: ``"loss"`` times the loss's forward and
+    backward on logits an ``nn.Linear`` made (untimed), down to
+    d loss / d logits; ``"step"`` times the step, ``linear(h)``, the loss,
+    ``loss.backward()`` into the layer's parameters; ``"peak"`` measures the
+    step's peak memory (bytes, see :func:`peak_memory_of`); the gradient
+    buffer ``fastxent.torch`` keeps between steps counts as the step's.
+    """
+
+    def build(inputs):
+        torch, F = _torch()
+        try:
+            import fastxent.torch as ft
+        except ImportError as error:
+            raise PeerUnavailable(str(error)) from error
+        target = torch.from_numpy(inputs["target"].astype(np.int64))
+        n, c = inputs["x"].shape
+        dtype = getattr(torch, inputs["x"].dtype.name)
+        generator = torch.Generator().manual_seed(0)
+        h = torch.randn(n, TORCH_GRAPH_FEATURES, generator=generator, dtype=dtype)
+        linear = torch.nn.Linear(TORCH_GRAPH_FEATURES, c, dtype=dtype)
+        with torch.no_grad():  # the same layer in every column
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator,
+                                            dtype=dtype) / TORCH_GRAPH_FEATURES ** 0.5)
+            linear.bias.zero_()
+        if loss_name == "torch":
+            loss_fn = F.cross_entropy
+        else:
+            inplace = loss_name == "inplace"
+            def loss_fn(x, t):
+                return ft.cross_entropy(x, t, inplace_backward=inplace)
+
+        def step():
+            loss = loss_fn(linear(h), target)
+            loss.backward()
+            return loss
+
+        def clear_grads():
+            linear.zero_grad(set_to_none=True)
+
+        if part == "step":
+            return Runner(step, clear_grads)
+        if part == "peak":
+            def peak():
+                # A gradient buffer kept from an earlier step is resident
+                # already, so the step adds none: count it as the step's.
+                kept = sum(t.numel() * t.element_size()
+                           for t in ft._BUFFERS.entries.values()
+                           if tuple(t.shape) == (n, c) and t.dtype == dtype)
+                return peak_memory_of(step) + (kept if loss_name == "fastxent" else 0)
+            return Runner(peak, clear_grads, unit="B")
+        state = {}
+
+        def fresh_logits():
+            state.clear()  # the previous call's gradient goes first
+            state["logits"] = linear(h)
+
+        def loss_part():
+            logits = state.pop("logits")
+            loss = loss_fn(logits, target)
+            return loss, torch.autograd.grad(loss, logits)
+
+        return Runner(loss_part, fresh_logits)
+
+    return build
+
+
+#: The torch section: column label -> ``builder(inputs) -> Runner`` on
+#: :func:`hard_target_inputs`; ``peak`` columns measure bytes, not seconds.
+TORCH_GRAPH: Dict[str, Callable[[Dict[str, np.ndarray]], Runner]] = {
+    "fastxent": _torch_graph("fastxent", "loss"),
+    "inplace": _torch_graph("inplace", "loss"),
+    "torch": _torch_graph("torch", "loss"),
+    "fastxent step": _torch_graph("fastxent", "step"),
+    "inplace step": _torch_graph("inplace", "step"),
+    "torch step": _torch_graph("torch", "step"),
+    "fastxent peak": _torch_graph("fastxent", "peak"),
+    "inplace peak": _torch_graph("inplace", "peak"),
+    "torch peak": _torch_graph("torch", "peak"),
+}

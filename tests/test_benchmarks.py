@@ -7,6 +7,7 @@ fastxent computes (a peer that solves another problem makes its ratio
 meaningless).
 """
 
+import io
 import json
 import math
 import os
@@ -353,3 +354,37 @@ def test_every_implementation_computes_the_reference(name):
                                        err_msg=f"{name}: {implementation}")
         checked.append(implementation)
     assert {"fastxent", "numpy"} <= set(checked)
+
+
+# --------------------------------------------------------------------------
+# The torch section (fastxent.torch inside a PyTorch graph)
+
+
+def test_torch_section_prints_its_table():
+    pytest.importorskip("torch")
+    stream = io.StringIO()
+    assert _bench.main(quick=True, rounds=1, shapes=["64x1000"], torch_section=True,
+                       stream=stream) == 0
+    out = stream.getvalue()
+    for label in _bench.TORCH.labels + [label for label, _, _ in _bench.TORCH.ratios]:
+        assert label in out
+    assert "64x1000" in out and "MiB" in out
+
+
+def test_torch_section_columns_compute_the_same_loss_and_gradient():
+    torch = pytest.importorskip("torch")
+    inputs = _peers.hard_target_inputs(64, 1000, np.dtype("float64"), np.random.default_rng(0))
+    results = {}
+    for label in ("fastxent", "inplace", "torch"):
+        runner = _peers.TORCH_GRAPH[label](inputs)
+        runner.prepare()
+        loss, (grad,) = runner.run()
+        results[label] = (loss.item(), grad.clone())
+    for label in ("fastxent", "inplace"):
+        assert results[label][0] == pytest.approx(results["torch"][0], rel=1e-12)
+        torch.testing.assert_close(results[label][1], results["torch"][1], rtol=1e-10,
+                                   atol=1e-14)
+    for label in ("fastxent step", "torch step", "fastxent peak"):
+        runner = _peers.TORCH_GRAPH[label](inputs)
+        runner.prepare()
+        assert runner.run() is not None
