@@ -48,6 +48,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
 
 import numpy as np
 
+from . import _validate
 from . import losses as _losses
 
 Tensor = torch.Tensor
@@ -426,24 +427,27 @@ def _call_fused(spec: FusedLoss, op, name: str, input: Tensor, tensors, args,
 # --------------------------------------------------------------------------
 # The table of fused losses (add one here)
 
-def _ce_forward(x, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+def _ce_forward(x, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                logit_scale, softcap):
+    # softcap: 0.0 for none (the op's schema has no optional float)
     return _losses.cross_entropy(x, target, weight=weight, ignore_index=ignore_index,
                                  reduction=reduction, label_smoothing=label_smoothing,
-                                 z_loss=z_loss, axis=_class_dim(x.ndim))
+                                 z_loss=z_loss, logit_scale=logit_scale,
+                                 softcap=softcap or None, axis=_class_dim(x.ndim))
 
 
 def _ce_with_grad(x, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                  out=None, inplace=False):
+                  logit_scale, softcap, out=None, inplace=False):
     return _losses.cross_entropy_with_grad(
         x, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, axis=_class_dim(x.ndim), out=out,
-        inplace=inplace)
+        label_smoothing=label_smoothing, z_loss=z_loss, logit_scale=logit_scale,
+        softcap=softcap or None, axis=_class_dim(x.ndim), out=out, inplace=inplace)
 
 
 _CROSS_ENTROPY = FusedLoss(
     name="cross_entropy",
     schema=("Tensor target, Tensor? weight, int ignore_index, str reduction, "
-            "float label_smoothing, float z_loss"),
+            "float label_smoothing, float z_loss, float logit_scale, float softcap"),
     forward=_ce_forward, with_grad=_ce_with_grad,
     batch_shape=_without_class_dim, grad_dim=_class_dim)
 
@@ -483,6 +487,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                   size_average: Optional[bool] = None, ignore_index: int = -100,
                   reduce: Optional[bool] = None, reduction: str = "mean",
                   label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                  logit_scale: float = 1.0, softcap: Optional[float] = None,
                   inplace_backward: bool = False) -> Tensor:
     """``torch.nn.functional.cross_entropy`` on fastxent's fused kernel.
 
@@ -499,6 +504,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     z_loss : float >= 0, default 0
         fastxent's extra: PaLM's z-loss, ``z_loss * lse**2`` added to each
         row's loss (see :func:`fastxent.cross_entropy`).
+    logit_scale : float, default 1
+        fastxent's extra: the logits are multiplied by it first.
+    softcap : float > 0, optional
+        fastxent's extra: then each becomes ``softcap * tanh(x / softcap)``
+        (Gemma 2), the gradient flowing through the tanh.
     inplace_backward : bool, default False
         Write the gradient over ``input`` during the forward (no buffer of
         the logits' size): ``input``'s values are gone after the call.
@@ -515,7 +525,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     return _call_fused(_CROSS_ENTROPY, _cross_entropy_op, "cross_entropy", input,
                        (("target", target), ("weight", weight)),
                        (target, weight, int(ignore_index), reduction, float(label_smoothing),
-                        float(z_loss)),
+                        float(z_loss), _validate.logit_scale_arg(logit_scale),
+                        _validate.softcap_arg(softcap)),
                        reduction, inplace_backward)
 
 
@@ -608,13 +619,14 @@ def nll_loss(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
 class CrossEntropyLoss(torch.nn.Module):
     """``torch.nn.CrossEntropyLoss`` on fastxent's fused kernel.
 
-    Same arguments (``weight`` a buffer, as in PyTorch), plus ``z_loss`` and
-    ``inplace_backward`` (see :func:`cross_entropy`).
+    Same arguments (``weight`` a buffer, as in PyTorch), plus ``z_loss``,
+    ``logit_scale``, ``softcap`` and ``inplace_backward`` (see :func:`cross_entropy`).
     """
 
     def __init__(self, weight: Optional[Tensor] = None, size_average=None,
                  ignore_index: int = -100, reduce=None, reduction: str = "mean",
                  label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                 logit_scale: float = 1.0, softcap: Optional[float] = None,
                  inplace_backward: bool = False) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
@@ -622,12 +634,15 @@ class CrossEntropyLoss(torch.nn.Module):
         self.reduction = _reduction(size_average, reduce, reduction)
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
+        self.logit_scale = logit_scale
+        self.softcap = softcap
         self.inplace_backward = inplace_backward
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,
-                             z_loss=self.z_loss, inplace_backward=self.inplace_backward)
+                             z_loss=self.z_loss, logit_scale=self.logit_scale,
+                             softcap=self.softcap, inplace_backward=self.inplace_backward)
 
 
 class BCEWithLogitsLoss(torch.nn.Module):

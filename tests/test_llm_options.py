@@ -9,6 +9,7 @@ simulator tests run too (``tests/cuda_sim/test_options_gpu.py``).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
@@ -181,3 +182,37 @@ def test_bad_llm_options_are_refused_before_writing(option, value, exc, pattern)
     np.testing.assert_array_equal(x, before)
     with pytest.raises(exc, match=pattern):
         fastxent.CrossEntropyLoss(**{option: value})
+
+
+@pytest.mark.parametrize("C", [7, 100, 300])  # tiles, blocks, direct rows
+@pytest.mark.parametrize("soft", [False, True])
+def test_options_on_the_parallel_kernels(C, soft):
+    """Inputs of 65536 elements and more run the parallel variants: every
+    option and statistic together there, against torch, and the same bits
+    as the serial variant (one thread)."""
+    rng = np.random.default_rng(10)
+    n = 70000 // C + 1
+    x = rng.standard_normal((n, C)) * 4
+    if soft:
+        y = rng.random((n, C))
+        y /= y.sum(axis=1, keepdims=True)
+    else:
+        y = rng.integers(0, C, n)
+        y[::5] = -100
+    kw = dict(logit_scale=1.5, softcap=5.0, z_loss=1e-3, label_smoothing=0.1)
+    loss, grad, stats = fastxent.cross_entropy_with_grad(x, y, return_stats=True, **kw)
+    t_loss, t_grad, t_lse, t_z = torch_ce_options(x, y, **kw)
+    np.testing.assert_allclose(loss, t_loss, rtol=1e-10)
+    np.testing.assert_allclose(grad, t_grad, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(stats.lse, t_lse, rtol=1e-10)
+    np.testing.assert_allclose(stats.z_loss, t_z, rtol=1e-10)
+    np.testing.assert_array_equal(stats.predicted, np.argmax(x, axis=1))
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        loss1, grad1, stats1 = fastxent.cross_entropy_with_grad(x, y, return_stats=True, **kw)
+    finally:
+        numba.set_num_threads(threads)
+    assert loss1 == loss
+    np.testing.assert_array_equal(grad1, grad)
+    np.testing.assert_array_equal(stats1.lse, stats.lse)

@@ -488,3 +488,28 @@ def test_a_free_gradient_buffer_is_reused():
         assert not ft._BUFFERS.entries
     finally:
         ft.reuse_gradient_buffers(True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_llm_options_match_their_definition(reduction):
+    """``logit_scale`` and ``softcap`` (with ``z_loss``) against the same loss
+    written in PyTorch, and through ``gradcheck``."""
+    x = _logits((6, C))
+    y = _classes((6,), C)
+    kw = dict(z_loss=0.01, logit_scale=1.5, softcap=2.0)
+    loss = ft.cross_entropy(x, y, reduction=reduction, **kw)
+    x2 = _logits((6, C))
+    z = 2.0 * torch.tanh(x2 * 1.5 / 2.0)
+    rows = F.cross_entropy(z, y, reduction="none") + 0.01 * torch.logsumexp(z, 1) ** 2
+    expected = rows.mean() if reduction == "mean" else rows
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(_backward_and_grad(loss, x), _backward_and_grad(expected, x2),
+                               rtol=1e-10, atol=1e-12)
+    with ft.repeatable_backward():
+        assert torch.autograd.gradcheck(
+            lambda v: ft.cross_entropy(v, y, reduction=reduction, **kw), (_logits((6, C)),))
+    module = ft.CrossEntropyLoss(reduction=reduction, **kw)
+    torch.testing.assert_close(module(_logits((6, C)), y), expected.detach(), rtol=1e-10,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="softcap must be a finite number above 0"):
+        ft.cross_entropy(_logits((6, C)), y, softcap=0.0)
