@@ -37,7 +37,8 @@ from numba.extending import overload
 
 from . import _cache
 from . import _formulas as F
-from ._fastmath import FASTMATH, fast_exp, fast_log, fast_tanh, log1p_unit, maximum
+from ._fastmath import (FASTMATH, TANH_SMALL, fast_exp, fast_log, fast_tanh, log1p_unit,
+                        tanh_small)
 from ._host import scan_hard_targets
 from ._lanes import exp_sum, exp_sum_inplace, lane_dot, row_max, scale_minus, soft_sums
 from ._tiles import TILE, tile_dot, tile_exp_sums, tile_in, tile_max, tile_out, tile_scale_minus
@@ -913,31 +914,52 @@ def _plain(opts, lse_out):
 
 
 @_jit
+def _capped_block(x, z, dz, a, b, k, inv):
+    """z <- b tanh(a x) (dz <- dz/dx unless empty) for a block of a row; the
+    polynomial alone where every |a x| is below ``TANH_SMALL`` (logits far
+    from the cap, the usual case: no exponential, no division). ``x`` may
+    be ``z``: each element is read before it is written."""
+    n = z.shape[0]
+    big = 0
+    limit = _cast_like(TANH_SMALL, z)
+    for c in range(n):
+        big += np.abs(x[c] * a) >= limit
+    if dz.shape[0] > 0:
+        if big == 0:
+            for c in range(n):
+                zc = softcapped(tanh_small(x[c] * a), b)
+                z[c] = zc
+                dz[c] = softcap_slope(zc, k, inv)
+        else:
+            for c in range(n):
+                zc = softcapped(fast_tanh(x[c] * a), b)
+                z[c] = zc
+                dz[c] = softcap_slope(zc, k, inv)
+    elif big == 0:
+        for c in range(n):
+            z[c] = softcapped(tanh_small(x[c] * a), b)
+    else:
+        for c in range(n):
+            z[c] = softcapped(fast_tanh(x[c] * a), b)
+
+
+@_jit
 def _transform(x, z, dz, logit_scale, cap, same):
     """z <- logit_scale x, or cap tanh(logit_scale x / cap) when ``cap`` is
-    not 0 (``same``: z is x); dz <- dz/dx unless ``dz`` is empty. One loop
-    per case, each reading one array or two distinct ones (see above)."""
+    not 0 (``same``: z is x); dz <- dz/dx unless ``dz`` is empty. Loops read
+    one array, or two distinct ones (see above)."""
     C = z.shape[0]
     if cap != 0.0:
         a, b = _cast_like(logit_scale / cap, z), _cast_like(cap, z)
         k, inv = _cast_like(logit_scale, z), _cast_like(1.0 / cap, z)
-        if dz.shape[0] > 0:
+        for b0 in range(0, C, 256):
+            b1 = min(b0 + 256, C)
+            d = dz[b0:b1] if dz.shape[0] > 0 else dz
             if same:
-                for c in range(C):
-                    zc = softcapped(fast_tanh(z[c] * a), b)
-                    z[c] = zc
-                    dz[c] = softcap_slope(zc, k, inv)
+                zb = z[b0:b1]
+                _capped_block(zb, zb, d, a, b, k, inv)
             else:
-                for c in range(C):
-                    zc = softcapped(fast_tanh(x[c] * a), b)
-                    z[c] = zc
-                    dz[c] = softcap_slope(zc, k, inv)
-        elif same:
-            for c in range(C):
-                z[c] = softcapped(fast_tanh(z[c] * a), b)
-        else:
-            for c in range(C):
-                z[c] = softcapped(fast_tanh(x[c] * a), b)
+                _capped_block(x[b0:b1], z[b0:b1], d, a, b, k, inv)
     else:
         k = _cast_like(logit_scale, z)
         if same:

@@ -368,3 +368,27 @@ def fast_tanh(typingctx, y):
         return _call(builder, "llvm.copysign", fty, r, x)
 
     return y(y), codegen
+
+
+#: ``tanh_small`` is exact to the precision of ``fast_tanh`` for |y| below this.
+TANH_SMALL = _TANH_SMALL
+
+
+@intrinsic
+def tanh_small(typingctx, y):
+    """``tanh(y)`` for |y| < ``TANH_SMALL`` only: the polynomial of
+    ``fast_tanh`` alone (no exponential, no division), for blocks of
+    arguments known to be small."""
+    if not _float_args(y):
+        return None
+
+    def codegen(context, builder, sig, args):
+        _prefer_wide_vectors(builder)
+        x = args[0]
+        fty = x.type
+        bits = 32 if isinstance(_element(fty), ir.FloatType) else 64
+        x2 = builder.fmul(x, x)
+        return _call(builder, "llvm.fmuladd", fty, builder.fmul(x, x2),
+                     _horner_ir(builder, x2, _TANH_P[bits]), x)
+
+    return y(y), codegen
