@@ -430,3 +430,76 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
     if out is None:
         return loss, None
     return loss, (grad if not isinstance(grad, str) else out.result().reshape(shape))
+
+
+# --------------------------------------------------------------------------
+# The softmax Jacobian family (``_jacobian_kernels``)
+
+
+def _empty_result(problem: ClassProblem, dest):
+    """The result of a call with no rows or no classes: nothing to compute."""
+    return np.empty(problem.shape, problem.dtype) if dest is None else dest
+
+
+def softmax_backward(problem: ClassProblem, grad_output, output, dest, log: bool):
+    """Gradient through softmax (``log``: log_softmax) along the class axis.
+
+    ``dest``: ``"new"``, ``out=``, or ``grad_output`` itself (in place).
+    """
+    from . import _jacobian_kernels as J
+
+    dest = None if isinstance(dest, str) else dest
+    if problem.n_rows == 0 or problem.n_classes == 0:
+        return _empty_result(problem, dest)
+    go = np.asarray(grad_output, dtype=problem.dtype)
+    o = np.asarray(output, dtype=problem.dtype)
+    go_rows, form = rows_of(go, problem)
+    o_rows, _ = rows_of(o, problem, form)
+    # ``dest`` is ``grad_output``: rows read then written in place; any other
+    # destination overlapping an input is written through a temporary
+    result = _Output(dest, go_rows, problem, form, (go, o))
+    J.softmax_backward(go_rows, o_rows, result.rows, result.inplace, problem.n_rows,
+                       _inner(problem, form), log)
+    return result.result()
+
+
+def softmax_jacobian(problem: ClassProblem, x):
+    """diag(p) - p p^T per row: an array of the batch shape + (C, C)."""
+    from . import _jacobian_kernels as J
+
+    C = problem.n_classes
+    out = np.empty((problem.n_rows, C, C), problem.dtype)
+    if problem.n_rows and C:
+        x_rows, form = rows_of(np.asarray(x, dtype=problem.dtype), problem)
+        J.softmax_jacobian(x_rows, out, _inner(problem, form))
+    return out.reshape(problem.batch_shape + (C, C))
+
+
+def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, out):
+    """Hessian of the cross-entropy (with respect to the logits) times
+    ``vector``, into a new array or ``out``."""
+    from . import _jacobian_kernels as J
+
+    problem = spec.problem
+    dtype = problem.dtype
+    x = np.asarray(logits, dtype=dtype)
+    x_rows, form = rows_of(x, problem)
+    v_rows = rows_of(np.asarray(vector, dtype=dtype), problem, form)[0]
+    if spec.soft:
+        y, q = None, rows_of(np.asarray(target, dtype=dtype), problem, form)[0]
+    else:
+        y, q = _hard_targets(np.asarray(target), spec), None
+    opts = CEOptions(weight=_weight(weight, dtype), ignore_index=spec.ignore_index,
+                     smoothing=spec.smoothing, mean=spec.reduction == "mean",
+                     z_loss=spec.z_loss)
+    result = _Output(out, x_rows, problem, form, (x, target, vector, weight))
+    if result.inplace and np.may_share_memory(x, vector):
+        # ``out`` is the logits, read before a row is written, but the row of
+        # ``vector`` is read after: through a temporary
+        result.rows = np.empty(_form_shape(problem, form), dtype)
+        result.inplace, result.copy_back = False, True
+    bad = J.cross_entropy_hvp(x_rows, y, q, v_rows, opts, result.rows, problem.n_rows,
+                              _inner(problem, form))
+    if bad >= 0:
+        raise_bad_target(bad, y, problem.batch_shape, problem.n_classes, spec.ignore_index)
+    return result.result()
