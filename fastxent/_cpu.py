@@ -356,6 +356,8 @@ def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
 
 
 def softmax(problem: ClassProblem, x, out, log: bool):
+    if problem.n_rows == 0 or problem.n_classes == 0:  # nothing to compute
+        return np.empty(problem.shape, problem.dtype) if out is None else out
     x = np.asarray(x, dtype=problem.dtype)
     x_rows, form = rows_of(x, problem)
     result = _Output(out, x_rows, problem, form, (x,))

@@ -547,7 +547,7 @@ def softmax(problem: ClassProblem, x, out, log: bool):
     xd = _contiguous(x, problem.dtype)
     written, dest = _destination("new" if out is None else out, x, xd, problem.shape,
                                  problem.dtype, (xd,))
-    if problem.n_rows:
+    if problem.n_rows and problem.n_classes:  # zero classes: an empty result
         _launch_rows(lambda cached: K.softmax(problem.dtype, cached, log), problem, 1,
                      lambda group: (_flat(xd), _flat(written), problem.n_rows,
                                     problem.n_classes, problem.inner, group))

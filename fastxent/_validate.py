@@ -283,7 +283,8 @@ def softmax_call(x, axis, out, device):
         raise TypeError(f"out must be an array, got {type(out).__name__}")
     device = device_arg(device, x, out)
     (xa,) = _arrays((x,))
-    spec = SoftmaxSpec(class_problem(xa, axis, "x"), device)
+    # zero classes: an empty result, as torch.softmax gives
+    spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True), device)
     if out is not None:
         check_grad_out(out, spec.problem.shape, spec.problem.dtype)
     return _dispatch.backend(device), spec, xa

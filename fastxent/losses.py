@@ -15,12 +15,14 @@ by the kernel before it writes.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Optional, Tuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from . import _validate
+from ._host import on_gpu
 from ._validate import reduction_arg, smoothing_arg, z_loss_arg
 
 Reduction = Literal["none", "mean", "sum"]
@@ -157,8 +159,20 @@ def nll_loss(log_probs: ArrayLike, target: ArrayLike, *, weight: Optional[ArrayL
 
 
 def _softmax(x, axis, out, device, log):
+    if np.ndim(x) == 0:
+        # one class: softmax 1, log_softmax 0, as torch gives for a 0-d tensor
+        return _softmax_scalar(x, axis, out, device, log)
     backend, spec, xa = _validate.softmax_call(x, axis, out, device)
     return backend.softmax(spec.problem, xa, out, log)
+
+
+def _softmax_scalar(x, axis, out, device, log):
+    """softmax of a 0-d array: the one-class case, run as shape (1,)."""
+    _validate.axis_arg(axis, 1, "x")
+    flat_out = None if out is None else out.reshape(1)
+    result = _softmax(x.reshape(1) if hasattr(x, "reshape") else np.reshape(x, 1), 0, flat_out,
+                      device, log)
+    return out if out is not None else result.reshape(())
 
 
 def log_softmax(x: ArrayLike, axis: int = -1, out: Optional[np.ndarray] = None, *,
@@ -179,14 +193,68 @@ def softmax(x: ArrayLike, axis: int = -1, out: Optional[np.ndarray] = None, *,
     return _softmax(x, axis, out, device, log=False)
 
 
-def logsumexp(x: ArrayLike, axis: int = -1, *, device: Device = "auto") -> Any:
-    """``log(sum(exp(x)))`` along ``axis``, as ``torch.logsumexp``.
+def logsumexp(x: ArrayLike, axis: int | Tuple[int, ...] = -1, keepdims: bool = False, *,
+              device: Device = "auto") -> Any:
+    """``log(sum(exp(x)))`` along ``axis``, as ``torch.logsumexp`` and
+    ``scipy.special.logsumexp``.
 
+    ``axis`` may be a tuple of axes (all reduced at once; ``()`` reduces
+    none), and a 0-d ``x`` takes axis 0 or -1 (its value is its logsumexp).
     Rows of ``-inf`` give ``-inf``, rows holding ``+inf`` give ``+inf``, and an
-    empty axis gives ``-inf``. Returns an array of ``x``'s shape without ``axis``.
+    empty axis gives ``-inf``. Returns an array of ``x``'s shape without the
+    axes, or with them kept as size 1 for ``keepdims=True``.
     """
+    if isinstance(axis, tuple) or np.ndim(x) == 0:
+        return _logsumexp_axes(x, axis, keepdims, device)
     backend, spec, xa = _validate.logsumexp_call(x, axis, device)
-    return backend.logsumexp(spec.problem, xa)
+    result = backend.logsumexp(spec.problem, xa)
+    if keepdims:
+        result = result.reshape(spec.problem.shape[:spec.problem.axis] + (1,)
+                                + spec.problem.shape[spec.problem.axis + 1:])
+    return result
+
+
+def _logsumexp_axes(x, axis, keepdims, device):
+    """logsumexp over a tuple of axes (or of a 0-d array)."""
+    ndim = np.ndim(x)
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    normalized = tuple(_validate.axis_arg(a, max(ndim, 1), "x") for a in axes)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(f"axis {axis} repeats an axis")
+    if ndim == 0 or not normalized:
+        # nothing summed: each element is its own logsumexp
+        return _logsumexp_identity(x, device)
+    shape = tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
+    kept = [a for a in range(ndim) if a not in normalized]
+    if on_gpu(x) or device == "cuda":
+        # one axis after another, the last first: lse over (a, b) is
+        # lse over a of lse over b
+        result = x
+        for a in sorted(normalized, reverse=True):
+            result = logsumexp(result, a, device=device)
+    else:
+        xa = np.asarray(x)
+        # the reduced axes moved last and merged into one class axis (a copy
+        # only where the merge needs one)
+        moved = np.moveaxis(xa, normalized, range(ndim - len(normalized), ndim))
+        merged = moved.reshape(tuple(shape[a] for a in kept) + (-1,)) if moved.size else \
+            np.empty(tuple(shape[a] for a in kept) + (math.prod(shape[a] for a in normalized),),
+                     xa.dtype)
+        result = logsumexp(merged, -1, device=device)
+    if keepdims:
+        result = result.reshape(tuple(1 if a in normalized else shape[a] for a in range(ndim)))
+    return result
+
+
+def _logsumexp_identity(x, device):
+    """``x`` as the float array logsumexp returns, for a reduction over no axis."""
+    if on_gpu(x) or device == "cuda":
+        # the logsumexp of one class, computed where x is
+        flat = x.reshape(tuple(x.shape) + (1,))
+        return logsumexp(flat, -1, device=device)
+    xa = np.asarray(x)
+    _validate.device_arg(device, xa)
+    return np.array(xa, dtype=_validate.float_dtype(xa.dtype, "x"))
 
 
 def binary_cross_entropy_with_logits(logits: ArrayLike, target: ArrayLike, *,
