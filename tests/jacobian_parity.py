@@ -18,19 +18,17 @@ The twins:
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import fastxent
-from tests.parity import DTYPES
-
+DTYPES = [np.float64, np.float32]
 # (shape, axis): plain rows, (N, C, d) (torch's layout), the class axis first,
-# (N, T, C); "long": rows of the CPU's direct kernels
+# (N, T, C); "long": rows of the CPU's direct kernels (not in the table's grid)
 LAYOUTS = {"2d": ((6, 5), -1), "ncd": ((3, 5, 4), 1), "axis0": ((5, 6), 0),
            "ntc": ((2, 3, 5), -1), "long": ((4, 300), -1)}
+TABLE_LAYOUTS = ["2d", "ncd", "axis0", "ntc"]
 #: float64 against float64 torch; float32 against float64 torch of the same inputs
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-13), np.float32: dict(rtol=2e-5, atol=2e-7)}
 
@@ -39,9 +37,18 @@ def _t(a):
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
 
 
-def inputs(layout, dtype, seed=0):
-    """(x, g, axis): logits and a gradient of the layout's shape."""
+def _shape(layout, C):
+    """(shape, axis) of a layout, ``C`` (if given) replacing its class count."""
     shape, axis = LAYOUTS[layout]
+    if C is not None:
+        a = axis % len(shape)
+        shape = shape[:a] + (C,) + shape[a + 1:]
+    return shape, axis
+
+
+def inputs(layout, dtype, seed=0, C=None):
+    """(x, g, axis): logits and a gradient of the layout's shape."""
+    shape, axis = _shape(layout, C)
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(shape) * 3).astype(dtype)
     g = rng.standard_normal(shape).astype(dtype)
@@ -60,13 +67,13 @@ def close(ours, expect, dtype, what=""):
                                atol=tol["atol"] * scale, err_msg=what)
 
 
-def check_backward(device, *, dtype, layout, log, mode, seed=0):
+def check_backward(fn, device, *, dtype, layout, mode, C=None, seed=0):
     """``mode``: "new", "out" or "inplace"."""
-    x, g, axis = inputs(layout, dtype, seed)
+    log = fn is fastxent.log_softmax_backward
+    x, g, axis = inputs(layout, dtype, seed, C)
     fwd = fastxent.log_softmax if log else fastxent.softmax
     o = np.asarray(fwd(x, axis=axis))
     expect = torch_backward(g, o, axis, log)
-    fn = fastxent.log_softmax_backward if log else fastxent.softmax_backward
     gd, od = device.put(g), device.put(o)
     if mode == "new":
         result = fn(gd, od, axis=axis)
@@ -93,8 +100,9 @@ def torch_jacobian(x, axis):
     return np.array(jac).reshape(rows.shape[:-1] + (C, C))
 
 
-def check_jacobian(device, *, dtype, layout, seed=0, big_logit=False):
-    x, _, axis = inputs(layout, dtype, seed)
+def check_jacobian(fn, device, *, dtype, layout, C=None, seed=0, big_logit=False):
+    assert fn is fastxent.softmax_jacobian
+    x, _, axis = inputs(layout, dtype, seed, C)
     if layout == "long":  # C x C per row: keep it small
         x = x[..., :40]
     if big_logit:
@@ -153,10 +161,10 @@ def torch_hvp(x, y, v, axis=-1, weight=None, **kw):
     return np.moveaxis(hv.numpy(), 1, axis)
 
 
-def hvp_problem(layout, dtype, target, seed=0):
+def hvp_problem(layout, dtype, target, seed=0, C=None):
     """(x, y, v, w, axis, options) of a layout of ``LAYOUTS``, class ids and
     probabilities as the cross-entropy table builds them."""
-    shape, axis = LAYOUTS[layout]
+    shape, axis = _shape(layout, C)
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(shape) * 3).astype(dtype)
     a = axis % len(shape)
@@ -178,9 +186,10 @@ def hvp_problem(layout, dtype, target, seed=0):
     return x, y, v, w, axis, options
 
 
-def check_hvp(device, *, dtype, layout, weighted, target, smoothing, reduction, z_loss,
-              mode="new", seed=0):
-    x, y, v, w, axis, options = hvp_problem(layout, dtype, target, seed)
+def check_hvp(fn, device, *, dtype, layout, weighted, target, smoothing, reduction, z_loss,
+              C=None, mode="new", seed=0):
+    assert fn is fastxent.cross_entropy_hvp
+    x, y, v, w, axis, options = hvp_problem(layout, dtype, target, seed, C)
     kw = dict(weight=w if weighted else None, reduction=reduction, label_smoothing=smoothing,
               z_loss=z_loss, **options)
     expect = torch_hvp(x, y, v, axis=axis, **kw)
@@ -197,24 +206,28 @@ def check_hvp(device, *, dtype, layout, weighted, target, smoothing, reduction, 
     close(device.get(result), expect, dtype, "hvp")
 
 
-HVP_GRID = dict(dtype=DTYPES, layout=list(LAYOUTS), weighted=[False, True], target=HVP_TARGETS,
-                smoothing=[0.0, 0.2], reduction=["mean", "sum", "none"], z_loss=[0.0, Z_LOSS])
+# --------------------------------------------------------------------------
+# the rows of ``tests/parity.py``'s table: fastxent function -> (torch twin,
+# float64 reference (torch in float64 is the reference here), kind), the
+# kind's check and its grid
 
 
-def hvp_cases():
-    return [dict(zip(HVP_GRID, values)) for values in itertools.product(*HVP_GRID.values())]
+def _twin_backward(log):
+    return lambda g, o, axis=-1: torch_backward(g, o, axis, log)
 
 
-def case_id(case):
-    parts = []
-    for k, val in case.items():
-        if k == "dtype":
-            parts.append({np.float64: "f64", np.float32: "f32"}[val])
-        elif isinstance(val, bool):
-            parts.append(k if val else f"no_{k}")
-        elif isinstance(val, float):
-            parts.append(f"{k}{val}")
-        else:
-            parts.append(str(val))
-    return "-".join(parts)
+COMPARISONS = {
+    fastxent.softmax_backward: (_twin_backward(False), _twin_backward(False), "backward"),
+    fastxent.log_softmax_backward: (_twin_backward(True), _twin_backward(True), "backward"),
+    fastxent.softmax_jacobian: (torch_jacobian, torch_jacobian, "jacobian"),
+    fastxent.cross_entropy_hvp: (torch_hvp, torch_hvp, "hvp"),
+}
+CHECKS = {"backward": check_backward, "jacobian": check_jacobian, "hvp": check_hvp}
+GRIDS = {
+    check_backward: dict(dtype=DTYPES, layout=TABLE_LAYOUTS, mode=["new", "out", "inplace"]),
+    check_jacobian: dict(dtype=DTYPES, layout=TABLE_LAYOUTS),
+    check_hvp: dict(dtype=DTYPES, layout=TABLE_LAYOUTS, weighted=[False, True],
+                    target=HVP_TARGETS, smoothing=[0.0, 0.2], reduction=["mean", "sum", "none"],
+                    z_loss=[0.0, Z_LOSS]),
+}
 

@@ -12,40 +12,48 @@ import pytest
 import torch
 
 import fastxent
-from tests.jacobian_parity import (LAYOUTS, case_id, check_backward, check_hvp, check_jacobian,
-                                   hvp_cases, hvp_problem, torch_backward, torch_hvp)
-from tests.parity import CPU, DTYPES
+from tests import parity
+from tests.jacobian_parity import COMPARISONS as JACOBIAN_TABLE
+from tests.jacobian_parity import (DTYPES, check_backward, check_hvp, check_jacobian,
+                                   hvp_problem, torch_backward, torch_hvp)
+from tests.parity import CPU
+
+
+#: the family's rows of the parity table, every combination of their grids
+CASES = [(fn, case) for fn, case in parity.device_cases("cpu") if fn in JACOBIAN_TABLE]
+
+
+@pytest.mark.parametrize("fn,case", CASES, ids=parity.case_id)
+def test_parity_table(fn, case):
+    parity.check(fn, CPU, **case)
 
 
 @pytest.mark.parametrize("mode", ["new", "out", "inplace"])
-@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("fn", [fastxent.softmax_backward, fastxent.log_softmax_backward],
+                         ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-def test_backward_matches_torch(dtype, layout, log, mode):
-    check_backward(CPU, dtype=dtype, layout=layout, log=log, mode=mode)
-
-
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-def test_jacobian_matches_torch(dtype, layout):
-    check_jacobian(CPU, dtype=dtype, layout=layout)
+def test_backward_long_rows(dtype, fn, mode):
+    check_backward(fn, CPU, dtype=dtype, layout="long", mode=mode)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 def test_jacobian_of_a_large_logit(dtype):
     """A logit of 80: exp(80) overflows float32, the max shift keeps it finite."""
-    check_jacobian(CPU, dtype=dtype, layout="2d", big_logit=True)
+    check_jacobian(fastxent.softmax_jacobian, CPU, dtype=dtype, layout="2d", big_logit=True)
+    check_jacobian(fastxent.softmax_jacobian, CPU, dtype=dtype, layout="long", big_logit=True)
 
 
-@pytest.mark.parametrize("case", hvp_cases(), ids=case_id)
-def test_hvp_matches_torch_double_backward(case):
-    check_hvp(CPU, **case)
+@pytest.mark.parametrize("target", ["hard_ignored", "soft"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_hvp_long_rows(dtype, target):
+    check_hvp(fastxent.cross_entropy_hvp, CPU, dtype=dtype, layout="long", weighted=True,
+              target=target, smoothing=0.2, reduction="mean", z_loss=1e-2)
 
 
 @pytest.mark.parametrize("layout", ["2d", "ncd", "long"])
 @pytest.mark.parametrize("target", ["hard_ignored", "soft"])
 def test_hvp_into_out(layout, target):
-    check_hvp(CPU, dtype=np.float64, layout=layout, weighted=True, target=target,
+    check_hvp(fastxent.cross_entropy_hvp, CPU, dtype=np.float64, layout=layout, weighted=True, target=target,
               smoothing=0.2, reduction="mean", z_loss=1e-2, mode="out")
 
 
