@@ -107,6 +107,10 @@ def main(argv=None) -> int:
                               "only, or the small-batch one with --small)")
     p_bench.add_argument("--small", action="store_true",
                          help="only the small-batch table (32x10, 128x10, 1024x10)")
+    p_bench.add_argument("--jacobian", action="store_true",
+                         help="only the softmax Jacobian table (softmax_backward, "
+                              "log_softmax_backward, cross_entropy_hvp; 8192x32000 and "
+                              "1024x32000; the PyTorch double backward needs several GB)")
     p_bench.add_argument("--small-shapes", nargs="+", metavar="NxC", default=None,
                          help="shapes of the small-batch table")
     p_bench.add_argument("--markdown", nargs="?", metavar="PATH", default=None,
@@ -127,7 +131,7 @@ def main(argv=None) -> int:
     return _bench.main(quick=args.quick, rounds=args.rounds, shapes=args.shapes,
                        dtype=args.dtype, threads=args.threads, small=args.small,
                        small_shapes=args.small_shapes, markdown=args.markdown,
-                       command=shlex.join(["python", "-m", "fastxent", *argv]))
+                       jacobian=args.jacobian, command=shlex.join(["python", "-m", "fastxent", *argv]))
 
 
 if __name__ == "__main__":

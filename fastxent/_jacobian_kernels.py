@@ -19,7 +19,7 @@ from ._cpu_kernels import (_JIT_OPTIONS, _Kernel, _by_targets, _cast_like, _clas
                            _row, _weight_sum, _zero)
 from ._fastmath import fast_exp
 from ._host import scan_hard_targets
-from ._lanes import exp_dot_into, exp_sum_inplace, lane_dot, row_max, soft_sums
+from ._lanes import exp_dot_into, exp_sum_inplace, lane_dot, row_max, soft_sums, sum_ahead
 
 softmax_backward_element = _jit(F.softmax_backward_element, inline=True)
 log_softmax_backward_element = _jit(F.log_softmax_backward_element, inline=True)
@@ -56,7 +56,9 @@ def _log_softmax_backward_row(go, o, g, inplace, inner, r):
     """g <- go - exp(o) sum(go) for row ``r`` (``g`` is ``go`` when ``inplace``)."""
     gor = _row(go, r, inner)
     orow = _row(o, r, inner)
-    total = _cast_like(lane_dot(gor, None, 0.0), gor)
+    # the output's row is prefetched meanwhile: the map below then reads
+    # both rows from cache
+    total = _cast_like(sum_ahead(gor, orow), gor)
     if inplace:
         for c in range(gor.shape[0]):
             gor[c] = log_softmax_backward_element(gor[c], fast_exp(orow[c]), total)

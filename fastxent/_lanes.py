@@ -475,3 +475,20 @@ def exp_dot_into(typingctx, x, m, v, g):
             target=_access(context, builder, sig, args, 3)))
 
     return types.UniTuple(types.float64, 2)(x, m, v, g), codegen
+
+
+@intrinsic
+def sum_ahead(typingctx, x, ahead):
+    """Sum of ``x`` in float64, prefetching the row ``ahead`` (or None) on the way."""
+    if not (_is_row(x) and _is_ahead(ahead, x)):
+        return None
+
+    def body(builder, values, scalars):
+        return [values[0]], None
+
+    def codegen(context, builder, sig, args):
+        rows = [_access(context, builder, sig, args, 0)]
+        return _result(context, builder, sig, _emit_lanes(
+            context, builder, rows, [], body, 1, ahead=_access(context, builder, sig, args, 1)))
+
+    return types.float64(x, ahead), codegen
