@@ -162,7 +162,9 @@ def softmax_backward_element(o, grad_o, dot):
 
 def log_softmax_backward_element(grad_o, exp_o, total):
     """Gradient through log_softmax: g_c - p_c sum_k g_k, p_c = exp(o_c)
-    (the Jacobian of log p is I - 1 p^T)."""
+    (the Jacobian of log p is I - 1 p^T). The CPU emits this expression as
+    vector code (``_lanes.minus_exp_times``), as ``scale_minus`` does
+    ``gradient_element``'s."""
     return grad_o - exp_o * total
 
 

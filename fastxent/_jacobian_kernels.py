@@ -17,12 +17,11 @@ from numba.extending import overload
 from . import _formulas as F
 from ._cpu_kernels import (_JIT_OPTIONS, _Kernel, _by_targets, _cast_like, _class_weight, _jit,
                            _row, _weight_sum, _zero)
-from ._fastmath import fast_exp
 from ._host import scan_hard_targets
-from ._lanes import exp_dot_into, exp_sum_inplace, lane_dot, row_max, soft_sums, sum_ahead
+from ._lanes import (exp_dot_into, exp_sum_inplace, lane_dot, minus_exp_times, row_max,
+                     soft_sums, sum_ahead)
 
 softmax_backward_element = _jit(F.softmax_backward_element, inline=True)
-log_softmax_backward_element = _jit(F.log_softmax_backward_element, inline=True)
 softmax_jacobian_element = _jit(F.softmax_jacobian_element, inline=True)
 hard_target_curvature = _jit(F.hard_target_curvature, inline=True)
 soft_target_curvature = _jit(F.soft_target_curvature, inline=True)
@@ -59,13 +58,11 @@ def _log_softmax_backward_row(go, o, g, inplace, inner, r):
     # the output's row is prefetched meanwhile: the map below then reads
     # both rows from cache
     total = _cast_like(sum_ahead(gor, orow), gor)
+    # log_softmax_backward_element over the row, emitted as vector code
     if inplace:
-        for c in range(gor.shape[0]):
-            gor[c] = log_softmax_backward_element(gor[c], fast_exp(orow[c]), total)
+        minus_exp_times(gor, orow, total, gor)
     else:
-        gr = _row(g, r, inner)
-        for c in range(gor.shape[0]):
-            gr[c] = log_softmax_backward_element(gor[c], fast_exp(orow[c]), total)
+        minus_exp_times(gor, orow, total, _row(g, r, inner))
 
 
 @_jit

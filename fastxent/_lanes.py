@@ -492,3 +492,25 @@ def sum_ahead(typingctx, x, ahead):
             context, builder, rows, [], body, 1, ahead=_access(context, builder, sig, args, 1)))
 
     return types.float64(x, ahead), codegen
+
+
+@intrinsic
+def minus_exp_times(typingctx, x, o, k, g):
+    """``g <- x - exp(o) * k``: ``_formulas.log_softmax_backward_element`` over a
+    row, in masked vectors (a plain loop around the vector exponential runs
+    about 15% slower); ``g`` may be ``x``."""
+    if not (_is_row(x) and _is_row(o, x.dtype) and _is_scalar(k) and _is_row(g, x.dtype)
+            and g.mutable):
+        return None
+
+    def body(builder, values, scalars):
+        xv, ov = values
+        return [], builder.fsub(xv, builder.fmul(_exp_ir(builder, ov), scalars[0]))
+
+    def codegen(context, builder, sig, args):
+        rows, scalars = _setup(context, builder, sig, args, (0, 1), (2,))
+        _emit_lanes(context, builder, rows, scalars, body, 0,
+                    target=_access(context, builder, sig, args, 3))
+        return context.get_dummy_value()
+
+    return types.none(x, o, k, g), codegen
