@@ -8,6 +8,7 @@ picks the layout strategy (direct rows, blocks or tiles: one kernel each in
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -16,7 +17,7 @@ from . import _cpu_kernels as K
 from ._fastmath import native_vector_bytes
 from ._formulas import mean_scale
 from ._host import bad_uint64_target, finish_loss, raise_bad_target, scan_hard_targets
-from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec
+from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec, ReductionSpec
 from ._tiles import TILE
 
 #: Rows of more classes than this, contiguous along the classes, take the
@@ -384,6 +385,20 @@ def logsumexp(problem: ClassProblem, x):
     else:
         K.logsumexp_buffered(x_rows, out, _inner(problem, form))
     return out.reshape(problem.batch_shape)
+
+
+def logsumexp_axes(spec: ReductionSpec, x):
+    """logsumexp over ``spec.axes``: moved last and merged into one class
+    axis (a view where the layout allows, else a copy), then one kernel."""
+    x = np.asarray(x, dtype=spec.dtype)
+    if not spec.axes:  # nothing summed: each element is its own logsumexp
+        return np.array(x).reshape(spec.kept_shape)
+    ndim, n_axes = len(spec.shape), len(spec.axes)
+    kept = tuple(n for a, n in enumerate(spec.shape) if a not in spec.axes)
+    moved = np.moveaxis(x, spec.axes, range(ndim - n_axes, ndim))
+    merged = moved.reshape(kept + (math.prod(spec.shape[a] for a in spec.axes),))
+    problem = ClassProblem(merged.shape, len(kept), spec.dtype)
+    return logsumexp(problem, merged).reshape(spec.kept_shape)
 
 
 #: Elements per work item of the BCE kernel.

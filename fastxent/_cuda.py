@@ -62,7 +62,7 @@ from . import _cuda_kernels as K
 from ._formulas import mean_scale
 from ._host import (bad_uint64_target, finish_loss, on_gpu, raise_bad_target,
                     scan_hard_targets)
-from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec
+from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec, ReductionSpec
 
 #: Threads per block (a power of two, at most 1024; at least 32 on a GPU).
 #: The simulator tests patch it small.
@@ -565,6 +565,24 @@ def logsumexp(problem: ClassProblem, x):
                  lambda group: (_flat(xd), out, problem.n_rows, problem.n_classes,
                                 problem.inner, group))
     return _to_caller(out.reshape(problem.batch_shape), x)
+
+
+def logsumexp_axes(spec: ReductionSpec, x):
+    """logsumexp over ``spec.axes``, one axis after another, the last first:
+    lse over (a, b) is lse over a of lse over b (strided device arrays
+    cannot be merged into one axis without a copy)."""
+    result = x
+    shape = spec.shape
+    if not spec.axes:  # each element is its own logsumexp: one class each
+        result = _to_device(x).reshape(shape + (1,))
+        shape = shape + (1,)
+        axes = (len(spec.shape),)
+    else:
+        axes = spec.axes
+    for a in reversed(axes):
+        result = logsumexp(ClassProblem(shape, a, spec.dtype), result)
+        shape = shape[:a] + shape[a + 1:]
+    return result.reshape(spec.kept_shape)
 
 
 def _broadcast_operand(a, shape, dtype):

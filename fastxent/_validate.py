@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _dispatch
 from ._host import as_host_array, on_gpu
-from ._spec import BCESpec, ClassProblem, CrossEntropySpec, SoftmaxSpec
+from ._spec import BCESpec, ClassProblem, CrossEntropySpec, ReductionSpec, SoftmaxSpec
 
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -363,3 +363,21 @@ def cross_entropy_hvp_call(logits, target, vector, weight, ignore_index, reducti
     if out is not None:
         check_grad_out(out, spec.problem.shape, spec.problem.dtype)
     return _dispatch.backend(device), spec, (x, t, v, w), out
+
+
+def logsumexp_axes_call(x, axis, keepdims, device):
+    """logsumexp over a tuple of axes (or one, with ``keepdims``; or of a
+    0-d array, whose axis 0 or -1 reduces nothing)."""
+    device = device_arg(device, x)
+    (xa,) = _arrays((x,))
+    described = _describe(xa)
+    shape = tuple(described.shape)
+    dtype = float_dtype(described.dtype, "x")
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    normalized = tuple(axis_arg(a, max(len(shape), 1), "x") for a in axes)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(f"axis {axis} repeats an axis")
+    if not shape:
+        normalized = ()  # a 0-d array: its only "axis" holds one value
+    return (_dispatch.backend(device),
+            ReductionSpec(shape, tuple(sorted(normalized)), bool(keepdims), dtype, device), xa)

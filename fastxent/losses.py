@@ -15,14 +15,12 @@ by the kernel before it writes.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Optional, Tuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from . import _validate
-from ._host import on_gpu
 from ._validate import reduction_arg, smoothing_arg, z_loss_arg
 
 Reduction = Literal["none", "mean", "sum"]
@@ -193,7 +191,7 @@ def softmax(x: ArrayLike, axis: int = -1, out: Optional[np.ndarray] = None, *,
     return _softmax(x, axis, out, device, log=False)
 
 
-def logsumexp(x: ArrayLike, axis: int | Tuple[int, ...] = -1, keepdims: bool = False, *,
+def logsumexp(x: ArrayLike, axis: int | Tuple[int, ...] = -1, *, keepdims: bool = False,
               device: Device = "auto") -> Any:
     """``log(sum(exp(x)))`` along ``axis``, as ``torch.logsumexp`` and
     ``scipy.special.logsumexp``.
@@ -204,57 +202,11 @@ def logsumexp(x: ArrayLike, axis: int | Tuple[int, ...] = -1, keepdims: bool = F
     empty axis gives ``-inf``. Returns an array of ``x``'s shape without the
     axes, or with them kept as size 1 for ``keepdims=True``.
     """
-    if isinstance(axis, tuple) or np.ndim(x) == 0:
-        return _logsumexp_axes(x, axis, keepdims, device)
+    if isinstance(axis, tuple) or keepdims or np.ndim(x) == 0:
+        backend, spec, xa = _validate.logsumexp_axes_call(x, axis, keepdims, device)
+        return backend.logsumexp_axes(spec, xa)
     backend, spec, xa = _validate.logsumexp_call(x, axis, device)
-    result = backend.logsumexp(spec.problem, xa)
-    if keepdims:
-        result = result.reshape(spec.problem.shape[:spec.problem.axis] + (1,)
-                                + spec.problem.shape[spec.problem.axis + 1:])
-    return result
-
-
-def _logsumexp_axes(x, axis, keepdims, device):
-    """logsumexp over a tuple of axes (or of a 0-d array)."""
-    ndim = np.ndim(x)
-    axes = axis if isinstance(axis, tuple) else (axis,)
-    normalized = tuple(_validate.axis_arg(a, max(ndim, 1), "x") for a in axes)
-    if len(set(normalized)) != len(normalized):
-        raise ValueError(f"axis {axis} repeats an axis")
-    if ndim == 0 or not normalized:
-        # nothing summed: each element is its own logsumexp
-        return _logsumexp_identity(x, device)
-    shape = tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
-    kept = [a for a in range(ndim) if a not in normalized]
-    if on_gpu(x) or device == "cuda":
-        # one axis after another, the last first: lse over (a, b) is
-        # lse over a of lse over b
-        result = x
-        for a in sorted(normalized, reverse=True):
-            result = logsumexp(result, a, device=device)
-    else:
-        xa = np.asarray(x)
-        # the reduced axes moved last and merged into one class axis (a copy
-        # only where the merge needs one)
-        moved = np.moveaxis(xa, normalized, range(ndim - len(normalized), ndim))
-        merged = moved.reshape(tuple(shape[a] for a in kept) + (-1,)) if moved.size else \
-            np.empty(tuple(shape[a] for a in kept) + (math.prod(shape[a] for a in normalized),),
-                     xa.dtype)
-        result = logsumexp(merged, -1, device=device)
-    if keepdims:
-        result = result.reshape(tuple(1 if a in normalized else shape[a] for a in range(ndim)))
-    return result
-
-
-def _logsumexp_identity(x, device):
-    """``x`` as the float array logsumexp returns, for a reduction over no axis."""
-    if on_gpu(x) or device == "cuda":
-        # the logsumexp of one class, computed where x is
-        flat = x.reshape(tuple(x.shape) + (1,))
-        return logsumexp(flat, -1, device=device)
-    xa = np.asarray(x)
-    _validate.device_arg(device, xa)
-    return np.array(xa, dtype=_validate.float_dtype(xa.dtype, "x"))
+    return backend.logsumexp(spec.problem, xa)
 
 
 def binary_cross_entropy_with_logits(logits: ArrayLike, target: ArrayLike, *,

@@ -74,6 +74,10 @@ def test_logsumexp_axes_and_softmax_forms():
             expect = torch.logsumexp(torch.from_numpy(x), dim=axes, keepdim=keepdims).numpy()
             assert got.shape == expect.shape
             np.testing.assert_allclose(got.copy_to_host(), expect, rtol=1e-12)
+    got = fastxent.logsumexp(cuda.to_device(x), 1, keepdims=True)
+    np.testing.assert_allclose(got.copy_to_host(), torch.logsumexp(
+        torch.from_numpy(x), dim=1, keepdim=True).numpy(), rtol=1e-12)
+    assert fastxent.logsumexp(cuda.to_device(np.array(2.5)), 0).copy_to_host() == 2.5
     one = fastxent.softmax(cuda.to_device(np.array(2.0)))
     assert one.shape == () and one.copy_to_host() == 1.0
     assert fastxent.log_softmax(cuda.to_device(np.array(2.0))).copy_to_host() == 0.0
