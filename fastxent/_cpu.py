@@ -458,6 +458,12 @@ def _empty_result(problem: ClassProblem, dest):
     return np.empty(problem.shape, problem.dtype) if dest is None else dest
 
 
+def _strided_classes(rows, form) -> bool:
+    """Whether rows in this form are strided along the classes: the
+    Jacobian kernels then take them a tile of neighbouring rows at a time."""
+    return not (form == ROWS and rows.strides[1] == rows.itemsize)
+
+
 def softmax_backward(problem: ClassProblem, grad_output, output, dest, log: bool):
     """Gradient through softmax (``log``: log_softmax) along the class axis.
 
@@ -476,7 +482,7 @@ def softmax_backward(problem: ClassProblem, grad_output, output, dest, log: bool
     # destination overlapping an input is written through a temporary
     result = _Output(dest, go_rows, problem, form, (go, o))
     J.softmax_backward(go_rows, o_rows, result.rows, result.inplace, problem.n_rows,
-                       _inner(problem, form), log)
+                       _inner(problem, form), log, _strided_classes(go_rows, form))
     return result.result()
 
 
@@ -516,7 +522,7 @@ def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, ou
         result.rows = np.empty(_form_shape(problem, form), dtype)
         result.inplace, result.copy_back = False, True
     bad = J.cross_entropy_hvp(x_rows, y, q, v_rows, opts, result.rows, problem.n_rows,
-                              _inner(problem, form))
+                              _inner(problem, form), _strided_classes(x_rows, form))
     if bad >= 0:
         raise_bad_target(bad, y, problem.batch_shape, problem.n_classes, spec.ignore_index)
     return result.result()

@@ -16,7 +16,7 @@ from numba.extending import overload
 
 from . import _formulas as F
 from ._cpu_kernels import (_JIT_OPTIONS, _Kernel, _by_targets, _cast_like, _class_weight, _jit,
-                           _row, _weight_sum, _zero)
+                           _row, _tile, _tile_count, _weight_sum, _zero)
 from ._host import scan_hard_targets
 from ._lanes import (exp_dot_into, exp_sum_inplace, lane_dot, minus_exp_times, row_max,
                      soft_sums, sum_ahead)
@@ -30,39 +30,76 @@ mean_scale = _jit(F.mean_scale, inline=True)
 
 
 # --------------------------------------------------------------------------
-# Row routines. The in-place variants read and write one array (``go``):
-# two arguments that are the same buffer would fail LLVM's overlap check
-# and run element by element.
+# Row routines, on 1-D views of one row. The in-place variants read and
+# write one array (``go``): two arguments that are the same buffer would
+# fail LLVM's overlap check and run element by element.
 
 
 @_jit
-def _softmax_backward_row(go, o, g, inplace, inner, r):
-    """g <- o (go - sum(go o)) for row ``r`` (``g`` is ``go`` when ``inplace``)."""
-    gor = _row(go, r, inner)
-    orow = _row(o, r, inner)
-    dot = _cast_like(lane_dot(gor, orow, 0.0), gor)
-    if inplace:
-        for c in range(gor.shape[0]):
-            gor[c] = softmax_backward_element(orow[c], gor[c], dot)
+def _backward_views(gor, orow, gr, inplace, log):
+    """gr <- the gradient through softmax (``log``: log_softmax) of one row:
+    o (go - sum(go o)), or go - exp(o) sum(go). ``inplace``: into ``gor``."""
+    if log:
+        # the output's row is prefetched meanwhile: the map below then reads
+        # both rows from cache
+        total = _cast_like(sum_ahead(gor, orow), gor)
+        # log_softmax_backward_element over the row, emitted as vector code
+        if inplace:
+            minus_exp_times(gor, orow, total, gor)
+        else:
+            minus_exp_times(gor, orow, total, gr)
     else:
-        gr = _row(g, r, inner)
-        for c in range(gor.shape[0]):
-            gr[c] = softmax_backward_element(orow[c], gor[c], dot)
+        dot = _cast_like(lane_dot(gor, orow, 0.0), gor)
+        if inplace:
+            for c in range(gor.shape[0]):
+                gor[c] = softmax_backward_element(orow[c], gor[c], dot)
+        else:
+            for c in range(gor.shape[0]):
+                gr[c] = softmax_backward_element(orow[c], gor[c], dot)
 
 
 @_jit
-def _log_softmax_backward_row(go, o, g, inplace, inner, r):
-    """g <- go - exp(o) sum(go) for row ``r`` (``g`` is ``go`` when ``inplace``)."""
-    gor = _row(go, r, inner)
-    orow = _row(o, r, inner)
-    # the output's row is prefetched meanwhile: the map below then reads
-    # both rows from cache
-    total = _cast_like(sum_ahead(gor, orow), gor)
-    # log_softmax_backward_element over the row, emitted as vector code
-    if inplace:
-        minus_exp_times(gor, orow, total, gor)
-    else:
-        minus_exp_times(gor, orow, total, _row(g, r, inner))
+def _backward_row(go, o, g, inplace, inner, log, r):
+    """Row ``r`` of the canonical arrays (``g`` is ``go`` when ``inplace``)."""
+    _backward_views(_row(go, r, inner), _row(o, r, inner), _row(g, r, inner), inplace, log)
+
+
+# Rows whose classes are strided (the (A, C, B) form, a class axis that is
+# not the last in memory) are worked on a tile at a time (``_cpu_kernels._tile``,
+# up to 16 rows at once): gathered into contiguous rows, computed there, the
+# results scattered back. A tile's rows are neighbours in memory, so the
+# gather reads whole cache lines, where a strided row alone reads one
+# element of each.
+
+
+@_jit
+def _gather(rows, buf):
+    """buf[i, c] <- rows[i, c], the rows' index innermost (adjacent in memory)."""
+    n, C = rows.shape
+    for c in range(C):
+        for i in range(n):
+            buf[i, c] = rows[i, c]
+
+
+@_jit
+def _scatter(buf, rows):
+    n, C = rows.shape
+    for c in range(C):
+        for i in range(n):
+            rows[i, c] = buf[i, c]
+
+
+@_jit
+def _backward_tile(go, o, g, inner, log, k):
+    rows, r0, step = _tile(go, k, inner)
+    n, C = rows.shape
+    bg = np.empty((n, C), go.dtype)
+    bo = np.empty((n, C), go.dtype)
+    _gather(rows, bg)
+    _gather(_tile(o, k, inner)[0], bo)
+    for i in range(n):
+        _backward_views(bg[i], bo[i], bg[i], True, log)
+    _scatter(bg, _tile(g, k, inner)[0])
 
 
 @_jit
@@ -88,12 +125,6 @@ def _jacobian_row(x, out, inner, r):
         p[j] = softmax_jacobian_element(last, p[j], one if j == C - 1 else zero)
 
 
-def _hvp_row(x, y, q, v, opts, wsum, scale, g, inner, r):
-    """Row ``r`` of the Hessian-vector product into ``g`` (class indices
-    ``y`` or probabilities ``q``, the other None)."""
-    raise NotImplementedError  # only called from compiled code
-
-
 @_jit(inline=True)
 def _hvp_finish(gr, vr, m, s, sev, alpha, beta):
     """g <- p (alpha v - (alpha - beta) p.v), ``gr`` holding exp(x - m)."""
@@ -104,14 +135,12 @@ def _hvp_finish(gr, vr, m, s, sev, alpha, beta):
         gr[c] = hessian_vector_element(gr[c], vr[c], k1, k2)
 
 
-def _hvp_hard_row(x, y, q, v, opts, wsum, scale, g, inner, r):
-    gr = _row(g, r, inner)
-    t = y[r]
+@_jit
+def _hvp_hard_views(xr, vr, gr, t, opts, wsum, scale):
+    """One row of the product against class ``t`` (``gr`` may be ``xr``)."""
     if t == opts.ignore_index:
         _zero(gr)
         return
-    xr = _row(x, r, inner)
-    vr = _row(v, r, inner)
     m = row_max(xr, None)
     s, sev = exp_dot_into(xr, m, vr, gr)
     lse = np.float64(m) + np.log(s)
@@ -120,14 +149,13 @@ def _hvp_hard_row(x, y, q, v, opts, wsum, scale, g, inner, r):
     _hvp_finish(gr, vr, m, s, sev, alpha, beta)
 
 
-def _hvp_soft_row(x, y, q, v, opts, wsum, scale, g, inner, r):
-    gr = _row(g, r, inner)
-    xr = _row(x, r, inner)
-    vr = _row(v, r, inner)
+@_jit
+def _hvp_soft_views(xr, qr, vr, gr, opts, scale):
+    """One row of the product against probabilities ``qr`` (``gr`` may be ``xr``)."""
     C = xr.shape[0]
     m = row_max(xr, None)
-    # the targets' total mass, before ``g`` (which may hold the logits) is written
-    total, _ = soft_sums(xr, _row(q, r, inner), opts.weight, _cast_like(1.0 - opts.smoothing, xr),
+    # the targets' total mass, before ``gr`` (which may hold the logits) is written
+    total, _ = soft_sums(xr, qr, opts.weight, _cast_like(1.0 - opts.smoothing, xr),
                          _cast_like(opts.smoothing / C, xr), m, None)
     s, sev = exp_dot_into(xr, m, vr, gr)
     lse = np.float64(m) + np.log(s)
@@ -135,22 +163,75 @@ def _hvp_soft_row(x, y, q, v, opts, wsum, scale, g, inner, r):
     _hvp_finish(gr, vr, m, s, sev, alpha, beta)
 
 
+def _hvp_row(x, y, q, v, opts, wsum, scale, g, inner, r):
+    """Row ``r`` of the Hessian-vector product into ``g`` (class indices
+    ``y`` or probabilities ``q``, the other None)."""
+    raise NotImplementedError  # only called from compiled code
+
+
+def _hvp_hard_row(x, y, q, v, opts, wsum, scale, g, inner, r):
+    _hvp_hard_views(_row(x, r, inner), _row(v, r, inner), _row(g, r, inner), y[r], opts, wsum,
+                    scale)
+
+
+def _hvp_soft_row(x, y, q, v, opts, wsum, scale, g, inner, r):
+    _hvp_soft_views(_row(x, r, inner), _row(q, r, inner), _row(v, r, inner), _row(g, r, inner),
+                    opts, scale)
+
+
 overload(_hvp_row, jit_options=_JIT_OPTIONS)(
     lambda x, y, q, v, opts, wsum, scale, g, inner, r:
     _by_targets(y, _hvp_hard_row, _hvp_soft_row))
+
+
+def _hvp_tile(x, y, q, v, opts, wsum, scale, g, inner, k):
+    """Tile ``k`` of the product (see ``_backward_tile``)."""
+    raise NotImplementedError  # only called from compiled code
+
+
+def _hvp_hard_tile(x, y, q, v, opts, wsum, scale, g, inner, k):
+    rows, r0, step = _tile(x, k, inner)
+    n, C = rows.shape
+    bx = np.empty((n, C), x.dtype)
+    bv = np.empty((n, C), x.dtype)
+    _gather(rows, bx)
+    _gather(_tile(v, k, inner)[0], bv)
+    for i in range(n):
+        _hvp_hard_views(bx[i], bv[i], bx[i], y[r0 + i * step], opts, wsum, scale)
+    _scatter(bx, _tile(g, k, inner)[0])
+
+
+def _hvp_soft_tile(x, y, q, v, opts, wsum, scale, g, inner, k):
+    rows, r0, step = _tile(x, k, inner)
+    n, C = rows.shape
+    bx = np.empty((n, C), x.dtype)
+    bv = np.empty((n, C), x.dtype)
+    bq = np.empty((n, C), x.dtype)
+    _gather(rows, bx)
+    _gather(_tile(v, k, inner)[0], bv)
+    _gather(_tile(q, k, inner)[0], bq)
+    for i in range(n):
+        _hvp_soft_views(bx[i], bq[i], bv[i], bx[i], opts, scale)
+    _scatter(bx, _tile(g, k, inner)[0])
+
+
+overload(_hvp_tile, jit_options=_JIT_OPTIONS)(
+    lambda x, y, q, v, opts, wsum, scale, g, inner, k:
+    _by_targets(y, _hvp_hard_tile, _hvp_soft_tile))
 
 
 # --------------------------------------------------------------------------
 # Kernels (parallel and serial, see ``_cpu_kernels._Kernel``)
 
 
-def _softmax_backward(go, o, g, inplace, n_rows, inner, log):
-    if log:
-        for r in prange(n_rows):
-            _log_softmax_backward_row(go, o, g, inplace, inner, r)
+def _softmax_backward(go, o, g, inplace, n_rows, inner, log, tiled):
+    """``tiled``: rows whose classes are strided, a tile at a time."""
+    if tiled:
+        for k in prange(_tile_count(go, inner)):
+            _backward_tile(go, o, g, inner, log, k)
     else:
         for r in prange(n_rows):
-            _softmax_backward_row(go, o, g, inplace, inner, r)
+            _backward_row(go, o, g, inplace, inner, log, r)
 
 
 def _softmax_jacobian(x, out, inner):
@@ -158,9 +239,10 @@ def _softmax_jacobian(x, out, inner):
         _jacobian_row(x, out, inner, r)
 
 
-def _cross_entropy_hvp(x, y, q, v, opts, g, n_rows, inner):
+def _cross_entropy_hvp(x, y, q, v, opts, g, n_rows, inner, tiled):
     """Hessian of the cross-entropy (with respect to the logits) times ``v``,
-    into ``g``. Returns the first bad target or -1 (checked before writing)."""
+    into ``g``; ``tiled`` as in ``_softmax_backward``. Returns the first bad
+    target or -1 (checked before writing)."""
     C = x.shape[1]
     w = opts.weight
     if y is None:
@@ -171,8 +253,12 @@ def _cross_entropy_hvp(x, y, q, v, opts, g, n_rows, inner):
         return bad
     scale = mean_scale(opts.mean, denominator)
     wsum = _weight_sum(w, C)
-    for r in prange(n_rows):
-        _hvp_row(x, y, q, v, opts, wsum, scale, g, inner, r)
+    if tiled:
+        for k in prange(_tile_count(x, inner)):
+            _hvp_tile(x, y, q, v, opts, wsum, scale, g, inner, k)
+    else:
+        for r in prange(n_rows):
+            _hvp_row(x, y, q, v, opts, wsum, scale, g, inner, r)
     return -1
 
 

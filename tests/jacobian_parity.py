@@ -27,7 +27,10 @@ DTYPES = [np.float64, np.float32]
 # (shape, axis): plain rows, (N, C, d) (torch's layout), the class axis first,
 # (N, T, C); "long": rows of the CPU's direct kernels (not in the table's grid)
 LAYOUTS = {"2d": ((6, 5), -1), "ncd": ((3, 5, 4), 1), "axis0": ((5, 6), 0),
-           "ntc": ((2, 3, 5), -1), "long": ((4, 300), -1)}
+           "ntc": ((2, 3, 5), -1), "long": ((4, 300), -1),
+           # several tiles of strided rows, the last one partial: slabs
+           # wider than a tile (3 tiles each), the class axis first (4 tiles)
+           "wide_slabs": ((3, 7, 40), 1), "many_axis0": ((7, 50), 0)}
 TABLE_LAYOUTS = ["2d", "ncd", "axis0"]  # "ntc" takes the 2-D path of "2d"
 #: float64 against float64 torch; float32 against float64 torch of the same inputs
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-13), np.float32: dict(rtol=2e-5, atol=2e-7)}

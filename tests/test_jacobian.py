@@ -36,6 +36,19 @@ def test_backward_long_rows(dtype, fn, mode):
     check_backward(fn, CPU, dtype=dtype, layout="long", mode=mode)
 
 
+@pytest.mark.parametrize("layout", ["wide_slabs", "many_axis0", "ntc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_strided_rows_in_tiles(dtype, layout):
+    """Rows strided along the classes go a tile of neighbours at a time:
+    several tiles, a partial last one, in place, out= and new."""
+    for fn in (fastxent.softmax_backward, fastxent.log_softmax_backward):
+        for mode in ("new", "out", "inplace"):
+            check_backward(fn, CPU, dtype=dtype, layout=layout, mode=mode)
+    for target in ("hard_ignored", "soft"):
+        check_hvp(fastxent.cross_entropy_hvp, CPU, dtype=dtype, layout=layout, weighted=True,
+                  target=target, smoothing=0.2, reduction="mean", z_loss=1e-2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 def test_jacobian_of_a_large_logit(dtype):
     """A logit of 80: exp(80) overflows float32, the max shift keeps it finite."""
