@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     return _bench.main(quick=args.quick, rounds=args.rounds, shapes=args.shapes,
                        dtype=args.dtype, threads=args.threads, small=args.small,
                        small_shapes=args.small_shapes, markdown=args.markdown,
-                       jacobian=args.jacobian, command=shlex.join(["python", "-m", "fastxent", *argv]))
+                       jacobian=args.jacobian,
+                       command=shlex.join(["python", "-m", "fastxent", *argv]))
 
 
 if __name__ == "__main__":

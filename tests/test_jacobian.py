@@ -66,8 +66,8 @@ def test_hvp_long_rows(dtype, target):
 @pytest.mark.parametrize("layout", ["2d", "ncd", "long"])
 @pytest.mark.parametrize("target", ["hard_ignored", "soft"])
 def test_hvp_into_out(layout, target):
-    check_hvp(fastxent.cross_entropy_hvp, CPU, dtype=np.float64, layout=layout, weighted=True, target=target,
-              smoothing=0.2, reduction="mean", z_loss=1e-2, mode="out")
+    check_hvp(fastxent.cross_entropy_hvp, CPU, dtype=np.float64, layout=layout, weighted=True,
+              target=target, smoothing=0.2, reduction="mean", z_loss=1e-2, mode="out")
 
 
 def test_hvp_strided_inputs_and_out_over_the_logits():
