@@ -1,5 +1,6 @@
 """fastxent: fused, Numba-accelerated cross-entropy losses and their gradients."""
 
+from ._spec import CrossEntropyStats
 from .losses import (BCEWithLogitsLoss, CrossEntropyLoss, binary_cross_entropy_with_logits,
                      binary_cross_entropy_with_logits_with_grad, cross_entropy,
                      cross_entropy_with_grad, log_softmax, logsumexp, nll_loss, softmax)
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "CrossEntropyStats",
     "binary_cross_entropy_with_logits",
     "binary_cross_entropy_with_logits_with_grad",
     "cross_entropy",

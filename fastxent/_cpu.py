@@ -16,7 +16,8 @@ import numpy as np
 from . import _cpu_kernels as K
 from ._fastmath import native_vector_bytes
 from ._formulas import mean_scale
-from ._host import bad_uint64_target, finish_loss, raise_bad_target, scan_hard_targets
+from ._host import (bad_uint64_target, finish_loss, raise_bad_target, row_stats,
+                    scan_hard_targets)
 from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec, ReductionSpec
 from ._tiles import TILE
 
@@ -190,6 +191,15 @@ def _weight(weight, dtype):
     return None if weight is None else np.ascontiguousarray(weight, dtype=dtype)
 
 
+def _transform(spec: CrossEntropySpec):
+    """``CEOptions.transform`` of a call: None for the plain kernels, else
+    (logit_scale, softcap or 0), with the statistics' arrays (see
+    ``_cpu_kernels``: both or neither)."""
+    if not (spec.transformed or spec.stats):
+        return None
+    return (float(spec.logit_scale), float(spec.softcap))
+
+
 def _reduce(losses, total, denominator, reduction, problem: ClassProblem):
     if reduction == "none":
         return losses.astype(problem.dtype).reshape(problem.batch_shape)
@@ -222,7 +232,7 @@ class CrossEntropyPlan:
         problem = spec.problem
         self.dtype = problem.dtype
         self.options = (spec.ignore_index, spec.smoothing, spec.reduction == "mean",
-                        spec.z_loss)
+                        spec.z_loss, _transform(spec))
         self.grad = None if grad is None else ("new" if isinstance(grad, str) else "out")
         self.inplace = grad is not None and grad is logits
         if self.inplace:
@@ -245,7 +255,8 @@ class CrossEntropyPlan:
             if (np.dtype(target.dtype) != self.dtype
                     or not np.may_share_memory(target.reshape(self.row_shape), target)):
                 self.row_shape = None
-        self.fast = self.row_shape is not None
+        # the LLM options allocate their outputs or scratch each call: the general way
+        self.fast = self.row_shape is not None and not (spec.stats or spec.transformed)
         if not self.fast:
             return
         # what a fast call does, decided here once
@@ -290,7 +301,7 @@ class CrossEntropyPlan:
                 losses = self._scratch.losses = np.empty(problem.n_rows)
         else:
             losses = np.empty(problem.n_rows)
-        args = (x, y, q, options, g, self.inplace, losses, self.inner)
+        args = (x, y, q, options, g, self.inplace, losses, self.inner, None)
         if not self.serial:
             bad, total, denominator = self.kernel(*args)
         else:
@@ -326,16 +337,24 @@ class CrossEntropyPlan:
                           (x, target, weight))
             g, inplace = out.rows, out.inplace
         losses = np.empty(problem.n_rows)
+        stats = None
+        if opts.transform is not None:
+            n = problem.n_rows if spec.stats else 0
+            stats = (np.empty(n), np.empty(n, np.int64))
         bad, total, denominator = _ce_kernel(x_rows, form)(
-            x_rows, y, q, opts, g, inplace, losses, _inner(problem, form))
+            x_rows, y, q, opts, g, inplace, losses, _inner(problem, form), stats)
         if bad >= 0:
             raise_bad_target(bad, y, problem.batch_shape, problem.n_classes, spec.ignore_index)
         loss = _reduce(losses, total, denominator, spec.reduction, problem)
-        return loss, (None if out is None else out.result())
+        grad = None if out is None else out.result()
+        if not spec.stats:
+            return loss, grad
+        return loss, grad, row_stats(spec, *stats, y, opts.weight, denominator)
 
 
 def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
-    """Loss, and the gradient when ``grad`` is not None.
+    """(loss, gradient or None), and the ``CrossEntropyStats`` third when
+    ``spec.stats``; the gradient is computed when ``grad`` is not None.
 
     ``grad``: None (loss only), ``"new"`` (a new array), or an array to
     write the gradient into (``out=``, or the logits themselves).

@@ -37,7 +37,7 @@ from numba.extending import overload
 
 from . import _cache
 from . import _formulas as F
-from ._fastmath import FASTMATH, fast_exp, fast_log, log1p_unit
+from ._fastmath import FASTMATH, fast_exp, fast_log, fast_tanh, log1p_unit, maximum
 from ._host import scan_hard_targets
 from ._lanes import exp_sum, exp_sum_inplace, lane_dot, row_max, scale_minus, soft_sums
 from ._tiles import TILE, tile_dot, tile_exp_sums, tile_in, tile_max, tile_out, tile_scale_minus
@@ -201,6 +201,8 @@ nll_row = _jit(F.nll_row, inline=True)
 mean_scale = _jit(F.mean_scale, inline=True)
 bce_label_weight = _jit(F.bce_label_weight, inline=True)
 bce_element = _jit(F.bce_element, inline=True)
+softcapped = _jit(F.softcapped, inline=True)
+softcap_slope = _jit(F.softcap_slope, inline=True)
 
 
 @_jit(inline=True)
@@ -277,12 +279,13 @@ def _ce_hard_row(x, g, inplace, t, opts, wsum, scale, ahead):
     # sum(w * (x - m)), read before the gradient replaces the row
     sx = lane_dot(x, w, m) if opts.smoothing > 0.0 else 0.0
     s = _exp_pass(x, g, m, ahead)
-    loss, k1, k2, kt = hard_target_row(np.float64(m), np.log(s), s, xt, _class_weight(w, t),
+    log_s = np.log(s)
+    loss, k1, k2, kt = hard_target_row(np.float64(m), log_s, s, xt, _class_weight(w, t),
                                        wsum, sx, opts, scale, x.shape[0])
     if g is not None:
         scale_minus(g, g, _cast_like(k1, g), _cast_like(k2, g), w)
         g[t] = g[t] - kt
-    return loss
+    return loss, log_sum_exp(np.float64(m), log_s)
 
 
 @_jit
@@ -333,11 +336,12 @@ def _ce_soft_row(x, g, inplace, q, opts, scale, ahead, q_ahead):
     # The sums read the logits before the exponentials replace them.
     total, qxm = soft_sums(x, q, w, keep, uniform, m, q_ahead)
     s = _exp_pass(x, g, m, ahead)
-    loss, k1 = soft_target_row(np.float64(m), np.log(s), s, total, qxm, opts, scale)
+    log_s = np.log(s)
+    loss, k1 = soft_target_row(np.float64(m), log_s, s, total, qxm, opts, scale)
     if g is not None:
         _soft_grad(None, g, q, w, _cast_like(k1, g), _cast_like(scale * (1.0 - smooth), g),
                    _cast_like(scale * smooth / C, g))
-    return loss
+    return loss, log_sum_exp(np.float64(m), log_s)
 
 
 @_jit
@@ -416,17 +420,17 @@ def _ce_hard_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r):
         return 0.0
     if g is None:
         return _ce_hard_row(_row(x, r, inner), None, False, t, opts, wsum, scale,
-                            _next_row(x, r, inner))
+                            _next_row(x, r, inner))[0]
     return _ce_hard_row(_row(x, r, inner), _row(g, r, inner), inplace, t, opts, wsum, scale,
-                        _next_row(x, r, inner))
+                        _next_row(x, r, inner))[0]
 
 
 def _ce_soft_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r):
     if g is None:
         return _ce_soft_row(_row(x, r, inner), None, False, _row(q, r, inner), opts, scale,
-                            _next_row(x, r, inner), _next_row(q, r, inner))
+                            _next_row(x, r, inner), _next_row(q, r, inner))[0]
     return _ce_soft_row(_row(x, r, inner), _row(g, r, inner), inplace, _row(q, r, inner), opts,
-                        scale, _next_row(x, r, inner), _next_row(q, r, inner))
+                        scale, _next_row(x, r, inner), _next_row(q, r, inner))[0]
 
 
 overload(_ce_direct, jit_options=_JIT_OPTIONS)(
@@ -435,12 +439,15 @@ overload(_ce_direct, jit_options=_JIT_OPTIONS)(
 
 
 @_jit
-def _ce_hard_rows(x, y, opts, wsum, scale, g, losses, inner, r0, n, e, m, s, log_s):
-    """Losses and gradients of a block of rows whose exponentials are ``e``."""
+def _ce_hard_rows(x, y, opts, wsum, scale, g, losses, inner, r0, n, e, m, s, log_s, lse):
+    """Losses and gradients of a block of rows whose exponentials are ``e``
+    (and their log-sum-exp into ``lse``, unless it is None)."""
     C = x.shape[1]
     w, smooth, ignore_index = opts.weight, opts.smoothing, opts.ignore_index
     for i in range(n):
         r = r0 + i
+        if lse is not None and lse.shape[0] > 0:
+            lse[r] = log_sum_exp(np.float64(m[i]), log_s[i])
         t = y[r]
         if t == ignore_index:
             losses[r] = 0.0
@@ -459,9 +466,11 @@ def _ce_hard_rows(x, y, opts, wsum, scale, g, losses, inner, r0, n, e, m, s, log
 
 
 @_jit
-def _ce_soft_rows(x, q, opts, scale, g, losses, inner, r0, n, e, m, s, log_s):
+def _ce_soft_rows(x, q, opts, scale, g, losses, inner, r0, n, e, m, s, log_s, lse):
     for i in range(n):
         r = r0 + i
+        if lse is not None and lse.shape[0] > 0:
+            lse[r] = log_sum_exp(np.float64(m[i]), log_s[i])
         if g is None:
             losses[r] = _ce_soft_finish(_row(x, r, inner), e[i], m[i], log_s[i], s[i],
                                         _row(q, r, inner), opts, scale, None)
@@ -470,23 +479,24 @@ def _ce_soft_rows(x, q, opts, scale, g, losses, inner, r0, n, e, m, s, log_s):
                                         _row(q, r, inner), opts, scale, _row(g, r, inner))
 
 
-def _ce_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n):
-    """Cross-entropy of the ``n`` rows from ``r0`` (see ``_ce_direct``)."""
+def _ce_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse):
+    """Cross-entropy of the ``n`` rows from ``r0`` (see ``_ce_direct``);
+    their log-sum-exp into ``lse`` unless it is None."""
     raise NotImplementedError  # only called from compiled code
 
 
-def _ce_hard_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n):
+def _ce_hard_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse):
     e, m, s, log_s = _exp_wide(x, r0, n, inner)
-    _ce_hard_rows(x, y, opts, wsum, scale, g, losses, inner, r0, n, e, m, s, log_s)
+    _ce_hard_rows(x, y, opts, wsum, scale, g, losses, inner, r0, n, e, m, s, log_s, lse)
 
 
-def _ce_soft_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n):
+def _ce_soft_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse):
     e, m, s, log_s = _exp_wide(x, r0, n, inner)
-    _ce_soft_rows(x, q, opts, scale, g, losses, inner, r0, n, e, m, s, log_s)
+    _ce_soft_rows(x, q, opts, scale, g, losses, inner, r0, n, e, m, s, log_s, lse)
 
 
 overload(_ce_block, jit_options=_JIT_OPTIONS)(
-    lambda x, y, q, opts, wsum, scale, g, losses, inner, r0, n:
+    lambda x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse:
     _by_targets(y, _ce_hard_block, _ce_soft_block))
 
 
@@ -602,7 +612,7 @@ def _tile_buffer(x):
     return np.zeros(((C + TILE - 1) // TILE * TILE, TILE), x.dtype)
 
 
-def _ce_hard_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
+def _ce_hard_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse):
     """Cross-entropy against class indices for tiles k0 .. k1 - 1.
 
     The per-row work runs over all ``TILE`` lanes without branches (lanes
@@ -637,6 +647,8 @@ def _ce_hard_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
                                                            wsum, sx[i], opts, scale, C)
         for i in range(n):
             losses[r0 + i * step] = loss[i] if keep[i] else 0.0
+            if lse is not None and lse.shape[0] > 0:
+                lse[r0 + i * step] = log_sum_exp(np.float64(m[i]), log_s[i])
         if g is not None:
             tile_scale_minus(tc, a1, a2, w, None, 0.0)
             for i in range(n):
@@ -648,7 +660,7 @@ def _ce_hard_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
             tile_out(t, _tile(g, k, inner)[0])
 
 
-def _ce_soft_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
+def _ce_soft_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse):
     """Cross-entropy against probabilities for tiles k0 .. k1 - 1."""
     C = x.shape[1]
     w, smooth = opts.weight, opts.smoothing
@@ -672,18 +684,20 @@ def _ce_soft_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
                                              opts, scale)
         for i in range(rows.shape[0]):
             losses[r0 + i * step] = loss[i]
+            if lse is not None and lse.shape[0] > 0:
+                lse[r0 + i * step] = log_sum_exp(np.float64(m[i]), log_s[i])
         if g is not None:
             tile_scale_minus(tc, a1, a2, w, qc, keep_s)
             tile_out(t, _tile(g, k, inner)[0])
 
 
-def _ce_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1):
+def _ce_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse):
     """Cross-entropy for tiles k0 .. k1 - 1 (see ``_ce_direct``)."""
     raise NotImplementedError  # only called from compiled code
 
 
 overload(_ce_tiles, jit_options=_JIT_OPTIONS)(
-    lambda x, y, q, opts, wsum, scale, g, losses, inner, k0, k1:
+    lambda x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse:
     _by_targets(y, _ce_hard_tiles, _ce_soft_tiles))
 
 
@@ -821,6 +835,362 @@ def _bce_task(x, t, w, pw, scale, g, out, inplace, r0, r1, b0, b1):
 
 
 # --------------------------------------------------------------------------
+# Transformed logits and row statistics. A call with ``logit_scale``,
+# ``softcap`` or ``return_stats`` goes through these routines, chosen when
+# compiling, so that the plain kernels are unchanged: it passes both
+# ``opts.transform`` = (logit_scale, softcap or 0) and ``stats`` = (lse,
+# predicted), arrays of no rows when no statistics are asked for. Which of
+# them a call uses is decided at run time, so that one more compiled variant
+# of each kernel serves them all. A row's transformed logits z are written where
+# its gradient goes (or into a scratch row when there is no gradient), the
+# plain routine runs in place on them, and the gradient is then multiplied by
+# dz/dx (kept in a scratch row: the backward needs nothing else); without a
+# cap dz/dx is the scale, folded into the gradient's coefficients. Blocks and
+# tiles transform their rows into a contiguous scratch block and run the
+# plain routine on it. ``predicted`` is taken from the logits as given,
+# before anything is written.
+
+
+def _field(record, name):
+    """The Numba type of field ``name`` of a NamedTuple type."""
+    return dict(zip(record.fields, record.types))[name]
+
+
+def _plain(opts, stats):
+    """Whether a call needs none of the routines below (a compile-time test)."""
+    return isinstance(stats, types.NoneType)
+
+
+@_jit(inline=True)
+def _identity(tr):
+    """Whether the transform ``tr`` leaves the logits as they are."""
+    return tr[0] == 1.0 and tr[1] == 0.0
+
+
+@_jit
+def _transform(x, z, dz, logit_scale, cap, same):
+    """z <- logit_scale x, or cap tanh(logit_scale x / cap) when ``cap`` is
+    not 0 (``same``: z is x); dz <- dz/dx unless ``dz`` is empty."""
+    C = z.shape[0]
+    if cap != 0.0:
+        a, b = _cast_like(logit_scale / cap, z), _cast_like(cap, z)
+        if same:
+            for c in range(C):
+                z[c] = softcapped(fast_tanh(z[c] * a), b)
+        else:
+            for c in range(C):
+                z[c] = softcapped(fast_tanh(x[c] * a), b)
+        if dz.shape[0] > 0:
+            k = _cast_like(logit_scale, z)
+            for c in range(C):
+                dz[c] = softcap_slope(z[c], k, b)
+    else:
+        k = _cast_like(logit_scale, z)
+        if same:
+            for c in range(C):
+                z[c] = z[c] * k
+        else:
+            for c in range(C):
+                z[c] = x[c] * k
+
+
+@_jit
+def _times(g, dz):
+    for c in range(g.shape[0]):
+        g[c] = g[c] * dz[c]
+
+
+@_jit
+def _first_argmax(row):
+    """The first index of the row's maximum, a NaN counting as the maximum
+    (``torch.argmax``): a NaN-propagating max sweep, then a search in blocks
+    of 64 that the compiler vectorizes."""
+    C = row.shape[0]
+    m = row[0]
+    for c in range(1, C):
+        m = maximum(m, row[c])
+    nan = m != m
+    for c0 in range(0, C, 64):
+        c1 = min(c0 + 64, C)
+        hit = False
+        for c in range(c0, c1):
+            v = row[c]
+            hit = hit | ((v != v) if nan else (v == m))
+        if hit:
+            for c in range(c0, c1):
+                v = row[c]
+                if (v != v) if nan else (v == m):
+                    return c
+    return 0
+
+
+def _part(a, r0, n, step):
+    """``a[r0 : r0 + n step : step]``, or None when ``a`` is None."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_part, jit_options=_JIT_OPTIONS, inline="always")
+def _part_impl(a, r0, n, step):
+    if isinstance(a, types.NoneType):
+        return lambda a, r0, n, step: None
+    return lambda a, r0, n, step: a[r0:r0 + (n - 1) * step + 1:step]
+
+
+def _gathered(q, k, inner, buf):
+    """The rows of tile ``k`` of probabilities ``q`` copied into ``buf``'s
+    first rows, or None when ``q`` is None."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_gathered, jit_options=_JIT_OPTIONS)
+def _gathered_impl(q, k, inner, buf):
+    if isinstance(q, types.NoneType):
+        return lambda q, k, inner, buf: None
+
+    def copy(q, k, inner, buf):
+        rows = _tile(q, k, inner)[0]
+        n, C = rows.shape
+        for i in range(n):
+            for c in range(C):
+                buf[i, c] = rows[i, c]
+        return buf[:n]
+    return copy
+
+
+def _q_rows(q, r0, n, inner):
+    """(n, C) rows ``r0 ..`` of probabilities ``q`` as a new array, or None."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_q_rows, jit_options=_JIT_OPTIONS)
+def _q_rows_impl(q, r0, n, inner):
+    if isinstance(q, types.NoneType):
+        return lambda q, r0, n, inner: None
+
+    def copy(q, r0, n, inner):
+        out = np.empty((n, q.shape[1]), q.dtype)
+        for i in range(n):
+            qr = _row(q, r0 + i, inner)
+            for c in range(q.shape[1]):
+                out[i, c] = qr[c]
+        return out
+    return copy
+
+
+# The row routines as calls: the routines below make their row views
+# themselves, which an inlined ``_ce_hard_row`` mishandles (see ``_ce_hard_direct``).
+_ce_hard_row_called = _jit(_ce_hard_row.py_func)
+_ce_soft_row_called = _jit(_ce_soft_row.py_func)
+
+
+@_jit
+def _hard_row_any(xr, gr, inplace, t, opts, wsum, scale, ahead, tr):
+    """(loss, lse) of a contiguous row against class ``t``, its logits
+    transformed by ``tr`` (``opts.transform``); gradient into ``gr``."""
+    if _identity(tr):
+        return _ce_hard_row_called(xr, gr, inplace, t, opts, wsum, scale, ahead)
+    logit_scale, cap = tr
+    C = xr.shape[0]
+    if gr is None:
+        z = np.empty(C, xr.dtype)
+        _transform(xr, z, z[:0], logit_scale, cap, False)
+        return _ce_hard_row_called(z, None, False, t, opts, wsum, scale, ahead)
+    dz = np.empty(C if cap != 0.0 else 0, xr.dtype)
+    _transform(xr, gr, dz, logit_scale, cap, inplace)
+    if cap == 0.0:
+        return _ce_hard_row_called(gr, gr, True, t, opts, wsum, scale * logit_scale, ahead)
+    res = _ce_hard_row_called(gr, gr, True, t, opts, wsum, scale, ahead)
+    _times(gr, dz)
+    return res
+
+
+@_jit
+def _soft_row_any(xr, gr, inplace, qr, opts, scale, ahead, q_ahead, tr):
+    """``_hard_row_any`` against probabilities ``qr``."""
+    if _identity(tr):
+        return _ce_soft_row_called(xr, gr, inplace, qr, opts, scale, ahead, q_ahead)
+    logit_scale, cap = tr
+    C = xr.shape[0]
+    if gr is None:
+        z = np.empty(C, xr.dtype)
+        _transform(xr, z, z[:0], logit_scale, cap, False)
+        return _ce_soft_row_called(z, None, False, qr, opts, scale, ahead, q_ahead)
+    dz = np.empty(C if cap != 0.0 else 0, xr.dtype)
+    _transform(xr, gr, dz, logit_scale, cap, inplace)
+    if cap == 0.0:
+        return _ce_soft_row_called(gr, gr, True, qr, opts, scale * logit_scale, ahead, q_ahead)
+    res = _ce_soft_row_called(gr, gr, True, qr, opts, scale, ahead, q_ahead)
+    _times(gr, dz)
+    return res
+
+
+def _ce_hard_direct_any(x, y, q, opts, wsum, scale, g, inplace, inner, r, stats):
+    t = y[r]
+    wanted = stats[0].shape[0] > 0
+    if wanted:
+        stats[1][r] = _first_argmax(_row(x, r, inner))
+    if t == opts.ignore_index:
+        if wanted:  # the row's lse all the same (any class will do)
+            stats[0][r] = _hard_row_any(_row(x, r, inner), None, False, 0, opts, wsum, scale,
+                                        _next_row(x, r, inner), opts.transform)[1]
+        if g is not None:
+            _zero(_row(g, r, inner))
+        return 0.0
+    if g is None:
+        loss, lse = _hard_row_any(_row(x, r, inner), None, False, t, opts, wsum, scale,
+                                  _next_row(x, r, inner), opts.transform)
+    else:
+        loss, lse = _hard_row_any(_row(x, r, inner), _row(g, r, inner), inplace, t, opts, wsum,
+                                  scale, _next_row(x, r, inner), opts.transform)
+    if wanted:
+        stats[0][r] = lse
+    return loss
+
+
+def _ce_soft_direct_any(x, y, q, opts, wsum, scale, g, inplace, inner, r, stats):
+    wanted = stats[0].shape[0] > 0
+    if wanted:
+        stats[1][r] = _first_argmax(_row(x, r, inner))
+    if g is None:
+        loss, lse = _soft_row_any(_row(x, r, inner), None, False, _row(q, r, inner), opts, scale,
+                                  _next_row(x, r, inner), _next_row(q, r, inner), opts.transform)
+    else:
+        loss, lse = _soft_row_any(_row(x, r, inner), _row(g, r, inner), inplace, _row(q, r, inner),
+                                  opts, scale, _next_row(x, r, inner), _next_row(q, r, inner),
+                                  opts.transform)
+    if wanted:
+        stats[0][r] = lse
+    return loss
+
+
+def _ce_direct_any(x, y, q, opts, wsum, scale, g, inplace, inner, r, stats):
+    """``_ce_direct``, with the options and statistics above."""
+    raise NotImplementedError  # only called from compiled code
+
+
+def _ce_direct_plain(x, y, q, opts, wsum, scale, g, inplace, inner, r, stats):
+    return _ce_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r)
+
+
+@overload(_ce_direct_any, jit_options=_JIT_OPTIONS)
+def _ce_direct_any_impl(x, y, q, opts, wsum, scale, g, inplace, inner, r, stats):
+    if _plain(opts, stats):
+        return _ce_direct_plain
+    return _by_targets(y, _ce_hard_direct_any, _ce_soft_direct_any)
+
+
+@_jit
+def _block_transformed(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse, tr):
+    """``_ce_block`` on logits transformed by ``tr`` (see above; the identity
+    too: one compiled variant for every call with options)."""
+    logit_scale, cap = tr
+    C = x.shape[1]
+    z = np.empty((n, C), x.dtype)
+    dz = np.empty((n, C if cap != 0.0 and g is not None else 0), x.dtype)
+    for i in range(n):
+        _transform(_row(x, r0 + i, inner), z[i], dz[i], logit_scale, cap, False)
+    ys, part_losses, part_lse = _part(y, r0, n, 1), losses[r0:r0 + n], _part(lse, r0, n, 1)
+    qs = _q_rows(q, r0, n, inner)
+    if g is None:
+        _ce_block(z, ys, qs, opts, wsum, scale, None, part_losses, 1, 0, n, part_lse)
+        return
+    _ce_block(z, ys, qs, opts, wsum, scale if cap != 0.0 else scale * logit_scale, z,
+              part_losses, 1, 0, n, part_lse)
+    for i in range(n):
+        gr = _row(g, r0 + i, inner)
+        if cap != 0.0:
+            for c in range(C):
+                gr[c] = z[i, c] * dz[i, c]
+        else:
+            for c in range(C):
+                gr[c] = z[i, c]
+
+
+def _ce_block_any(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, stats):
+    """``_ce_block`` with the options and statistics above."""
+    raise NotImplementedError  # only called from compiled code
+
+
+def _ce_block_plain(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, stats):
+    _ce_block(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, None)
+
+
+def _ce_block_general(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, stats):
+    predicted = stats[1]
+    if predicted.shape[0] > 0:
+        for i in range(n):
+            predicted[r0 + i] = _first_argmax(_row(x, r0 + i, inner))
+    _block_transformed(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, stats[0],
+                       opts.transform)
+
+
+@_jit
+def _tiles_transformed(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse, tr):
+    """``_ce_tiles`` on logits transformed by ``tr``: each tile's rows are
+    transformed into a scratch tile of rows, which the plain routine takes
+    (the identity too: one compiled variant for every call with options)."""
+    logit_scale, cap = tr
+    C = x.shape[1]
+    z = np.empty((TILE, C), x.dtype)
+    dz = np.empty((TILE, C if cap != 0.0 and g is not None else 0), x.dtype)
+    qbuf = np.empty((TILE, C), x.dtype)
+    grad_scale = scale if cap != 0.0 else scale * logit_scale
+    for k in range(k0, k1):
+        rows, r0, step = _tile(x, k, inner)
+        n = rows.shape[0]
+        for i in range(n):
+            _transform(rows[i], z[i], dz[i], logit_scale, cap, False)
+        zs = z[:n]
+        ys, part_losses = _part(y, r0, n, step), losses[r0:r0 + (n - 1) * step + 1:step]
+        qs = _gathered(q, k, inner, qbuf)
+        if g is None:
+            _ce_tiles(zs, ys, qs, opts, wsum, scale, None, part_losses, 1, 0, 1,
+                      _part(lse, r0, n, step))
+            continue
+        _ce_tiles(zs, ys, qs, opts, wsum, grad_scale, zs, part_losses, 1, 0, 1,
+                  _part(lse, r0, n, step))
+        grows = _tile(g, k, inner)[0]
+        for i in range(n):
+            gr = grows[i]
+            if cap != 0.0:
+                for c in range(C):
+                    gr[c] = z[i, c] * dz[i, c]
+            else:
+                for c in range(C):
+                    gr[c] = z[i, c]
+
+
+def _ce_tiles_any(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, stats):
+    """``_ce_tiles`` with the options and statistics above."""
+    raise NotImplementedError  # only called from compiled code
+
+
+def _ce_tiles_plain(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, stats):
+    _ce_tiles(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, None)
+
+
+def _ce_tiles_general(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, stats):
+    predicted = stats[1]
+    if predicted.shape[0] > 0:
+        for k in range(k0, k1):
+            rows, r0, step = _tile(x, k, inner)
+            for i in range(rows.shape[0]):
+                predicted[r0 + i * step] = _first_argmax(rows[i])
+    _tiles_transformed(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, stats[0],
+                       opts.transform)
+
+
+@overload(_ce_block_any, jit_options=_JIT_OPTIONS)
+def _ce_block_any_impl(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, stats):
+    return _ce_block_plain if _plain(opts, stats) else _ce_block_general
+
+
+@overload(_ce_tiles_any, jit_options=_JIT_OPTIONS)
+def _ce_tiles_any_impl(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, stats):
+    return _ce_tiles_plain if _plain(opts, stats) else _ce_tiles_general
+
+
+# --------------------------------------------------------------------------
 # Kernels. Each is compiled twice (parallel and serial, see ``_Kernel``);
 # ``prange`` is a plain ``range`` in the serial one. The cross-entropy
 # kernels, one per layout strategy, take class indices ``y`` or class
@@ -842,29 +1212,29 @@ def _ce_prologue(y, n_classes, n_rows, opts):
     return bad, denominator, mean_scale(opts.mean, denominator), _weight_sum(w, n_classes)
 
 
-def _cross_entropy_direct(x, y, q, opts, g, inplace, losses, inner):
+def _cross_entropy_direct(x, y, q, opts, g, inplace, losses, inner, stats):
     """Long rows contiguous along the classes, one at a time."""
     bad, denominator, scale, wsum = _ce_prologue(y, x.shape[1], losses.shape[0], opts)
     if bad >= 0:
         return bad, 0.0, denominator
     for r in prange(losses.shape[0]):
-        losses[r] = _ce_direct(x, y, q, opts, wsum, scale, g, inplace, inner, r)
+        losses[r] = _ce_direct_any(x, y, q, opts, wsum, scale, g, inplace, inner, r, stats)
     return -1, lane_dot(losses, None, 0.0), denominator
 
 
-def _cross_entropy_blocks(x, y, q, opts, g, inplace, losses, inner):
+def _cross_entropy_blocks(x, y, q, opts, g, inplace, losses, inner, stats):
     """Blocks of ``_rows_per_block(C)`` rows of any length and layout."""
     bad, denominator, scale, wsum = _ce_prologue(y, x.shape[1], losses.shape[0], opts)
     if bad >= 0:
         return bad, 0.0, denominator
     n_rows, per = losses.shape[0], _rows_per_block(x.shape[1])
     for b in prange((n_rows + per - 1) // per):
-        _ce_block(x, y, q, opts, wsum, scale, g, losses, inner, b * per,
-                  min(per, n_rows - b * per))
+        _ce_block_any(x, y, q, opts, wsum, scale, g, losses, inner, b * per,
+                      min(per, n_rows - b * per), stats)
     return -1, lane_dot(losses, None, 0.0), denominator
 
 
-def _cross_entropy_tiles(x, y, q, opts, g, inplace, losses, inner):
+def _cross_entropy_tiles(x, y, q, opts, g, inplace, losses, inner, stats):
     """Short rows, ``TILE`` at a time (``inplace`` is not needed: a tile is
     read whole before it is written)."""
     bad, denominator, scale, wsum = _ce_prologue(y, x.shape[1], losses.shape[0], opts)
@@ -872,8 +1242,8 @@ def _cross_entropy_tiles(x, y, q, opts, g, inplace, losses, inner):
         return bad, 0.0, denominator
     n_tiles, per = _tile_count(x, inner), _tiles_per_task(x.shape[1])
     for j in prange((n_tiles + per - 1) // per):
-        _ce_tiles(x, y, q, opts, wsum, scale, g, losses, inner, j * per,
-                  min(n_tiles, (j + 1) * per))
+        _ce_tiles_any(x, y, q, opts, wsum, scale, g, losses, inner, j * per,
+                      min(n_tiles, (j + 1) * per), stats)
     return -1, lane_dot(losses, None, 0.0), denominator
 
 

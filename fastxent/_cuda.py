@@ -60,7 +60,7 @@ from numba import cuda
 
 from . import _cuda_kernels as K
 from ._formulas import mean_scale
-from ._host import (bad_uint64_target, finish_loss, on_gpu, raise_bad_target,
+from ._host import (bad_uint64_target, finish_loss, on_gpu, raise_bad_target, row_stats,
                     scan_hard_targets)
 from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec, ReductionSpec
 
@@ -509,20 +509,33 @@ def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
     else:
         (y, denominator), q = _hard_targets(spec, target, w_host), None
     x = _contiguous(logits, dtype)
+    transform = (float(spec.logit_scale), float(spec.softcap)) if spec.transformed else None
     options = CEOptions(w, spec.ignore_index, spec.smoothing, spec.reduction == "mean",
-                        spec.z_loss)
+                        spec.z_loss, transform)
     scale = mean_scale(options.mean, denominator)
     g = dest = None
     if grad is not None:
         g, dest = _destination(grad, logits, x, problem.shape, dtype, (x, q))
     losses = cuda.device_array(problem.n_rows, dtype=np.float64)
+    lse = predicted = None
+    if spec.stats:
+        lse = cuda.device_array(problem.n_rows, dtype=np.float64)
+        predicted = cuda.device_array(problem.n_rows, dtype=np.int64)
     if problem.n_rows:
         g_flat = None if g is None else _flat(g)
         _launch_rows(lambda cached: K.ce(dtype, cached), problem, 2 if spec.soft else 1,
-                     lambda group: (_flat(x), y, q, g_flat, losses, problem.n_rows, C,
-                                    problem.inner, group, wsum, scale, *options))
+                     lambda group: (_flat(x), y, q, g_flat, losses, lse, predicted,
+                                    problem.n_rows, C, problem.inner, group, wsum, scale,
+                                    *options))
     loss = _reduce(losses, denominator, spec.reduction, problem, logits)
-    return loss, (None if g is None else _finish_destination(g, dest, logits))
+    grad = None if g is None else _finish_destination(g, dest, logits)
+    if not spec.stats:
+        return loss, grad
+    stats = row_stats(spec, lse.copy_to_host(), predicted.copy_to_host(),
+                      None if y is None else y.copy_to_host(), w_host, denominator)
+    return loss, grad, stats._replace(lse=_to_caller(cuda.to_device(stats.lse), logits),
+                                      predicted=_to_caller(cuda.to_device(stats.predicted),
+                                                           logits))
 
 
 def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):

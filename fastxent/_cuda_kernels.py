@@ -99,6 +99,8 @@ softmax_element = _device(F.softmax_element)
 nll_row = _device(F.nll_row)
 bce_label_weight = _device(F.bce_label_weight)
 bce_element = _device(F.bce_element)
+softcapped = _device(F.softcapped)
+softcap_slope = _device(F.softcap_slope)
 
 
 @cuda.jit(device=True, inline=True)
@@ -186,6 +188,44 @@ def _group_max_sum(m, s, group, scratch):
 
 
 @cuda.jit(device=True, inline=True)
+def _beats(v1, i1, v2, i2, none):
+    """Whether candidate (v2, i2) of an argmax beats (v1, i1): the larger
+    value, NaN above all, the first index on ties; an index ``none`` is no
+    candidate."""
+    if i2 == none:
+        return False
+    if i1 == none:
+        return True
+    nan1, nan2 = v1 != v1, v2 != v2
+    if nan1 or nan2:
+        return nan2 and (not nan1 or i2 < i1)
+    return v2 > v1 or (v2 == v1 and i2 < i1)
+
+
+@cuda.jit(device=True, inline=True)
+def _group_argmax(v, i, none, group, scratch, indices):
+    """The first index of the maximum over a group of threads' candidates."""
+    off = min(group, WARP) // 2
+    while off > 0:
+        v2, i2 = _shfl_xor(v, off), _shfl_xor(i, off)
+        if _beats(v, i, v2, i2, none):
+            v, i = v2, i2
+        off //= 2
+    if group > WARP:
+        tid = cuda.threadIdx.x
+        cuda.syncthreads()
+        if tid % WARP == 0:
+            scratch[tid // WARP] = v
+            indices[tid // WARP] = i
+        cuda.syncthreads()
+        v, i = scratch[0], indices[0]
+        for k in range(1, group // WARP):
+            if _beats(v, i, scratch[k], indices[k], none):
+                v, i = scratch[k], indices[k]
+    return i
+
+
+@cuda.jit(device=True, inline=True)
 def _finish_sum(m, s):
     """The row's sum of exponentials, NaN where its max is infinite (the CPU
     kernels get NaN there from exp(inf - inf) or from a row of -inf)."""
@@ -220,25 +260,38 @@ def ce_py(dtype, cached):
 
     ``y``: int64 targets (hard) or None; ``q``: class probabilities of the
     logits' form (soft) or None; ``g``: the gradient (may be ``x`` itself)
-    or None; ``wsum``: the sum of the class weights; ``scale``: the
-    gradient's (``_formulas.mean_scale``). The last five parameters are the
-    fields of ``_spec.CEOptions`` in order (kernel parameters, so that a
-    ``weight`` of None compiles away). Dynamic shared memory (cached): C
-    values (hard), 2C (soft: the logits, then the smoothed, weighted targets).
+    or None; ``lse`` (float64) and ``predicted`` (int64): each row's
+    statistics, or None; ``wsum``: the sum of the class weights; ``scale``:
+    the gradient's (``_formulas.mean_scale``). The last six parameters are
+    the fields of ``_spec.CEOptions`` in order (kernel parameters, so that a
+    ``weight`` or ``transform`` of None compiles away). A transform
+    (logit_scale, softcap) applies to each logit as it is loaded, in both
+    passes; the cached copy holds the transformed logits. Dynamic shared
+    memory (cached): C values (hard), 2C (soft: the logits, then the
+    smoothed, weighted targets).
     """
     FT = _float_type(dtype)
     ST = _shared_type(FT)
 
-    def ce(x, y, q, g, losses, n_rows, n_classes, inner, group, wsum, scale,
-           w, ignore_index, smooth, mean, z_loss):
+    def ce(x, y, q, g, losses, lse, predicted, n_rows, n_classes, inner, group, wsum, scale,
+           w, ignore_index, smooth, mean, z_loss, transform):
         scratch = cuda.shared.array(SCRATCH, ST)
+        indices = cuda.shared.array(MAX_WARPS, np.int64)
         cache = cuda.shared.array(0, ST)
-        opts = CEOptions(w, ignore_index, smooth, mean, z_loss)  # the record the formulas read
+        # the record the formulas read
+        opts = CEOptions(w, ignore_index, smooth, mean, z_loss, transform)
         zero = FT(0.0)
         one = FT(1.0)
         keep_q = FT(1.0 - smooth)
         uniform_q = FT(smooth / n_classes)
         scale_f = FT(scale)
+        x_scale = one
+        cap = zero
+        cap_arg = zero  # logit_scale / softcap
+        if transform is not None:
+            x_scale, cap = FT(transform[0]), FT(transform[1])
+            if transform[1] != 0.0:
+                cap_arg = FT(transform[0] / transform[1])
         offset, lane, base, step = _row_slot(group)
         while base < n_rows:
             r = base + offset
@@ -254,10 +307,21 @@ def ce_py(dtype, cached):
             s = zero
             a1 = zero  # soft: sum of q'; hard: x[t]
             a2 = zero  # soft: sum of q' x; hard (smoothing): sum of w x
-            if take:
+            best = FT(NEG_INF)  # the argmax of the given logits (statistics)
+            best_at = np.int64(n_classes)
+            # with statistics, ignored rows are read too, for their lse
+            if take or (lse is not None and active):
                 for c in range(lane, n_classes, group):
                     i = start + c * inner
                     v = x[i]
+                    if predicted is not None:
+                        if _beats(best, best_at, v, np.int64(c), n_classes):
+                            best, best_at = v, np.int64(c)
+                    if transform is not None:
+                        if cap != zero:
+                            v = softcapped(math.tanh(v * cap_arg), cap)
+                        else:
+                            v = v * x_scale
                     if cached:
                         cache[c] = v
                     m, s = _online(m, s, v, one)
@@ -280,9 +344,16 @@ def ce_py(dtype, cached):
             m, s = _group_max_sum(m, s, group, scratch)
             a1 = _group_sum(a1, group, scratch)
             a2 = _group_sum(a2, group, scratch)
+            if predicted is not None:
+                best_at = _group_argmax(best, best_at, n_classes, group, scratch, indices)
             s = _finish_sum(m, s)
             m64, s64 = np.float64(m), np.float64(s)
             log_s = math.log(s64)
+            if active and lane == 0:
+                if lse is not None:
+                    lse[r] = log_sum_exp(m64, log_s)
+                if predicted is not None:
+                    predicted[r] = best_at if best_at < n_classes else 0
             wt = 1.0
             if q is not None:
                 # sum q' (x - m) from the online pass's sum q' x
@@ -309,6 +380,17 @@ def ce_py(dtype, cached):
                             v = cache[c]
                         else:
                             v = x[i]
+                            if transform is not None:
+                                if cap != zero:
+                                    v = softcapped(math.tanh(v * cap_arg), cap)
+                                else:
+                                    v = v * x_scale
+                        slope = one  # dz/dx of the transform
+                        if transform is not None:
+                            if cap != zero:
+                                slope = softcap_slope(v, x_scale, cap)
+                            else:
+                                slope = x_scale
                         if q is not None:
                             if cached:
                                 qc = cache[n_classes + c]
@@ -316,7 +398,7 @@ def ce_py(dtype, cached):
                                 qc = smoothed_target(q[i], keep_q, uniform_q)
                                 if w is not None:
                                     qc *= w[c]
-                            g[i] = gradient_element(math.exp(v - m), k1_f, scale_f * qc)
+                            g[i] = slope * gradient_element(math.exp(v - m), k1_f, scale_f * qc)
                         else:
                             k2w = k2_f
                             if w is not None:
@@ -324,7 +406,7 @@ def ce_py(dtype, cached):
                             e = gradient_element(math.exp(v - m), k1_f, k2w)
                             if c == t:
                                 e -= kt_f
-                            g[i] = e
+                            g[i] = slope * e
                 elif active:
                     for c in range(lane, n_classes, group):
                         g[start + c * inner] = zero

@@ -52,6 +52,20 @@ def hard_target_row(m, log_s, s, x_target, w_target, w_sum, w_dot, options, scal
     return loss, k1, k2, kt
 
 
+def softcapped(tanh_y, cap):
+    """A logit under Gemma 2's softcap: z = cap tanh(y), y = scale x / cap
+    (``tanh_y``: the device's tanh of y)."""
+    return cap * tanh_y
+
+
+def softcap_slope(z, scale, cap):
+    """dz/dx of ``softcapped``: scale (1 - tanh(y)**2) = scale (1 - (z/cap)**2),
+    from z itself, so that the backward needs only the capped row. (Without
+    a cap, z = scale x and dz/dx = scale.)"""
+    t = z / cap
+    return scale * (1.0 - t * t)
+
+
 def smoothed_target(q, keep, uniform):
     """A class probability mixed with the uniform distribution: keep q + uniform
     (keep = 1-eps, uniform = eps/C); times w_c with weights."""

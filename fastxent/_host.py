@@ -97,3 +97,36 @@ def finish_loss(total: float, denominator: float, reduction: str, dtype):
     if total == 0.0 or math.isnan(total):
         return dtype.type(math.nan)
     return dtype.type(math.copysign(math.inf, total) * math.copysign(1.0, denominator))
+
+
+def row_stats(spec, lse, predicted, y, weight, denominator: float):
+    """The ``CrossEntropyStats`` of a call from its rows' float64 log-sum-exp
+    and argmax (host arrays), its class indices (int64, flat; None for
+    probabilities), its class weights (or None) and the mean's denominator.
+
+    The z-loss term is the kernels' ``z_loss * lse**2``, weighted as the loss
+    (the target's class weight; ignored rows add 0), reduced as the loss.
+    """
+    from ._spec import CrossEntropyStats  # a leaf: records only
+
+    problem = spec.problem
+    dtype = problem.dtype
+    if y is None:
+        kept = None
+        terms = spec.z_loss * lse * lse
+        accuracy = None
+    else:
+        kept = y != spec.ignore_index
+        row_weight = np.where(kept, 1.0, 0.0)
+        if weight is not None:
+            row_weight = row_weight * np.asarray(weight, dtype=np.float64)[np.where(kept, y, 0)]
+        terms = spec.z_loss * row_weight * lse * lse
+        n_kept = int(np.count_nonzero(kept))
+        accuracy = (float(np.count_nonzero((predicted == y) & kept)) / n_kept if n_kept
+                    else math.nan)
+    if spec.reduction == "none":
+        z_term = terms.astype(dtype).reshape(problem.batch_shape)
+    else:
+        z_term = finish_loss(float(np.sum(terms)), denominator, spec.reduction, dtype)
+    return CrossEntropyStats(lse.astype(dtype).reshape(problem.batch_shape), z_term, accuracy,
+                             predicted.reshape(problem.batch_shape))

@@ -51,6 +51,20 @@ IGNORED_SHARE = 0.1
 LABEL_SMOOTHING = 0.1
 #: The z-loss coefficient of LLM training (PaLM).
 Z_LOSS = 1e-4
+#: Gemma 2's final-logit softcap, and a logit scale, for the LLM options' comparisons.
+SOFTCAP = 30.0
+LOGIT_SCALE = 0.5
+#: The LLM options' comparisons: name -> (description, cross_entropy options).
+LLM_VARIANTS = {
+    "cross_entropy_softcap": (f"cross-entropy with softcap={SOFTCAP} and its gradient, in place",
+                              dict(softcap=SOFTCAP)),
+    "cross_entropy_stats": ("cross-entropy with return_stats (lse, argmax, accuracy) and its "
+                            "gradient, in place", dict(return_stats=True)),
+    "cross_entropy_llm": (f"cross-entropy with logit_scale={LOGIT_SCALE}, softcap={SOFTCAP}, "
+                          f"z_loss={Z_LOSS} and return_stats, and its gradient, in place",
+                          dict(logit_scale=LOGIT_SCALE, softcap=SOFTCAP, z_loss=Z_LOSS,
+                               return_stats=True)),
+}
 
 
 class PeerUnavailable(RuntimeError):
@@ -282,6 +296,36 @@ def numpy_cross_entropy_z_loss(x, target, with_grad=False):
     return loss, grad / n
 
 
+def numpy_cross_entropy_llm(x, target, with_grad=False, logit_scale=1.0, softcap=None,
+                            z_loss=0.0, return_stats=False):
+    """Mean cross-entropy of the scaled, capped logits plus ``z_loss * lse**2``,
+    the statistics (lse, argmax, accuracy) computed alongside, and the
+    gradient through the cap."""
+    n = len(x)
+    z = x * logit_scale if logit_scale != 1.0 else x
+    if softcap is not None:
+        t = np.tanh(z / softcap)
+        z = softcap * t
+    m = z.max(axis=-1, keepdims=True)
+    e = np.exp(z - m)
+    s = e.sum(axis=-1, keepdims=True)
+    lse = m + np.log(s)
+    loss = (lse[:, 0] - z[np.arange(n), target] + z_loss * lse[:, 0] ** 2).mean()
+    if return_stats:
+        predicted = x.argmax(axis=-1)
+        _ = (predicted == target).mean()  # the accuracy
+    if not with_grad:
+        return loss
+    grad = e / s * (1 + 2 * z_loss * lse)
+    grad[np.arange(n), target] -= 1
+    grad /= n
+    if softcap is not None:
+        grad *= logit_scale * (1 - t * t)
+    elif logit_scale != 1.0:
+        grad *= logit_scale
+    return loss, grad
+
+
 def numpy_soft_cross_entropy(x, target, with_grad=False):
     """Mean cross-entropy of class probabilities and its gradient ``(softmax - q) / N``."""
     logp = numpy_log_softmax(x)
@@ -374,6 +418,27 @@ def _torch_z_loss(torch, F, inputs):
     return lambda x, t: F.cross_entropy(x, t) + Z_LOSS * (torch.logsumexp(x, -1) ** 2).mean()
 
 
+def _torch_llm(logit_scale=1.0, softcap=None, z_loss=0.0, return_stats=False):
+    """The LLM options as PyTorch users write them around ``F.cross_entropy``."""
+    def make_call(torch, F, inputs):
+        def loss_fn(x, t):
+            z = x * logit_scale if logit_scale != 1.0 else x
+            if softcap is not None:
+                z = softcap * torch.tanh(z / softcap)
+            loss = F.cross_entropy(z, t)
+            if z_loss or return_stats:
+                lse = torch.logsumexp(z, -1)
+            if z_loss:
+                loss = loss + z_loss * (lse ** 2).mean()
+            if return_stats:
+                with torch.no_grad():
+                    predicted = x.argmax(-1)
+                    _ = (predicted == t).double().mean()  # the accuracy
+            return loss
+        return loss_fn
+    return make_call
+
+
 # --------------------------------------------------------------------------
 # JAX
 
@@ -436,6 +501,19 @@ def _jax_z_loss(jax, jnp, inputs):
     return loss
 
 
+def _jax_llm(logit_scale=1.0, softcap=None, z_loss=0.0, return_stats=False):
+    def make_loss(jax, jnp, inputs):
+        def loss(x, t):
+            z = x * logit_scale
+            if softcap is not None:
+                z = softcap * jnp.tanh(z / softcap)
+            lse = jax.scipy.special.logsumexp(z, axis=-1)
+            return jnp.mean(lse - jnp.take_along_axis(z, t[:, None], axis=-1)[:, 0]
+                            + z_loss * lse ** 2)
+        return loss
+    return make_loss
+
+
 def _jax_soft_cross_entropy(jax, jnp, inputs):
     return lambda x, t: -(t * jax.nn.log_softmax(x, axis=-1)).sum() / x.shape[0]
 
@@ -457,6 +535,12 @@ def _cross_entropy_variant(name, description, make_inputs, **options):
          "numpy": _numpy_cross_entropy(with_grad=True, **options),
          "torch": _torch_builder(_torch_cross_entropy(**options), True, "x", "target"),
          "jax": _jax_builder(_jax_cross_entropy(**options), True, "x", "target")})
+
+
+def _loss_and_grad(*args, **options):
+    """``cross_entropy_with_grad``'s loss and gradient (its statistics, when
+    asked for, are computed and dropped)."""
+    return fastxent.cross_entropy_with_grad(*args, **options)[:2]
 
 
 def _ignoring(n, c, dtype, rng):
@@ -504,6 +588,14 @@ _COMPARISONS = [
          "numpy": _numpy_builder(numpy_cross_entropy_z_loss, "x", "target", with_grad=True),
          "torch": _torch_builder(_torch_z_loss, True, "x", "target"),
          "jax": _jax_builder(_jax_z_loss, True, "x", "target")}),
+    *(Comparison(
+        name, description, hard_target_inputs,
+        {"fastxent": _fastxent_in_place(_loss_and_grad, **options),
+         "numpy": _numpy_builder(numpy_cross_entropy_llm, "x", "target", with_grad=True,
+                                 **options),
+         "torch": _torch_builder(_torch_llm(**options), True, "x", "target"),
+         "jax": _jax_builder(_jax_llm(**options), True, "x", "target")})
+      for name, (description, options) in LLM_VARIANTS.items()),
     Comparison(
         "nll_loss", "negative log-likelihood of log-probabilities",
         log_prob_inputs,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -60,7 +60,11 @@ class CEOptions(NamedTuple):
     dtype, or ``None``; ``mean`` says the gradient is scaled by one over the
     mean's denominator (the sum of the weights of the targets not ignored,
     or the number of rows for class probabilities); ``z_loss`` is the
-    coefficient of each row's lse**2 added to its loss.
+    coefficient of each row's lse**2 added to its loss. ``transform`` is
+    None, or ``(logit_scale, softcap)``: the logits are first multiplied by
+    ``logit_scale``, then, when ``softcap`` is not 0, replaced by
+    ``softcap * tanh(x / softcap)``; the kernels compute the loss of these
+    transformed logits and multiply the gradient by their derivative.
     """
 
     weight: Optional[np.ndarray]
@@ -68,6 +72,7 @@ class CEOptions(NamedTuple):
     smoothing: float
     mean: bool
     z_loss: float
+    transform: Optional[tuple] = None  # (logit_scale, softcap or 0.0), None if neither
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,40 @@ class CrossEntropySpec:
     ignore_index: int
     device: str  # "cpu" or "cuda"
     z_loss: float = 0.0
+    logit_scale: float = 1.0
+    softcap: float = 0.0  # 0: none
+    stats: bool = False  # return_stats: the per-row statistics too
+
+    @property
+    def transformed(self) -> bool:
+        """Whether the logits are scaled or capped before the loss."""
+        return self.logit_scale != 1.0 or self.softcap != 0.0
+
+
+class CrossEntropyStats(NamedTuple):
+    """Statistics of a cross-entropy call's rows (``return_stats=True``).
+
+    Attributes
+    ----------
+    lse : ndarray
+        Each row's log-sum-exp of the (scaled, capped) logits, of the batch
+        shape and the logits' float dtype (ignored rows included).
+    z_loss : float
+        The z-loss term alone (``z_loss * lse**2`` per row, weighted), reduced
+        as the loss is: a scalar of the logits' dtype, or per row for
+        ``reduction="none"``.
+    accuracy : float or None
+        The fraction of the rows not ignored whose ``predicted`` equals the
+        target; NaN when every row is ignored; None for class probabilities.
+    predicted : ndarray of int64
+        Each row's argmax of the logits as given (the first index of the
+        maximum on ties, a NaN counting as the maximum, as ``torch.argmax``).
+    """
+
+    lse: Any
+    z_loss: Any
+    accuracy: Optional[float]
+    predicted: Any
 
 
 @dataclass(frozen=True)

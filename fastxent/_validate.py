@@ -98,6 +98,39 @@ def z_loss_arg(z_loss) -> float:
     return z
 
 
+def logit_scale_arg(logit_scale) -> float:
+    if isinstance(logit_scale, (bool, np.bool_)):
+        raise TypeError(f"logit_scale must be a float, got {logit_scale!r}")
+    try:
+        scale = float(logit_scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"logit_scale must be a float, got {logit_scale!r}") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale!r}")
+    return scale
+
+
+def softcap_arg(softcap) -> float:
+    """The softcap as the kernels take it: 0.0 for None (no cap)."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, (bool, np.bool_)):
+        raise TypeError(f"softcap must be a float or None, got {softcap!r}")
+    try:
+        cap = float(softcap)
+    except (TypeError, ValueError):
+        raise TypeError(f"softcap must be a float or None, got {softcap!r}") from None
+    if not 0.0 < cap < math.inf:  # also refuses NaN
+        raise ValueError(f"softcap must be a finite number above 0 (or None), got {softcap!r}")
+    return cap
+
+
+def stats_arg(return_stats) -> bool:
+    if not isinstance(return_stats, (bool, np.bool_)):
+        raise TypeError(f"return_stats must be True or False, got {return_stats!r}")
+    return bool(return_stats)
+
+
 def index_arg(value, name) -> int:
     try:
         return operator.index(value)
@@ -141,12 +174,16 @@ def class_problem(logits, axis, name="logits", allow_empty=False) -> ClassProble
 
 
 def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_smoothing,
-                       axis, device, name="logits", z_loss=0.0) -> CrossEntropySpec:
+                       axis, device, name="logits", z_loss=0.0, logit_scale=1.0, softcap=None,
+                       return_stats=False) -> CrossEntropySpec:
     problem = class_problem(logits, axis, name)
     target, weight = _describe(target), _describe(weight)
     reduction = reduction_arg(reduction)
     smoothing = smoothing_arg(label_smoothing)
     z_loss = z_loss_arg(z_loss)
+    logit_scale = logit_scale_arg(logit_scale)
+    softcap = softcap_arg(softcap)
+    return_stats = stats_arg(return_stats)
     ignore_index = index_arg(ignore_index, "ignore_index")
     if not _INT64.min <= ignore_index <= _INT64.max:  # class indices are int64
         raise ValueError(f"ignore_index must be between {_INT64.min} and {_INT64.max} "
@@ -174,7 +211,8 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
                         f"got dtype {t_dtype}")
     if weight is not None:
         check_weight(weight, problem.n_classes, "weight")
-    return CrossEntropySpec(problem, soft, reduction, smoothing, ignore_index, device, z_loss)
+    return CrossEntropySpec(problem, soft, reduction, smoothing, ignore_index, device, z_loss,
+                            logit_scale, softcap, return_stats)
 
 
 def check_weight(weight, length, name):
@@ -254,13 +292,14 @@ def grad_destination(logits, out, inplace, shape, dtype):
 
 
 def cross_entropy_call(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                       axis, device, out, inplace, with_grad):
+                       logit_scale, softcap, return_stats, axis, device, out, inplace, with_grad):
     device = device_arg(device, logits, target, weight)
     if with_grad and inplace:
         check_inplace(logits)  # before a list would be converted into a new array
     arrays = _arrays((logits, target, weight))
     spec = cross_entropy_spec(*arrays, ignore_index, reduction, label_smoothing, axis, device,
-                              z_loss=z_loss)
+                              z_loss=z_loss, logit_scale=logit_scale, softcap=softcap,
+                              return_stats=return_stats)
     grad = None
     if with_grad:
         grad = grad_destination(arrays[0], out, inplace, spec.problem.shape, spec.problem.dtype)

@@ -21,7 +21,9 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from . import _validate
-from ._validate import reduction_arg, smoothing_arg, z_loss_arg
+from ._spec import CrossEntropyStats
+from ._validate import (logit_scale_arg, reduction_arg, smoothing_arg, softcap_arg, stats_arg,
+                        z_loss_arg)
 
 Reduction = Literal["none", "mean", "sum"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -29,7 +31,8 @@ Device = Literal["auto", "cpu", "cuda"]
 
 def cross_entropy(logits: ArrayLike, target: ArrayLike, *, weight: Optional[ArrayLike] = None,
                   ignore_index: int = -100, reduction: Reduction = "mean",
-                  label_smoothing: float = 0.0, z_loss: float = 0.0, axis: int = -1,
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, logit_scale: float = 1.0,
+                  softcap: Optional[float] = None, return_stats: bool = False, axis: int = -1,
                   device: Device = "auto") -> Any:
     """Cross-entropy between logits and class targets, as ``torch.nn.functional.cross_entropy``.
 
@@ -56,7 +59,18 @@ def cross_entropy(logits: ArrayLike, target: ArrayLike, *, weight: Optional[Arra
         PaLM's z-loss: each row's loss gains ``z_loss * lse**2``, lse being
         its log-sum-exp, times the target's class weight (1 for class
         probabilities); ignored rows add nothing, and the reduction is the
-        cross-entropy's (same mean denominator).
+        cross-entropy's (same mean denominator). lse is that of the scaled,
+        capped logits.
+    logit_scale : float, default 1
+        The logits are multiplied by it first (flash-attention's ``logit_scale``).
+    softcap : float > 0, optional
+        Then each scaled logit x becomes ``softcap * tanh(x / softcap)``
+        (Gemma 2's final-logit softcapping); the gradient flows through the
+        tanh. With ``inplace=True`` nothing of the logits' size is allocated.
+    return_stats : bool, default False
+        Return a :class:`CrossEntropyStats` as well: each row's ``lse``, the
+        reduced ``z_loss`` term alone, the ``accuracy`` of the argmax against
+        the targets (class indices only) and each row's ``predicted`` class.
     axis : int, default -1
         The class axis.
     device : {"auto", "cpu", "cuda"}, default "auto"
@@ -66,17 +80,23 @@ def cross_entropy(logits: ArrayLike, target: ArrayLike, *, weight: Optional[Arra
     -------
     loss : NumPy scalar of the logits' dtype, or an array of the batch shape
         for ``reduction="none"`` (a device array for GPU inputs).
+    stats : CrossEntropyStats
+        Only with ``return_stats=True``: ``(loss, stats)``.
     """
-    loss, _ = _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
-                             z_loss, axis, device, None, False, with_grad=False)
-    return loss
+    result = _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
+                            z_loss, logit_scale, softcap, return_stats, axis, device, None,
+                            False, with_grad=False)
+    if len(result) == 3:
+        return result[0], result[2]
+    return result[0]
 
 
 def cross_entropy_with_grad(logits: ArrayLike, target: ArrayLike, *,
                             weight: Optional[ArrayLike] = None, ignore_index: int = -100,
                             reduction: Reduction = "mean", label_smoothing: float = 0.0,
-                            z_loss: float = 0.0, axis: int = -1,
-                            out: Optional[np.ndarray] = None,
+                            z_loss: float = 0.0, logit_scale: float = 1.0,
+                            softcap: Optional[float] = None, return_stats: bool = False,
+                            axis: int = -1, out: Optional[np.ndarray] = None,
                             inplace: bool = False, device: Device = "auto") -> Tuple[Any, Any]:
     """Cross-entropy and its gradient with respect to the logits, in one pass.
 
@@ -95,9 +115,11 @@ def cross_entropy_with_grad(logits: ArrayLike, target: ArrayLike, *,
     loss, grad
         ``grad`` is d loss / d logits; for ``reduction="none"`` the gradient
         of the sum of the per-element losses (``loss.sum().backward()``).
+        With ``return_stats=True``: ``(loss, grad, stats)``.
     """
     return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
-                          z_loss, axis, device, out, inplace, with_grad=True)
+                          z_loss, logit_scale, softcap, return_stats, axis, device, out, inplace,
+                          with_grad=True)
 
 
 #: Prepared CPU cross-entropy calls, by ``_plan_key``.
@@ -107,7 +129,7 @@ MAX_PLANS = 256
 
 
 def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                   axis, device, out, inplace, with_grad):
+                   logit_scale, softcap, return_stats, axis, device, out, inplace, with_grad):
     key = None
     if out is None and type(logits) is np.ndarray and type(target) is np.ndarray:
         # What a plan depends on. ``flags.num`` holds every flag of the
@@ -122,7 +144,8 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
         if weight_key is not False:
             key = (logits.shape, logits.strides, logits.dtype, logits.flags.num, target.shape,
                    target.strides, target.dtype, weight_key, ignore_index, reduction,
-                   label_smoothing, z_loss, axis, device, inplace, with_grad)
+                   label_smoothing, z_loss, logit_scale, softcap, return_stats, axis, device,
+                   inplace, with_grad)
             try:
                 plan = _PLANS.get(key)
             except TypeError:  # an unhashable option, refused by the checks below
@@ -130,8 +153,8 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
             if plan is not None:
                 return plan(logits, target, weight)
     backend, spec, (x, t, w), grad = _validate.cross_entropy_call(
-        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, axis, device,
-        out, inplace, with_grad)
+        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, logit_scale,
+        softcap, return_stats, axis, device, out, inplace, with_grad)
     if key is not None and spec.device == "cpu":
         plan = backend.CrossEntropyPlan(spec, x, t, grad)
         if plan.fast:
@@ -264,7 +287,7 @@ class _LossWithGrad:
         return self._grad
 
     def _store(self, result):
-        loss, self._grad = result
+        loss, self._grad = result[:2]
         return loss
 
 
@@ -285,16 +308,24 @@ class CrossEntropyLoss(_LossWithGrad):
 
     def __init__(self, *, weight: Optional[ArrayLike] = None, ignore_index: int = -100,
                  reduction: Reduction = "mean", label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, axis: int = -1, inplace: bool = False,
+                 z_loss: float = 0.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                 return_stats: bool = False, axis: int = -1, inplace: bool = False,
                  device: Device = "auto"):
         super().__init__()
         self.options = dict(weight=weight, ignore_index=ignore_index,
                             reduction=reduction_arg(reduction),
                             label_smoothing=smoothing_arg(label_smoothing),
-                            z_loss=z_loss_arg(z_loss), axis=axis, inplace=inplace, device=device)
+                            z_loss=z_loss_arg(z_loss), logit_scale=logit_scale_arg(logit_scale),
+                            softcap=softcap if softcap is None else softcap_arg(softcap),
+                            return_stats=stats_arg(return_stats), axis=axis, inplace=inplace,
+                            device=device)
+        #: The last call's ``CrossEntropyStats`` (with ``return_stats=True``), else None.
+        self.stats: Optional[CrossEntropyStats] = None
 
     def __call__(self, logits: ArrayLike, target: ArrayLike) -> Any:
-        return self._store(cross_entropy_with_grad(logits, target, **self.options))
+        result = cross_entropy_with_grad(logits, target, **self.options)
+        self.stats = result[2] if len(result) == 3 else None
+        return self._store(result)
 
     forward = __call__
 

@@ -457,22 +457,38 @@ def case_id(value):
 
 Z_LOSS = 1e-2
 
+#: The LLM options' combinations the option grid runs: each option alone and
+#: all of them together, with and without the statistics.
+LLM_OPTIONS = {
+    "z": dict(z_loss=Z_LOSS),
+    "z_stats": dict(z_loss=Z_LOSS, return_stats=True),
+    "scale": dict(logit_scale=0.7),
+    "cap": dict(softcap=3.0, z_loss=Z_LOSS),
+    "all": dict(logit_scale=1.5, softcap=2.0, z_loss=Z_LOSS, return_stats=True),
+}
 
-def torch_ce_z_loss(x, y, axis=-1, weight=None, ignore_index=-100, reduction="mean",
-                    label_smoothing=0.0, z_loss=0.0):
-    """Cross-entropy plus PaLM's z-loss, (loss, grad), in float64: each row's
+
+def torch_ce_options(x, y, axis=-1, weight=None, ignore_index=-100, reduction="mean",
+                     label_smoothing=0.0, z_loss=0.0, logit_scale=1.0, softcap=None):
+    """Cross-entropy with the LLM options in float64 with autograd, in a few
+    lines: the logits scaled (``x * logit_scale``) and capped
+    (``softcap * tanh(x / softcap)``), each row's
     ``F.cross_entropy(reduction="none")`` plus ``z_loss * lse**2`` times the
-    target's class weight (1 for probabilities, 0 for ignored rows), then
-    the cross-entropy's reduction by hand."""
+    target's class weight (1 for probabilities, 0 for ignored rows), the
+    cross-entropy's reduction by hand. Returns (loss, grad, lse, z-loss term
+    reduced as the loss)."""
     xt = torch.from_numpy(np.moveaxis(np.asarray(x, np.float64), axis, 1).copy())
     xt.requires_grad_(True)
+    v = xt * logit_scale
+    if softcap is not None:
+        v = softcap * torch.tanh(v / softcap)
     soft = y.dtype.kind == "f"
     yt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(y, axis, 1).astype(np.float64)
                                                if soft else y))
     wt = None if weight is None else torch.from_numpy(np.asarray(weight, np.float64))
-    rows = F.cross_entropy(xt, yt, weight=wt, ignore_index=ignore_index, reduction="none",
+    rows = F.cross_entropy(v, yt, weight=wt, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
-    lse = torch.logsumexp(xt, dim=1)
+    lse = torch.logsumexp(v, dim=1)
     if soft:
         row_weight = torch.ones_like(lse)
         denominator = float(lse.numel())
@@ -482,46 +498,96 @@ def torch_ce_z_loss(x, y, axis=-1, weight=None, ignore_index=-100, reduction="me
         w_t = torch.ones_like(lse) if wt is None else wt[safe]
         row_weight = torch.where(kept, w_t, torch.zeros_like(w_t))
         denominator = row_weight.sum()
-    rows = rows + row_weight * z_loss * lse ** 2
-    loss = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / denominator}[reduction]
+    z_rows = row_weight * z_loss * lse ** 2
+    rows = rows + z_rows
+
+    def reduce(r):
+        return {"none": r, "sum": r.sum(), "mean": r.sum() / denominator}[reduction]
+
+    loss = reduce(rows)
     loss.sum().backward()
-    return loss.detach().numpy(), np.moveaxis(xt.grad.numpy(), 1, axis)
+    return (loss.detach().numpy(), np.moveaxis(xt.grad.numpy(), 1, axis),
+            lse.detach().numpy(), reduce(z_rows).detach().numpy())
 
 
-def check_z_loss(device, *, dtype, layout, weighted, target, smoothing, reduction, C=None,
-                 seed=0, z_loss=Z_LOSS):
-    """``cross_entropy_with_grad`` and ``cross_entropy`` with ``z_loss`` on
-    ``device`` against ``torch_ce_z_loss`` (float32 results held as the
-    table holds them against the float64 reference)."""
+def torch_ce_z_loss(x, y, axis=-1, **kw):
+    """(loss, grad) of ``torch_ce_options``."""
+    return torch_ce_options(x, y, axis, **kw)[:2]
+
+
+def check_options(device, *, dtype, layout, weighted, target, smoothing, reduction, llm="z",
+                  C=None, seed=0):
+    """``cross_entropy_with_grad`` and ``cross_entropy`` with the options
+    ``LLM_OPTIONS[llm]`` on ``device`` against ``torch_ce_options`` (float32
+    results held as the table holds them against the float64 reference);
+    with ``return_stats``, each statistic against torch too."""
     x, y, w, axis, options = target_problem(layout, dtype, target, seed, C)
+    llm_kw = dict(LLM_OPTIONS[llm])
+    stats = llm_kw.pop("return_stats", False)
     kw = dict(weight=w if weighted else None, reduction=reduction, label_smoothing=smoothing,
-              z_loss=z_loss, **options)
-    loss, grad = fastxent.cross_entropy_with_grad(device.put(x), device.put(y), axis=axis,
-                                                  **_on(device, kw))
+              **llm_kw, **options)
+    result = fastxent.cross_entropy_with_grad(device.put(x), device.put(y), axis=axis,
+                                              return_stats=stats, **_on(device, kw))
     loss_only = fastxent.cross_entropy(device.put(x), device.put(y), axis=axis,
-                                       **_on(device, kw))
-    t_loss, t_grad = torch_ce_z_loss(x, y, axis=axis, **kw)
+                                       return_stats=stats, **_on(device, kw))
+    assert len(result) == (3 if stats else 2)
+    loss, grad = result[:2]
+    t_loss, t_grad, t_lse, t_z = torch_ce_options(x, y, axis=axis, **kw)
     check_loss_type(device, loss, dtype, reduction)
     assert device.is_array(grad) and grad.shape == x.shape and grad.dtype == dtype
     rtol = 1e-10 if dtype == np.float64 else LOSS32_RTOL
     atol = 1e-12 if dtype == np.float64 else 1e-7
+    if stats:
+        loss_only, stats_only = loss_only
     for ours in (loss, loss_only):
         np.testing.assert_allclose(np.asarray(device.get(ours), np.float64), t_loss, rtol=rtol,
                                    atol=atol, err_msg="loss")
     np.testing.assert_allclose(device.get(grad), t_grad, rtol=rtol,
                                atol=1e-12 if dtype == np.float64 else GRAD32_ATOL,
                                err_msg="grad")
+    if stats:
+        for st in (result[2], stats_only):
+            check_stats(device, st, x, y, axis, dtype, t_lse, t_z, reduction,
+                        options.get("ignore_index", -100), rtol, atol)
+
+
+def check_stats(device, stats, x, y, axis, dtype, t_lse, t_z, reduction, ignore_index, rtol,
+                atol):
+    """A ``CrossEntropyStats`` against torch: lse, the z-loss term, the
+    argmax (``torch.argmax`` of the logits as given) and the accuracy."""
+    assert isinstance(stats, fastxent.CrossEntropyStats)
+    lse = device.get(stats.lse)
+    assert lse.dtype == dtype and lse.shape == t_lse.shape
+    np.testing.assert_allclose(lse, t_lse, rtol=rtol, atol=atol, err_msg="lse")
+    z = np.asarray(device.get(stats.z_loss), np.float64)
+    assert z.shape == np.shape(t_z)
+    np.testing.assert_allclose(z, t_z, rtol=rtol, atol=atol, err_msg="z_loss term")
+    expect = torch.argmax(torch.from_numpy(x), dim=axis).numpy()
+    predicted = device.get(stats.predicted)
+    assert predicted.dtype == np.int64
+    np.testing.assert_array_equal(predicted, expect, err_msg="predicted")
+    if y.dtype.kind == "f":
+        assert stats.accuracy is None
+        return
+    kept = y != ignore_index
+    accuracy = (expect[kept] == y[kept]).mean() if kept.any() else np.nan
+    np.testing.assert_equal(stats.accuracy, accuracy)
+
+
+def check_z_loss(device, **case):
+    """``check_options`` with ``z_loss`` alone."""
+    check_options(device, llm="z", **case)
 
 
 #: The grid of the options' checks: the cross-entropy grid (label smoothing 0
 #: and 0.2) and, on the CPU, class counts that take each layout strategy
 #: (tiles, blocks, direct rows).
 OPTION_GRID = dict(dtype=DTYPES, layout=list(LAYOUTS), weighted=WEIGHTED, target=TARGETS,
-                   smoothing=[0.0, 0.2], reduction=REDUCTIONS)
+                   smoothing=[0.0, 0.2], reduction=REDUCTIONS, llm=list(LLM_OPTIONS))
 
 
 def option_cases(device):
-    """The cases of ``check_z_loss`` on ``device``: every combination on the
+    """The cases of ``check_options`` on ``device``: every combination on the
     CPU (5 classes, and 100 and 300 for the 2-D layout); on the GPU, a
     pairwise covering array with ``GPU_CLASSES`` (the table's 3-wise one
     already runs the kernel's other options together)."""

@@ -326,6 +326,9 @@ EXPECTED = {
         i["x"], i["target"], label_smoothing=_peers.LABEL_SMOOTHING),
     "cross_entropy_z_loss": lambda i: parity.torch_ce_z_loss(i["x"], i["target"],
                                                              z_loss=_peers.Z_LOSS),
+    **{name: (lambda i, o=options: parity.torch_ce_options(
+        i["x"], i["target"], **{k: v for k, v in o.items() if k != "return_stats"})[:2])
+       for name, (_, options) in _peers.LLM_VARIANTS.items()},
     "nll_loss": lambda i: (ref.nll_loss(i["x"], i["target"]),),
     "log_softmax": lambda i: (ref.log_softmax(i["x"]),),
     "softmax": lambda i: (ref.softmax(i["x"]),),

@@ -29,12 +29,16 @@ FLOATS = {"float32": T.float32, "float64": T.float64}
 i64, f64 = T.int64, T.float64
 
 
-def _ce_sig(ft, soft, weighted, grad):
-    """x, y, q, g, losses, n_rows, n_classes, inner, group, wsum, scale, and
-    the fields of ``_spec.CEOptions``: weight, ignore_index, smoothing, mean, z_loss."""
+def _ce_sig(ft, soft, weighted, grad, llm=False):
+    """x, y, q, g, losses, lse, predicted, n_rows, n_classes, inner, group,
+    wsum, scale, and the fields of ``_spec.CEOptions``: weight, ignore_index,
+    smoothing, mean, z_loss, transform. ``llm``: with return_stats' arrays
+    and a transform (logit_scale, softcap)."""
     a = ft[::1]
     return (a, None if soft else i64[::1], a if soft else None, a if grad else None, f64[::1],
-            i64, i64, i64, i64, f64, f64, a if weighted else None, i64, f64, T.boolean, f64)
+            f64[::1] if llm else None, i64[::1] if llm else None,
+            i64, i64, i64, i64, f64, f64, a if weighted else None, i64, f64, T.boolean, f64,
+            T.UniTuple(f64, 2) if llm else None)
 
 
 def _sig(*args):
@@ -48,8 +52,9 @@ def _kernels(dtype):
     out = []
     for cached in (False, True):
         for soft in (False, True):
-            out.append((f"ce soft={soft} cached={cached}", K.ce_py(dtype, cached),
-                        _sig(*_ce_sig(ft, soft, True, True))))
+            for llm in (False, True):
+                out.append((f"ce soft={soft} llm={llm} cached={cached}", K.ce_py(dtype, cached),
+                            _sig(*_ce_sig(ft, soft, True, True, llm))))
         for log in (False, True):
             out.append((f"softmax log={log} cached={cached}", K.softmax_py(dtype, cached, log),
                         (a, a, i64, i64, i64, i64)))
@@ -86,13 +91,15 @@ def test_every_kernel_compiles_without_spills(dtype):
 
 @pytest.mark.parametrize("dtype", sorted(FLOATS))
 @pytest.mark.parametrize("cached", [False, True])
-def test_fused_cross_entropy_moves_each_element_at_most_twice(dtype, cached):
+@pytest.mark.parametrize("llm", [False, True], ids=["plain", "llm_options"])
+def test_fused_cross_entropy_moves_each_element_at_most_twice(dtype, cached, llm):
     """Hard targets with gradient: a first pass (online max and sum) and a
     gradient pass. Per element: at most 2 global loads and 1 global store, 1
     load when the row is kept in shared memory. The compiler unswitches
     loops (e.g. on label smoothing), so the per-element cost is the worst
-    first-pass loop plus the worst gradient-pass loop."""
-    ptx = _ptx(K.ce_py(dtype, cached), _sig(*_ce_sig(FLOATS[dtype], False, False, True)))
+    first-pass loop plus the worst gradient-pass loop. ``llm``: the same with
+    every LLM option on (logit_scale, softcap, z_loss, return_stats)."""
+    ptx = _ptx(K.ce_py(dtype, cached), _sig(*_ce_sig(FLOATS[dtype], False, False, True, llm)))
     loops = innermost_loops(ptx)
     first = [lp for lp in loops if lp.stores == 0]
     second = [lp for lp in loops if lp.stores > 0]

@@ -138,6 +138,24 @@ class CrossEntropyZLoss(_KernelBenchmark):
     comparison = "cross_entropy_z_loss"
 
 
+class CrossEntropySoftcap(_KernelBenchmark):
+    """cross_entropy_with_grad(inplace=True, softcap=30)."""
+
+    comparison = "cross_entropy_softcap"
+
+
+class CrossEntropyStats(_KernelBenchmark):
+    """cross_entropy_with_grad(inplace=True, return_stats=True)."""
+
+    comparison = "cross_entropy_stats"
+
+
+class CrossEntropyLLM(_KernelBenchmark):
+    """cross_entropy_with_grad(inplace=True) with logit_scale, softcap, z_loss, return_stats."""
+
+    comparison = "cross_entropy_llm"
+
+
 class NllLoss(_KernelBenchmark):
     """nll_loss of log-probabilities."""
 
