@@ -713,5 +713,7 @@ def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, ou
     if problem.n_rows:
         _launch_rows(lambda cached: J.cross_entropy_hvp(dtype, cached), problem, 2,
                      lambda group: (_flat(x), y, q, _flat(v), _flat(written), problem.n_rows, C,
-                                    problem.inner, group, wsum, scale, *options))
+                                    problem.inner, group, wsum, scale, options.weight,
+                                    options.ignore_index, options.smoothing, options.mean,
+                                    options.z_loss))
     return _finish_destination(written, caller_dest, logits)
