@@ -5,6 +5,9 @@ from .losses import (BCEWithLogitsLoss, CrossEntropyLoss, binary_cross_entropy_w
                      binary_cross_entropy_with_logits_with_grad, cross_entropy,
                      cross_entropy_with_grad, log_softmax, logsumexp, nll_loss, softmax)
 
+from .jacobian import (cross_entropy_hvp, log_softmax_backward, softmax_backward,
+                       softmax_jacobian)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -19,4 +22,9 @@ __all__ = [
     "logsumexp",
     "nll_loss",
     "softmax",
+    # the softmax Jacobian family
+    "cross_entropy_hvp",
+    "log_softmax_backward",
+    "softmax_backward",
+    "softmax_jacobian",
 ]

@@ -110,6 +110,10 @@ def main(argv=None) -> int:
     p_bench.add_argument("--torch", dest="torch_section", action="store_true",
                          help="only the torch table: fastxent.torch inside a PyTorch graph "
                               "(8192x32000, or --shapes)")
+    p_bench.add_argument("--jacobian", action="store_true",
+                         help="only the softmax Jacobian table (softmax_backward, "
+                              "log_softmax_backward, cross_entropy_hvp; 8192x32000 and "
+                              "1024x32000; the PyTorch double backward needs several GB)")
     p_bench.add_argument("--small-shapes", nargs="+", metavar="NxC", default=None,
                          help="shapes of the small-batch table")
     p_bench.add_argument("--markdown", nargs="?", metavar="PATH", default=None,
@@ -131,6 +135,7 @@ def main(argv=None) -> int:
                        dtype=args.dtype, threads=args.threads, small=args.small,
                        small_shapes=args.small_shapes, markdown=args.markdown,
                        torch_section=args.torch_section,
+                       jacobian=args.jacobian,
                        command=shlex.join(["python", "-m", "fastxent", *argv]))
 
 

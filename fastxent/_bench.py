@@ -321,7 +321,41 @@ TORCH = Section(
      "peak: resident memory the step added at its peak (Linux VmHWM), one step per round; "
      "the gradient buffer fastxent.torch keeps between steps counts as the step's."))
 
-SECTIONS = {section.name: section for section in (MAIN, SMALL, TORCH)}
+#: The softmax Jacobian family's section (``--jacobian``): the backward of
+#: softmax and log_softmax in place, the cross-entropy HVP into ``out=``.
+JACOBIAN_COLUMNS = (
+    ("sm_bw", "softmax_backward", "fastxent"),
+    ("lsm_bw", "log_softmax_backward", "fastxent"),
+    ("hvp", "cross_entropy_hvp", "fastxent"),
+    ("copyto", "softmax_backward", "np.copyto"),
+    ("torch sm_bw", "softmax_backward", "torch"),
+    ("torch lsm_bw", "log_softmax_backward", "torch"),
+    ("torch hvp", "cross_entropy_hvp", "torch"),
+    ("numpy hvp", "cross_entropy_hvp", "numpy"),
+)
+JACOBIAN_RATIOS = (
+    ("sm_bw/copyto", "sm_bw", "copyto"),
+    ("lsm_bw/copyto", "lsm_bw", "copyto"),
+    ("hvp/copyto", "hvp", "copyto"),
+    ("torch/sm_bw", "torch sm_bw", "sm_bw"),
+    ("torch/lsm_bw", "torch lsm_bw", "lsm_bw"),
+    ("torch/hvp", "torch hvp", "hvp"),
+    ("numpy/hvp", "numpy hvp", "hvp"),
+)
+#: Its default shapes: an LLM vocabulary at two batch sizes.
+JACOBIAN_SHAPES = ((8192, 32000), (1024, 32000))
+
+JACOBIAN = Section(
+    "jacobian", "The softmax Jacobian",
+    tuple(_comparison_column(*column) for column in JACOBIAN_COLUMNS), JACOBIAN_RATIOS,
+    ("sm_bw, lsm_bw: softmax_backward / log_softmax_backward(inplace=True), the logits as "
+     "the incoming gradient; hvp: cross_entropy_hvp(out=) of the mean cross-entropy.",
+     "copyto: np.copyto of the logits (the memory limit).",
+     "torch sm_bw, lsm_bw: torch._softmax_backward_data / _log_softmax_backward_data; "
+     "torch hvp: double backward (autograd.grad with create_graph, then autograd.grad); "
+     "numpy hvp: softmax, then p v - p (p . v)."))
+
+SECTIONS = {section.name: section for section in (MAIN, SMALL, TORCH, JACOBIAN)}
 
 
 def bench_shape(shape, dtype, rounds: int, sample_seconds: float, progress: ProgressBar,
@@ -458,12 +492,14 @@ def markdown_document(facts: Sequence[Tuple[str, str]],
 
 
 def command_line(quick=False, rounds=None, shapes=None, dtype="float32", threads=None,
-                 small=False, small_shapes=None, markdown=None, torch_section=False) -> str:
+                 small=False, small_shapes=None, markdown=None, torch_section=False,
+                 jacobian=False) -> str:
     """The ``python -m fastxent bench`` command line of these arguments."""
     args = ["python", "-m", "fastxent", "bench"]
     args += ["--quick"] if quick else []
     args += ["--small"] if small else []
     args += ["--torch"] if torch_section else []
+    args += ["--jacobian"] if jacobian else []
     args += ["--rounds", str(rounds)] if rounds is not None else []
     args += ["--shapes", *shapes] if shapes else []
     args += ["--small-shapes", *small_shapes] if small_shapes else []
@@ -485,7 +521,8 @@ def main(quick: bool = False, rounds: Optional[int] = None,
          shapes: Optional[Sequence[str]] = None, dtype: str = "float32",
          threads: Optional[int] = None, stream=None, small: bool = False,
          small_shapes: Optional[Sequence[str]] = None, markdown=None,
-         command: Optional[str] = None, torch_section: bool = False) -> int:
+         command: Optional[str] = None, torch_section: bool = False,
+         jacobian: bool = False) -> int:
     """Run the benchmark and print the machine header and the tables.
 
     Parameters
@@ -520,6 +557,9 @@ def main(quick: bool = False, rounds: Optional[int] = None,
         Run only the torch section (``fastxent.torch`` inside a PyTorch
         graph), on ``shapes`` if given. A full run (no ``shapes``, not
         ``small``) includes it.
+    jacobian : bool
+        Run only the softmax Jacobian section (``shapes`` its shapes, default
+        :data:`JACOBIAN_SHAPES`; with ``quick``, a 16th of their rows).
 
     Returns
     -------
@@ -531,7 +571,7 @@ def main(quick: bool = False, rounds: Optional[int] = None,
     stream = sys.stdout if stream is None else stream
     if command is None:
         command = command_line(quick, rounds, shapes, dtype, threads, small, small_shapes,
-                               markdown, torch_section)
+                               markdown, torch_section, jacobian)
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise SystemExit(f"--dtype must be float32 or float64, not {dtype}")
@@ -546,7 +586,10 @@ def main(quick: bool = False, rounds: Optional[int] = None,
             pass
     plan: List[Tuple[Section, list]] = []
     torch_shapes = list(_peers.TORCH_GRAPH_QUICK_SHAPES if quick else _peers.TORCH_GRAPH_SHAPES)
-    if torch_section:
+    if jacobian:
+        plan.append((JACOBIAN, _shapes(shapes) if shapes else
+                     [(n // 16 if quick else n, c) for n, c in JACOBIAN_SHAPES]))
+    elif torch_section:
         plan.append((TORCH, _shapes(shapes) if shapes else torch_shapes))
     elif small:
         plan.append((SMALL, _shapes(small_shapes or shapes or [])

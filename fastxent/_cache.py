@@ -22,7 +22,8 @@ import os
 
 #: The files whose code ends up in the compiled CPU kernels.
 KERNEL_SOURCES = ("_cpu_kernels.py", "_lanes.py", "_tiles.py", "_fastmath.py", "_formulas.py",
-                  "_host.py")
+                  "_host.py",
+                  "_jacobian_kernels.py")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

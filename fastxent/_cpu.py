@@ -8,6 +8,7 @@ picks the layout strategy (direct rows, blocks or tiles: one kernel each in
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -17,7 +18,7 @@ from ._fastmath import native_vector_bytes
 from ._formulas import mean_scale
 from ._host import (bad_uint64_target, finish_loss, raise_bad_target, row_stats,
                     scan_hard_targets)
-from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec
+from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec, ReductionSpec
 from ._tiles import TILE
 
 #: Rows of more classes than this, contiguous along the classes, take the
@@ -369,6 +370,8 @@ def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
 
 
 def softmax(problem: ClassProblem, x, out, log: bool):
+    if problem.n_rows == 0 or problem.n_classes == 0:  # nothing to compute
+        return np.empty(problem.shape, problem.dtype) if out is None else out
     x = np.asarray(x, dtype=problem.dtype)
     x_rows, form = rows_of(x, problem)
     result = _Output(out, x_rows, problem, form, (x,))
@@ -395,6 +398,20 @@ def logsumexp(problem: ClassProblem, x):
     else:
         K.logsumexp_buffered(x_rows, out, _inner(problem, form))
     return out.reshape(problem.batch_shape)
+
+
+def logsumexp_axes(spec: ReductionSpec, x):
+    """logsumexp over ``spec.axes``: moved last and merged into one class
+    axis (a view where the layout allows, else a copy), then one kernel."""
+    x = np.asarray(x, dtype=spec.dtype)
+    if not spec.axes:  # nothing summed: each element is its own logsumexp
+        return np.array(x).reshape(spec.kept_shape)
+    ndim, n_axes = len(spec.shape), len(spec.axes)
+    kept = tuple(n for a, n in enumerate(spec.shape) if a not in spec.axes)
+    moved = np.moveaxis(x, spec.axes, range(ndim - n_axes, ndim))
+    merged = moved.reshape(kept + (math.prod(spec.shape[a] for a in spec.axes),))
+    problem = ClassProblem(merged.shape, len(kept), spec.dtype)
+    return logsumexp(problem, merged).reshape(spec.kept_shape)
 
 
 #: Elements per work item of the BCE kernel.
@@ -443,3 +460,82 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
     if out is None:
         return loss, None
     return loss, (grad if not isinstance(grad, str) else out.result().reshape(shape))
+
+
+# --------------------------------------------------------------------------
+# The softmax Jacobian family (``_jacobian_kernels``)
+
+
+def _empty_result(problem: ClassProblem, dest):
+    """The result of a call with no rows or no classes: nothing to compute."""
+    return np.empty(problem.shape, problem.dtype) if dest is None else dest
+
+
+def _strided_classes(rows, form) -> bool:
+    """Whether rows in this form are strided along the classes: the
+    Jacobian kernels then take them a tile of neighbouring rows at a time."""
+    return not (form == ROWS and rows.strides[1] == rows.itemsize)
+
+
+def softmax_backward(problem: ClassProblem, grad_output, output, dest, log: bool):
+    """Gradient through softmax (``log``: log_softmax) along the class axis.
+
+    ``dest``: ``"new"``, ``out=``, or ``grad_output`` itself (in place).
+    """
+    from . import _jacobian_kernels as J
+
+    dest = None if isinstance(dest, str) else dest
+    if problem.n_rows == 0 or problem.n_classes == 0:
+        return _empty_result(problem, dest)
+    go = np.asarray(grad_output, dtype=problem.dtype)
+    o = np.asarray(output, dtype=problem.dtype)
+    go_rows, form = rows_of(go, problem)
+    o_rows, _ = rows_of(o, problem, form)
+    # ``dest`` is ``grad_output``: rows read then written in place; any other
+    # destination overlapping an input is written through a temporary
+    result = _Output(dest, go_rows, problem, form, (go, o))
+    J.softmax_backward(go_rows, o_rows, result.rows, result.inplace, problem.n_rows,
+                       _inner(problem, form), log, _strided_classes(go_rows, form))
+    return result.result()
+
+
+def softmax_jacobian(problem: ClassProblem, x):
+    """diag(p) - p p^T per row: an array of the batch shape + (C, C)."""
+    from . import _jacobian_kernels as J
+
+    C = problem.n_classes
+    out = np.empty((problem.n_rows, C, C), problem.dtype)
+    if problem.n_rows and C:
+        x_rows, form = rows_of(np.asarray(x, dtype=problem.dtype), problem)
+        J.softmax_jacobian(x_rows, out, _inner(problem, form))
+    return out.reshape(problem.batch_shape + (C, C))
+
+
+def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, out):
+    """Hessian of the cross-entropy (with respect to the logits) times
+    ``vector``, into a new array or ``out``."""
+    from . import _jacobian_kernels as J
+
+    problem = spec.problem
+    dtype = problem.dtype
+    x = np.asarray(logits, dtype=dtype)
+    x_rows, form = rows_of(x, problem)
+    v_rows = rows_of(np.asarray(vector, dtype=dtype), problem, form)[0]
+    if spec.soft:
+        y, q = None, rows_of(np.asarray(target, dtype=dtype), problem, form)[0]
+    else:
+        y, q = _hard_targets(np.asarray(target), spec), None
+    opts = CEOptions(weight=_weight(weight, dtype), ignore_index=spec.ignore_index,
+                     smoothing=spec.smoothing, mean=spec.reduction == "mean",
+                     z_loss=spec.z_loss)
+    result = _Output(out, x_rows, problem, form, (x, target, vector, weight))
+    if result.inplace and np.may_share_memory(x, vector):
+        # ``out`` is the logits, read before a row is written, but the row of
+        # ``vector`` is read after: through a temporary
+        result.rows = np.empty(_form_shape(problem, form), dtype)
+        result.inplace, result.copy_back = False, True
+    bad = J.cross_entropy_hvp(x_rows, y, q, v_rows, opts, result.rows, problem.n_rows,
+                              _inner(problem, form), _strided_classes(x_rows, form))
+    if bad >= 0:
+        raise_bad_target(bad, y, problem.batch_shape, problem.n_classes, spec.ignore_index)
+    return result.result()

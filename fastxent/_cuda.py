@@ -62,7 +62,7 @@ from . import _cuda_kernels as K
 from ._formulas import mean_scale
 from ._host import (bad_uint64_target, finish_loss, on_gpu, raise_bad_target, row_stats,
                     scan_hard_targets)
-from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec
+from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec, ReductionSpec
 
 #: Threads per block (a power of two, at most 1024; at least 32 on a GPU).
 #: The simulator tests patch it small.
@@ -559,7 +559,7 @@ def softmax(problem: ClassProblem, x, out, log: bool):
     xd = _contiguous(x, problem.dtype)
     written, dest = _destination("new" if out is None else out, x, xd, problem.shape,
                                  problem.dtype, (xd,))
-    if problem.n_rows:
+    if problem.n_rows and problem.n_classes:  # zero classes: an empty result
         _launch_rows(lambda cached: K.softmax(problem.dtype, cached, log), problem, 1,
                      lambda group: (_flat(xd), _flat(written), problem.n_rows,
                                     problem.n_classes, problem.inner, group))
@@ -577,6 +577,24 @@ def logsumexp(problem: ClassProblem, x):
                  lambda group: (_flat(xd), out, problem.n_rows, problem.n_classes,
                                 problem.inner, group))
     return _to_caller(out.reshape(problem.batch_shape), x)
+
+
+def logsumexp_axes(spec: ReductionSpec, x):
+    """logsumexp over ``spec.axes``, one axis after another, the last first:
+    lse over (a, b) is lse over a of lse over b (strided device arrays
+    cannot be merged into one axis without a copy)."""
+    result = x
+    shape = spec.shape
+    if not spec.axes:  # each element is its own logsumexp: one class each
+        result = _to_device(x).reshape(shape + (1,))
+        shape = shape + (1,)
+        axes = (len(spec.shape),)
+    else:
+        axes = spec.axes
+    for a in reversed(axes):
+        result = logsumexp(ClassProblem(shape, a, spec.dtype), result)
+        shape = shape[:a] + shape[a + 1:]
+    return result.reshape(spec.kept_shape)
 
 
 def _broadcast_operand(a, shape, dtype):
@@ -622,3 +640,79 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
         total = _device_sum(partials) if n else 0.0
         loss = finish_loss(total, n, spec.reduction, dtype)
     return loss, (None if g is None else _finish_destination(g, dest, logits))
+
+
+# --------------------------------------------------------------------------
+# The softmax Jacobian family (``_cuda_jacobian_kernels``)
+
+
+def softmax_backward(problem: ClassProblem, grad_output, output, dest, log: bool):
+    """Gradient through softmax (``log``: log_softmax); ``dest`` as in ``_cpu``."""
+    from . import _cuda_jacobian_kernels as J
+
+    device_go, device_o = to_device_args((grad_output, output))
+    dest = _gradient_destination(dest, (grad_output, device_go))
+    dtype = problem.dtype
+    go = _contiguous(device_go, dtype)
+    o = _contiguous(device_o, dtype)
+    written, caller_dest = _destination(dest, device_go, go, problem.shape, dtype, (go, o))
+    if problem.n_rows and problem.n_classes:
+        _launch_rows(lambda cached: J.softmax_backward(dtype, cached, log), problem,
+                     1 if log else 2,
+                     lambda group: (_flat(go), _flat(o), _flat(written), problem.n_rows,
+                                    problem.n_classes, problem.inner, group))
+    return _finish_destination(written, caller_dest, device_go)
+
+
+def softmax_jacobian(problem: ClassProblem, x):
+    """diag(p) - p p^T per row: batch shape + (C, C)."""
+    from . import _cuda_jacobian_kernels as J
+
+    x = _to_device(x)
+    C = problem.n_classes
+    out = cuda.device_array(problem.n_rows * C * C, dtype=problem.dtype)
+    if problem.n_rows and C:
+        xd = _contiguous(x, problem.dtype)
+        _launch_rows(lambda cached: J.softmax_jacobian(problem.dtype), problem, 0,
+                     lambda group: (_flat(xd), out, problem.n_rows, C, problem.inner, group))
+    return _to_caller(out.reshape(problem.batch_shape + (C, C)), x)
+
+
+def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, out):
+    """Hessian of the cross-entropy (w.r.t. the logits) times ``vector``."""
+    from . import _cuda_jacobian_kernels as J
+
+    device_logits, target, vector, weight = to_device_args((logits, target, vector, weight))
+    dest = "new" if out is None else _to_device(out)
+    logits = device_logits
+    problem = spec.problem
+    dtype = problem.dtype
+    C = problem.n_classes
+    w_host, w = (None, None) if weight is None else _small_to_device(weight, dtype)
+    wsum = float(C) if w_host is None else float(w_host.sum(dtype=np.float64))
+    if spec.soft:
+        y, q = None, _flat(_contiguous(target, dtype))
+        denominator = float(problem.n_rows)
+    else:
+        (y, denominator), q = _hard_targets(spec, target, w_host), None
+    x = _contiguous(logits, dtype)
+    v = _contiguous(vector, dtype)
+    options = CEOptions(w, spec.ignore_index, spec.smoothing, spec.reduction == "mean",
+                        spec.z_loss)
+    scale = mean_scale(options.mean, denominator)
+    # written directly only into an ``out`` that overlaps no input (the
+    # vector is read after the logits: never over them in place)
+    if isinstance(dest, str):
+        written, caller_dest = cuda.device_array(problem.shape, dtype=dtype), None
+    elif _is_contiguous(dest) and not any(_overlaps(dest, a)
+                                          for a in (x, q, v, logits, vector, target)):
+        written = caller_dest = dest
+    else:
+        written, caller_dest = cuda.device_array(problem.shape, dtype=dtype), dest
+    if problem.n_rows:
+        _launch_rows(lambda cached: J.cross_entropy_hvp(dtype, cached), problem, 2,
+                     lambda group: (_flat(x), y, q, _flat(v), _flat(written), problem.n_rows, C,
+                                    problem.inner, group, wsum, scale, options.weight,
+                                    options.ignore_index, options.smoothing, options.mean,
+                                    options.z_loss))
+    return _finish_destination(written, caller_dest, logits)

@@ -154,3 +154,61 @@ def bce_element(x, t, label_weight, e, log1p_e, one):
     inv = one / (one + e)
     sigmoid = inv if x >= 0 else e * inv
     return loss, label_weight * sigmoid - label_weight + one - t
+
+
+# --------------------------------------------------------------------------
+# The softmax Jacobian and the cross-entropy Hessian (see docs/design.md,
+# "The softmax Jacobian and the Hessian-vector product").
+#
+# With p = softmax(x), D_j p_i = p_i (delta_ij - p_j): J = diag(p) - p p^T,
+# symmetric, and it is also the Hessian of lse(x) = log sum exp(x). A row's
+# cross-entropy is a * lse(x) minus a linear function of x (a = the row's
+# weight in the loss), so its Hessian is a J; the z-loss z w lse**2 adds
+# 2 z w (grad lse grad lse^T + lse J) = 2 z w (p p^T + lse J). The Hessian
+# of a row applied to v is therefore alpha (p*v - p (p.v)) + beta p (p.v),
+# with (alpha, beta) the row's curvature weights below.
+
+
+def softmax_backward_element(o, grad_o, dot):
+    """Gradient through softmax: o_c (g_c - sum_k g_k o_k) = (J g)_c, o = p
+    (J symmetric: also the Jacobian-vector product)."""
+    return o * (grad_o - dot)
+
+
+def log_softmax_backward_element(grad_o, exp_o, total):
+    """Gradient through log_softmax: g_c - p_c sum_k g_k, p_c = exp(o_c)
+    (the Jacobian of log p is I - 1 p^T). The CPU emits this expression as
+    vector code (``_lanes.minus_exp_times``), as ``scale_minus`` does
+    ``gradient_element``'s."""
+    return grad_o - exp_o * total
+
+
+def softmax_jacobian_element(p_i, p_j, same):
+    """J_ij = p_i (delta_ij - p_j); ``same`` is 1 on the diagonal, else 0."""
+    return p_i * (same - p_j)
+
+
+def hard_target_curvature(w_target, w_sum, lse, options, scale, n_classes):
+    """(alpha, beta) of a row against class t (see above): the row's weight
+    in the loss, a = (1-eps) w_t + eps W/C (the coefficient of lse in
+    ``hard_target_row``'s loss), and with the z-loss (w_t z lse**2)
+    alpha = a + 2 z w_t lse, beta = 2 z w_t; both times the mean's ``scale``."""
+    smoothing = options.smoothing
+    a = (1.0 - smoothing) * w_target + smoothing * w_sum / n_classes
+    z2 = 2.0 * options.z_loss * w_target
+    return scale * (a + z2 * lse), scale * z2
+
+
+def soft_target_curvature(total, lse, options, scale):
+    """(alpha, beta) of a row against probabilities: its weight is
+    ``total`` = sum_c q'_c (the coefficient of lse in ``soft_target_row``'s
+    loss); the z-loss (z lse**2, unweighted) adds 2 z lse to alpha and
+    gives beta = 2 z; both times the mean's ``scale``."""
+    z2 = 2.0 * options.z_loss
+    return scale * (total + z2 * lse), scale * z2
+
+
+def hessian_vector_element(e, v, k1, k2):
+    """(H v)_c = p_c (alpha v_c - (alpha - beta) (p.v)) with p_c = e_c / s:
+    e_c (k1 v_c - k2), k1 = alpha / s, k2 = (alpha - beta) (p.v) / s."""
+    return e * (k1 * v - k2)

@@ -658,6 +658,157 @@ _COMPARISONS = [
          "jax": _jax_builder(_jax_bce, True, "x", "target")}),
 ]
 
+# --------------------------------------------------------------------------
+# The softmax Jacobian family: softmax/log_softmax backward and the
+# cross-entropy Hessian-vector product. They run on the inputs of the other
+# comparisons (``hard_target_inputs``): the logits stand in for the incoming
+# gradient, and what else they need (softmax's output, a direction) is added
+# to the inputs the first time a builder asks for it.
+
+
+def softmax_output(inputs, log=False):
+    """softmax (``log``: log_softmax) of the logits, kept in the inputs."""
+    key = "log_softmax" if log else "softmax"
+    if key not in inputs:
+        inputs[key] = (fastxent.log_softmax if log else fastxent.softmax)(inputs["x"])
+    return inputs[key]
+
+
+def direction(inputs):
+    """A standard normal direction of the logits' shape (the HVP's vector)."""
+    if "vector" not in inputs:
+        x = inputs["x"]
+        rng = np.random.default_rng(12345)
+        inputs["vector"] = rng.standard_normal(x.shape, dtype=np.float32).astype(x.dtype,
+                                                                                copy=False)
+    return inputs["vector"]
+
+
+def numpy_softmax_backward(g, o):
+    return o * (g - (g * o).sum(axis=-1, keepdims=True))
+
+
+def numpy_log_softmax_backward(g, o):
+    return g - np.exp(o) * g.sum(axis=-1, keepdims=True)
+
+
+def numpy_cross_entropy_hvp(x, target, v):
+    """The mean cross-entropy's Hessian times ``v``: ``(p v - p (p . v)) / N``."""
+    p = numpy_softmax(x)
+    pv = p * v
+    return (pv - p * pv.sum(axis=-1, keepdims=True)) / len(x)
+
+
+def _fastxent_backward(log):
+    """``(log_)softmax_backward(work, output, inplace=True)``, ``work`` the
+    incoming gradient (the logits) restored before each call."""
+    function = fastxent.log_softmax_backward if log else fastxent.softmax_backward
+
+    def build(inputs):
+        x, output = inputs["x"], softmax_output(inputs, log)
+        work = work_buffer(inputs)
+        return Runner(lambda: function(work, output, inplace=True),
+                      reset=lambda: np.copyto(work, x))
+
+    return build
+
+
+def _numpy_backward(log):
+    function = numpy_log_softmax_backward if log else numpy_softmax_backward
+
+    def build(inputs):
+        x, output = inputs["x"], softmax_output(inputs, log)
+        return Runner(lambda: function(x, output))
+
+    return build
+
+
+def _torch_backward(log):
+    """PyTorch's backward kernel, ``torch._(log_)softmax_backward_data``."""
+
+    def build(inputs):
+        torch, _ = _torch()
+        g = torch.from_numpy(inputs["x"])
+        o = torch.from_numpy(softmax_output(inputs, log))
+        kernel = torch._log_softmax_backward_data if log else torch._softmax_backward_data
+        return Runner(lambda: kernel(g, o, -1, g.dtype))
+
+    return build
+
+
+def _jax_backward(log):
+    def build(inputs):
+        jax, jnp = _jax()
+        g, o = jnp.asarray(inputs["x"]), jnp.asarray(softmax_output(inputs, log))
+        if log:
+            fn = jax.jit(lambda g, o: g - jnp.exp(o) * g.sum(axis=-1, keepdims=True))
+        else:
+            fn = jax.jit(lambda g, o: o * (g - (g * o).sum(axis=-1, keepdims=True)))
+        return Runner(lambda: jax.block_until_ready(fn(g, o)))
+
+    return build
+
+
+def _fastxent_hvp(inputs):
+    x, target, v = inputs["x"], inputs["target"], direction(inputs)
+    out = work_buffer(inputs)
+    return Runner(lambda: fastxent.cross_entropy_hvp(x, target, v, out=out))
+
+
+def _numpy_hvp(inputs):
+    x, target, v = inputs["x"], inputs["target"], direction(inputs)
+    return Runner(lambda: numpy_cross_entropy_hvp(x, target, v))
+
+
+def _torch_hvp(inputs):
+    """PyTorch's double backward: the gradient with ``create_graph=True``,
+    then the gradient of its product with the direction."""
+    torch, F = _torch()
+    x, target = torch.from_numpy(inputs["x"]), torch.from_numpy(inputs["target"])
+    v = torch.from_numpy(direction(inputs))
+
+    def run():
+        leaf = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(leaf, target), leaf, create_graph=True)
+        (hvp,) = torch.autograd.grad(grad, leaf, grad_outputs=v)
+        return hvp
+
+    return Runner(run)
+
+
+def _jax_hvp(inputs):
+    jax, jnp = _jax()
+    x, target = jnp.asarray(inputs["x"]), jnp.asarray(inputs["target"])
+    v = jnp.asarray(direction(inputs))
+
+    def loss(z):
+        return jax_cross_entropy(jnp, jax, z, target, None, -100, 0.0)
+
+    fn = jax.jit(lambda x, v: jax.jvp(jax.grad(loss), (x,), (v,))[1])
+    return Runner(lambda: jax.block_until_ready(fn(x, v)))
+
+
+_COMPARISONS += [
+    Comparison(
+        "softmax_backward",
+        "softmax's backward (gradient through softmax), written over the incoming gradient",
+        hard_target_inputs,
+        {"fastxent": _fastxent_backward(False), "numpy": _numpy_backward(False),
+         "torch": _torch_backward(False), "jax": _jax_backward(False)}),
+    Comparison(
+        "log_softmax_backward",
+        "log_softmax's backward, written over the incoming gradient",
+        hard_target_inputs,
+        {"fastxent": _fastxent_backward(True), "numpy": _numpy_backward(True),
+         "torch": _torch_backward(True), "jax": _jax_backward(True)}),
+    Comparison(
+        "cross_entropy_hvp",
+        "mean cross-entropy's Hessian (w.r.t. the logits) times a vector, into out=",
+        hard_target_inputs,
+        {"fastxent": _fastxent_hvp, "numpy": _numpy_hvp, "torch": _torch_hvp,
+         "jax": _jax_hvp}),
+]
+
 #: Comparison name -> :class:`Comparison`, in the order of the tables.
 COMPARISONS: Dict[str, Comparison] = {c.name: c for c in _COMPARISONS}
 

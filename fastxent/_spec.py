@@ -138,3 +138,22 @@ class BCESpec:
     dtype: np.dtype
     reduction: str
     device: str
+
+
+@dataclass(frozen=True)
+class ReductionSpec:
+    """A checked logsumexp over any set of axes (a tuple, possibly empty, of
+    distinct non-negative axes) of an array of ``shape``."""
+
+    shape: tuple
+    axes: tuple
+    keepdims: bool
+    dtype: np.dtype
+    device: str
+
+    @property
+    def kept_shape(self) -> tuple:
+        """The result's shape: the axes removed, or kept as 1."""
+        if self.keepdims:
+            return tuple(1 if a in self.axes else n for a, n in enumerate(self.shape))
+        return tuple(n for a, n in enumerate(self.shape) if a not in self.axes)

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _dispatch
 from ._host import as_host_array, on_gpu
-from ._spec import BCESpec, ClassProblem, CrossEntropySpec, SoftmaxSpec
+from ._spec import BCESpec, ClassProblem, CrossEntropySpec, ReductionSpec, SoftmaxSpec
 
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -322,7 +322,8 @@ def softmax_call(x, axis, out, device):
         raise TypeError(f"out must be an array, got {type(out).__name__}")
     device = device_arg(device, x, out)
     (xa,) = _arrays((x,))
-    spec = SoftmaxSpec(class_problem(xa, axis, "x"), device)
+    # zero classes: an empty result, as torch.softmax gives
+    spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True), device)
     if out is not None:
         check_grad_out(out, spec.problem.shape, spec.problem.dtype)
     return _dispatch.backend(device), spec, xa
@@ -345,3 +346,77 @@ def bce_call(logits, target, weight, pos_weight, reduction, device, out, inplace
     if with_grad:
         grad = grad_destination(arrays[0], out, inplace, spec.shape, spec.dtype)
     return _dispatch.backend(device), spec, arrays, grad
+
+
+# --------------------------------------------------------------------------
+# The softmax Jacobian family (``fastxent.jacobian``)
+
+
+def _same_shape(a, b, name_a, name_b):
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"{name_b} has shape {tuple(b.shape)}, but {name_a} has shape "
+                         f"{tuple(a.shape)}: they must be the same")
+
+
+def softmax_backward_call(grad_output, output, axis, out, inplace, device):
+    """(backend, spec, (grad_output, output), destination): the spec's dtype
+    is the one both arrays compute in (float64 if either is), the
+    destination ``"new"``, ``out`` (checked) or ``grad_output`` itself."""
+    if inplace:
+        check_inplace(grad_output, "grad_output")
+    if out is not None and not (hasattr(out, "shape") and hasattr(out, "dtype")):
+        raise TypeError(f"out must be an array, got {type(out).__name__}")
+    device = device_arg(device, grad_output, output, out)
+    go, o = _arrays((grad_output, output))
+    gd, od = _describe(go), _describe(o)
+    _same_shape(gd, od, "grad_output", "output")
+    dtypes = {float_dtype(gd.dtype, "grad_output"), float_dtype(od.dtype, "output")}
+    dtype = np.dtype(np.float64) if np.dtype(np.float64) in dtypes else np.dtype(np.float32)
+    if inplace and np.dtype(gd.dtype) != np.dtype(od.dtype):
+        raise TypeError(f"inplace=True needs grad_output and output of one dtype, got "
+                        f"{gd.dtype} and {od.dtype}")
+    problem = class_problem(_Described(tuple(gd.shape), dtype), axis, "grad_output",
+                            allow_empty=True)
+    dest = grad_destination(go, out, inplace, problem.shape, dtype)
+    return _dispatch.backend(device), SoftmaxSpec(problem, device), (go, o), dest
+
+
+def softmax_jacobian_call(x, axis, device):
+    device = device_arg(device, x)
+    (xa,) = _arrays((x,))
+    spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True), device)
+    return _dispatch.backend(device), spec, xa
+
+
+def cross_entropy_hvp_call(logits, target, vector, weight, ignore_index, reduction,
+                           label_smoothing, z_loss, axis, device, out):
+    if out is not None and not (hasattr(out, "shape") and hasattr(out, "dtype")):
+        raise TypeError(f"out must be an array, got {type(out).__name__}")
+    device = device_arg(device, logits, target, vector, weight, out)
+    x, t, v, w = _arrays((logits, target, vector, weight))
+    spec = cross_entropy_spec(x, t, w, ignore_index, reduction, label_smoothing, axis, device,
+                              z_loss=z_loss)
+    vd = _describe(v)
+    _same_shape(_describe(x), vd, "logits", "vector")
+    float_dtype(vd.dtype, "vector")
+    if out is not None:
+        check_grad_out(out, spec.problem.shape, spec.problem.dtype)
+    return _dispatch.backend(device), spec, (x, t, v, w), out
+
+
+def logsumexp_axes_call(x, axis, keepdims, device):
+    """logsumexp over a tuple of axes (or one, with ``keepdims``; or of a
+    0-d array, whose axis 0 or -1 reduces nothing)."""
+    device = device_arg(device, x)
+    (xa,) = _arrays((x,))
+    described = _describe(xa)
+    shape = tuple(described.shape)
+    dtype = float_dtype(described.dtype, "x")
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    normalized = tuple(axis_arg(a, max(len(shape), 1), "x") for a in axes)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(f"axis {axis} repeats an axis")
+    if not shape:
+        normalized = ()  # a 0-d array: its only "axis" holds one value
+    return (_dispatch.backend(device),
+            ReductionSpec(shape, tuple(sorted(normalized)), bool(keepdims), dtype, device), xa)

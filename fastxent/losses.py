@@ -180,8 +180,20 @@ def nll_loss(log_probs: ArrayLike, target: ArrayLike, *, weight: Optional[ArrayL
 
 
 def _softmax(x, axis, out, device, log):
+    if np.ndim(x) == 0:
+        # one class: softmax 1, log_softmax 0, as torch gives for a 0-d tensor
+        return _softmax_scalar(x, axis, out, device, log)
     backend, spec, xa = _validate.softmax_call(x, axis, out, device)
     return backend.softmax(spec.problem, xa, out, log)
+
+
+def _softmax_scalar(x, axis, out, device, log):
+    """softmax of a 0-d array: the one-class case, run as shape (1,)."""
+    _validate.axis_arg(axis, 1, "x")
+    flat_out = None if out is None else out.reshape(1)
+    result = _softmax(x.reshape(1) if hasattr(x, "reshape") else np.reshape(x, 1), 0, flat_out,
+                      device, log)
+    return out if out is not None else result.reshape(())
 
 
 def log_softmax(x: ArrayLike, axis: int = -1, out: Optional[np.ndarray] = None, *,
@@ -202,12 +214,20 @@ def softmax(x: ArrayLike, axis: int = -1, out: Optional[np.ndarray] = None, *,
     return _softmax(x, axis, out, device, log=False)
 
 
-def logsumexp(x: ArrayLike, axis: int = -1, *, device: Device = "auto") -> Any:
-    """``log(sum(exp(x)))`` along ``axis``, as ``torch.logsumexp``.
+def logsumexp(x: ArrayLike, axis: int | Tuple[int, ...] = -1, *, keepdims: bool = False,
+              device: Device = "auto") -> Any:
+    """``log(sum(exp(x)))`` along ``axis``, as ``torch.logsumexp`` and
+    ``scipy.special.logsumexp``.
 
+    ``axis`` may be a tuple of axes (all reduced at once; ``()`` reduces
+    none), and a 0-d ``x`` takes axis 0 or -1 (its value is its logsumexp).
     Rows of ``-inf`` give ``-inf``, rows holding ``+inf`` give ``+inf``, and an
-    empty axis gives ``-inf``. Returns an array of ``x``'s shape without ``axis``.
+    empty axis gives ``-inf``. Returns an array of ``x``'s shape without the
+    axes, or with them kept as size 1 for ``keepdims=True``.
     """
+    if isinstance(axis, tuple) or keepdims or np.ndim(x) == 0:
+        backend, spec, xa = _validate.logsumexp_axes_call(x, axis, keepdims, device)
+        return backend.logsumexp_axes(spec, xa)
     backend, spec, xa = _validate.logsumexp_call(x, axis, device)
     return backend.logsumexp(spec.problem, xa)
 

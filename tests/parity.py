@@ -596,3 +596,13 @@ def option_cases(device):
         cases += [dict(c, C=n) for c in cases if c["layout"] == "2d" for n in (100, 300)]
         return cases
     return covering(dict(OPTION_GRID, C=GPU_CLASSES), strength=2)
+
+
+# --------------------------------------------------------------------------
+# The softmax Jacobian family's rows of the table (``tests/jacobian_parity.py``)
+
+from tests import jacobian_parity as _jacobian  # noqa: E402  (its checks use the above)
+
+COMPARISONS.update(_jacobian.COMPARISONS)
+CHECKS.update(_jacobian.CHECKS)
+GRIDS.update(_jacobian.GRIDS)

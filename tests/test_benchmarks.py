@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from fastxent import _bench, _peers
-from tests import parity, reference as ref
+from tests import jacobian_parity, parity, reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
 ASV_DIR = ROOT / "asv_bench"
@@ -160,6 +160,17 @@ def test_cli_bench_options(capsys):
             torch.set_num_threads(torch_threads or torch.get_num_threads())
     out = capsys.readouterr().out
     assert "16x7" in out and "float64" in out and "numba threads    1" in out
+
+
+def test_cli_bench_jacobian_section(capsys):
+    """``--jacobian`` runs the softmax Jacobian table alone, with its ratios."""
+    assert _bench.main(quick=True, rounds=1, shapes=["16x7"], jacobian=True) == 0
+    out = capsys.readouterr().out
+    assert "16x7" in out
+    for label, _, _ in _bench.JACOBIAN_RATIOS:
+        assert label in out
+    assert "fwd/sum" not in out  # the main table did not run
+    assert "--jacobian" in _bench.command_line(jacobian=True)
 
 
 def test_parse_shape():
@@ -325,6 +336,13 @@ EXPECTED = {
     "logsumexp": lambda i: (ref.logsumexp(i["x"]),),
     "bce_with_logits": lambda i: ref.bce_with_logits_with_grad(i["x"], i["target"])[:1],
     "bce_with_logits_with_grad": lambda i: ref.bce_with_logits_with_grad(i["x"], i["target"]),
+    # the softmax Jacobian family: the logits stand in for the incoming gradient
+    "softmax_backward": lambda i: (jacobian_parity.torch_backward(
+        i["x"], ref.softmax(i["x"]), -1, False),),
+    "log_softmax_backward": lambda i: (jacobian_parity.torch_backward(
+        i["x"], ref.log_softmax(i["x"]), -1, True),),
+    "cross_entropy_hvp": lambda i: (jacobian_parity.torch_hvp(
+        i["x"], i["target"], _peers.direction(i)),),
 }
 
 

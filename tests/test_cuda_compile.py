@@ -144,3 +144,84 @@ def test_cached_cross_entropy_assembles_for_wide_blocks_without_spills(dtype, so
     assert registers and max(registers) <= 128, log
     assert "0 bytes spill stores, 0 bytes spill loads" in log, log
     assert not re.search(r"[1-9]\d* bytes spill", log), log
+
+
+# --------------------------------------------------------------------------
+# The softmax Jacobian family (``_cuda_jacobian_kernels``)
+
+from fastxent import _cuda_jacobian_kernels as J  # noqa: E402
+
+
+def _hvp_sig(ft, soft, weighted):
+    """x, y, q, v, g, n_rows, n_classes, inner, group, wsum, scale, and the
+    fields of ``_spec.CEOptions``."""
+    a = ft[::1]
+    return _sig(a, None if soft else i64[::1], a if soft else None, a, a, i64, i64, i64, i64,
+                f64, f64, a if weighted else None, i64, f64, T.boolean, f64)
+
+
+def _jacobian_kernels(dtype):
+    ft = FLOATS[dtype]
+    a = ft[::1]
+    out = [("softmax_jacobian", J.softmax_jacobian_py(dtype), (a, a, i64, i64, i64, i64))]
+    for cached in (False, True):
+        for log in (False, True):
+            out.append((f"softmax_backward log={log} cached={cached}",
+                        J.softmax_backward_py(dtype, cached, log), (a, a, a, i64, i64, i64, i64)))
+        for soft in (False, True):
+            out.append((f"hvp soft={soft} cached={cached}", J.cross_entropy_hvp_py(dtype, cached),
+                        _hvp_sig(ft, soft, True)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", sorted(FLOATS))
+def test_jacobian_kernels_compile_without_spills(dtype):
+    for name, fn, sig in _jacobian_kernels(dtype):
+        ptx = _ptx(fn, sig)
+        assert ".target sm_90" in ptx, name
+        assert "ld.local" not in ptx and "st.local" not in ptx, f"{name} spills to local memory"
+        assert "shfl.sync.bfly" in ptx, f"{name} reduces without warp shuffles"
+        assert not re.search(r"\s(atom|red)\.", ptx), f"{name} uses atomics"
+
+
+def _traffic(ptx, cached_arrays):
+    """(global loads, global stores) per element over a row's passes, the
+    kernel caching ``cached_arrays`` row-sized arrays in shared memory: the
+    worst loop of each kind (unswitched copies of one pass), a pass being a
+    loop that stores (the last) or one that does not (the first passes). A
+    first pass stores ``cached_arrays`` shared values per element, which
+    ``innermost_loops`` counts as that many elements: counted back here."""
+    loops = innermost_loops(ptx)
+    reading = [lp for lp in loops if lp.stores == 0]
+    writing = [lp for lp in loops if lp.stores > 0]
+    assert reading and writing, loops
+    first = max(lp.loads_per_element * (cached_arrays if lp.shared_stores else 1)
+                for lp in reading)
+    loads = first + max(lp.loads_per_element for lp in writing)
+    return loads, max(lp.stores_per_element for lp in writing), loops
+
+
+@pytest.mark.parametrize("dtype", sorted(FLOATS))
+@pytest.mark.parametrize("log", [False, True])
+def test_cached_backward_reads_two_arrays_once_and_writes_once(dtype, log):
+    """Two global loads (grad_output, output) and one store per element;
+    the uncached variant reads grad_output again (and output, without ``log``)."""
+    a = FLOATS[dtype][::1]
+    sig = (a, a, a, i64, i64, i64, i64)
+    ptx = _ptx(J.softmax_backward_py(dtype, True, log), sig)
+    loads, stores, loops = _traffic(ptx, 1 if log else 2)
+    assert loads == 2 and stores == 1, loops
+    assert all(lp.shared_stores > 0 for lp in loops if lp.stores == 0), loops
+    loads, stores, loops = _traffic(_ptx(J.softmax_backward_py(dtype, False, log), sig), 0)
+    assert loads == (3 if log else 4) and stores == 1, loops
+
+
+@pytest.mark.parametrize("dtype", sorted(FLOATS))
+def test_cached_hvp_reads_logits_and_vector_once_and_writes_once(dtype):
+    """Class indices: two global loads (logits, vector) and one store per
+    element; the middle pass (sum exp(x - m) v) runs on shared memory (no
+    loop of it touches global memory)."""
+    ptx = _ptx(J.cross_entropy_hvp_py(dtype, True), _hvp_sig(FLOATS[dtype], False, True))
+    loads, stores, loops = _traffic(ptx, 2)
+    assert loads == 2 and stores == 1, loops
+    assert len([lp for lp in loops if lp.stores == 0]) == 1, loops

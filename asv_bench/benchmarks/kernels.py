@@ -192,6 +192,24 @@ class BCEWithLogitsWithGrad(_KernelBenchmark):
     comparison = "bce_with_logits_with_grad"
 
 
+class SoftmaxBackward(_KernelBenchmark):
+    """softmax_backward(inplace=True) against torch._softmax_backward_data."""
+
+    comparison = "softmax_backward"
+
+
+class LogSoftmaxBackward(_KernelBenchmark):
+    """log_softmax_backward(inplace=True) against torch._log_softmax_backward_data."""
+
+    comparison = "log_softmax_backward"
+
+
+class CrossEntropyHVP(_KernelBenchmark):
+    """cross_entropy_hvp(out=) against PyTorch's double backward."""
+
+    comparison = "cross_entropy_hvp"
+
+
 class MemoryLimitRatio:
     """fastxent's time over np.copyto's, per kernel: 1 is the memory-bandwidth limit.
 

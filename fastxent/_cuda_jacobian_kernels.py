@@ -1,0 +1,229 @@
+"""CUDA kernels of the softmax Jacobian family: backward of softmax and
+log_softmax, the full Jacobian, the cross-entropy Hessian-vector product.
+
+Imported only by ``_cuda``. Layout, work split, reductions and the
+``cached`` variants (a whole block on one row kept in dynamic shared
+memory) are those of ``_cuda_kernels`` (see its docstring), whose helpers
+these kernels use; the formulas are ``_formulas``' (shared with
+``_jacobian_kernels`` on the CPU).
+
+Memory traffic per element, cached: ``softmax_backward`` reads
+``grad_output`` and ``output`` once (both kept in shared memory) and writes
+once; ``log_softmax_backward`` keeps ``grad_output`` and reads ``output``
+in its second pass; ``cross_entropy_hvp`` keeps the logits and the vector
+(class indices; probabilities are read once more, in the first pass).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+from numba import cuda
+
+from . import _formulas as F
+from ._cuda_kernels import (NEG_INF, SCRATCH, _finish_sum, _float_type, _group_max_sum,
+                            _group_sum, _online, _online_row_pass, _row_slot, _row_start,
+                            _shared_type, smoothed_target, softmax_element)
+from ._spec import CEOptions
+
+_device = cuda.jit(device=True, inline=True)
+softmax_backward_element = _device(F.softmax_backward_element)
+log_softmax_backward_element = _device(F.log_softmax_backward_element)
+softmax_jacobian_element = _device(F.softmax_jacobian_element)
+hard_target_curvature = _device(F.hard_target_curvature)
+soft_target_curvature = _device(F.soft_target_curvature)
+hessian_vector_element = _device(F.hessian_vector_element)
+
+
+@lru_cache(maxsize=None)
+def softmax_backward_py(dtype, cached, log):
+    """``g`` <- the gradient through softmax (``log``: log_softmax) of the
+    rows of ``go`` (the gradient of the output) and ``o`` (the output);
+    ``g`` may be ``go``. Dynamic shared memory (cached): 2C values (C for
+    ``log``)."""
+    FT = _float_type(dtype)
+    ST = _shared_type(FT)
+
+    def softmax_backward(go, o, g, n_rows, n_classes, inner, group):
+        scratch = cuda.shared.array(SCRATCH, ST)
+        cache = cuda.shared.array(0, ST)
+        offset, lane, base, step = _row_slot(group)
+        while base < n_rows:
+            r = base + offset
+            active = r < n_rows
+            start = _row_start(r, n_classes, inner)
+            acc = FT(0.0)  # sum(go) (log), sum(go o)
+            if active:
+                for c in range(lane, n_classes, group):
+                    i = start + c * inner
+                    gv = go[i]
+                    if cached:
+                        cache[c] = gv
+                    if log:
+                        acc += gv
+                    else:
+                        ov = o[i]
+                        if cached:
+                            cache[n_classes + c] = ov
+                        acc += gv * ov
+            acc = _group_sum(acc, group, scratch)
+            if active:
+                for c in range(lane, n_classes, group):
+                    i = start + c * inner
+                    if cached:
+                        gv = cache[c]
+                    else:
+                        gv = go[i]
+                    if log:
+                        g[i] = log_softmax_backward_element(gv, math.exp(o[i]), acc)
+                    else:
+                        if cached:
+                            ov = cache[n_classes + c]
+                        else:
+                            ov = o[i]
+                        g[i] = softmax_backward_element(ov, gv, acc)
+            base += step
+
+    return softmax_backward
+
+
+@lru_cache(maxsize=None)
+def softmax_jacobian_py(dtype):
+    """``out[r*C*C + i*C + j]`` <- p_i (delta_ij - p_j), p the softmax of row r."""
+    FT = _float_type(dtype)
+    ST = _shared_type(FT)
+    first_pass = _online_row_pass(dtype, False)
+
+    def softmax_jacobian(x, out, n_rows, n_classes, inner, group):
+        scratch = cuda.shared.array(SCRATCH, ST)
+        one, zero = FT(1.0), FT(0.0)
+        offset, lane, base, step = _row_slot(group)
+        while base < n_rows:
+            r = base + offset
+            active = r < n_rows
+            start = _row_start(r, n_classes, inner)
+            m, s = first_pass(x, start, active, lane, group, n_classes, inner, scratch, scratch)
+            s = _finish_sum(m, s)
+            if active:
+                inv_s = FT(1.0 / np.float64(s))
+                first = r * n_classes * n_classes
+                for k in range(lane, n_classes * n_classes, group):
+                    i = k // n_classes
+                    j = k - i * n_classes
+                    p_i = softmax_element(math.exp(x[start + i * inner] - m), inv_s)
+                    p_j = softmax_element(math.exp(x[start + j * inner] - m), inv_s)
+                    out[first + k] = softmax_jacobian_element(p_i, p_j, one if i == j else zero)
+            base += step
+
+    return softmax_jacobian
+
+
+@lru_cache(maxsize=None)
+def cross_entropy_hvp_py(dtype, cached):
+    """``g`` <- the Hessian of the cross-entropy (w.r.t. the logits ``x``)
+    times ``v``, row by row: class indices ``y`` (int64) or probabilities
+    ``q`` (the other None); ``wsum``, ``scale`` and the ``CEOptions`` fields
+    as in ``_cuda_kernels.ce_py``. Three passes: the online max and sum (and
+    the targets' mass), sum exp(x - m) v, the product. Dynamic shared memory
+    (cached): 2C values (the logits, then their exponentials; the vector)."""
+    FT = _float_type(dtype)
+    ST = _shared_type(FT)
+
+    def hvp(x, y, q, v, g, n_rows, n_classes, inner, group, wsum, scale,
+            w, ignore_index, smooth, mean, z_loss):
+        scratch = cuda.shared.array(SCRATCH, ST)
+        cache = cuda.shared.array(0, ST)
+        opts = CEOptions(w, ignore_index, smooth, mean, z_loss)  # the record the formulas read
+        zero = FT(0.0)
+        one = FT(1.0)
+        keep_q = FT(1.0 - smooth)
+        uniform_q = FT(smooth / n_classes)
+        offset, lane, base, step = _row_slot(group)
+        while base < n_rows:
+            r = base + offset
+            active = r < n_rows
+            t = np.int64(0)
+            take = active
+            if y is not None:
+                if active:
+                    t = y[r]
+                    take = t != ignore_index
+            start = _row_start(r, n_classes, inner)
+            m = FT(NEG_INF)
+            s = zero
+            total = zero  # soft: the targets' weighted mass
+            if take:
+                for c in range(lane, n_classes, group):
+                    i = start + c * inner
+                    xv = x[i]
+                    if cached:
+                        cache[c] = xv
+                        cache[n_classes + c] = v[i]
+                    m, s = _online(m, s, xv, one)
+                    if q is not None:
+                        qc = smoothed_target(q[i], keep_q, uniform_q)
+                        if w is not None:
+                            qc *= w[c]
+                        total += qc
+            m, s = _group_max_sum(m, s, group, scratch)
+            if q is not None:
+                total = _group_sum(total, group, scratch)
+            s = _finish_sum(m, s)
+            dot = zero  # sum exp(x - m) v
+            if take:
+                for c in range(lane, n_classes, group):
+                    if cached:
+                        e = math.exp(cache[c] - m)
+                        cache[c] = e
+                        dot += e * cache[n_classes + c]
+                    else:
+                        i = start + c * inner
+                        dot += math.exp(x[i] - m) * v[i]
+            dot = _group_sum(dot, group, scratch)
+            m64, s64 = np.float64(m), np.float64(s)
+            lse = m64 + math.log(s64)
+            if q is not None:
+                alpha, beta = soft_target_curvature(np.float64(total), lse, opts, scale)
+            else:
+                wt = 1.0
+                if w is not None:
+                    if take:
+                        wt = np.float64(w[t])
+                alpha, beta = hard_target_curvature(wt, wsum, lse, opts, scale, n_classes)
+            k1 = FT(alpha / s64)
+            k2 = FT((alpha - beta) * (np.float64(dot) / s64) / s64)
+            if take:
+                for c in range(lane, n_classes, group):
+                    i = start + c * inner
+                    if cached:
+                        e = cache[c]
+                        vv = cache[n_classes + c]
+                    else:
+                        e = math.exp(x[i] - m)
+                        vv = v[i]
+                    g[i] = hessian_vector_element(e, vv, k1, k2)
+            elif active:
+                for c in range(lane, n_classes, group):
+                    g[start + c * inner] = zero
+            base += step
+
+    return hvp
+
+
+# Compiled (lazily, per argument types) kernels.
+
+@lru_cache(maxsize=None)
+def softmax_backward(dtype, cached, log):
+    return cuda.jit(softmax_backward_py(np.dtype(dtype).name, cached, log))
+
+
+@lru_cache(maxsize=None)
+def softmax_jacobian(dtype):
+    return cuda.jit(softmax_jacobian_py(np.dtype(dtype).name))
+
+
+@lru_cache(maxsize=None)
+def cross_entropy_hvp(dtype, cached):
+    return cuda.jit(cross_entropy_hvp_py(np.dtype(dtype).name, cached))
