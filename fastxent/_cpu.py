@@ -430,3 +430,9 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
     if out is None:
         return loss, None
     return loss, (grad if not isinstance(grad, str) else out.result().reshape(shape))
+
+
+# --------------------------------------------------------------------------
+# Fused linear + cross-entropy (the loop is ``_linear``'s)
+
+from ._cpu_linear import linear_cross_entropy  # noqa: E402,F401  (after the names it uses)

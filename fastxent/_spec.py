@@ -99,3 +99,26 @@ class BCESpec:
     dtype: np.dtype
     reduction: str
     device: str
+
+
+# --------------------------------------------------------------------------
+# Fused linear + cross-entropy (``linear``)
+
+
+@dataclass(frozen=True)
+class LinearCrossEntropySpec:
+    """A checked linear + cross-entropy call: logits = input @ W.T + b.
+
+    ``ce`` is the cross-entropy of the (N, C) logits the call stands for
+    (never made); ``batch_shape`` is the input's shape without its last
+    (hidden) axis; ``chunk_rows`` the rows taken at a time.
+    """
+
+    ce: CrossEntropySpec
+    batch_shape: tuple
+    hidden: int
+    chunk_rows: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.ce.problem.n_rows
