@@ -24,21 +24,26 @@ from typing import Callable, NamedTuple
 from ._spec import ClassProblem, LinearCrossEntropySpec
 
 #: Bytes of the one chunk-logits buffer ``chunk_size=None`` aims at.
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 16 << 20
 #: ``chunk_size=None`` takes at least this many rows (when there are as many):
 #: the products' inner dimension for ``grad_linear_weight``, below which BLAS
 #: loses speed and each chunk's update of the C x H gradient costs more.
 MIN_CHUNK_ROWS = 64
 #: Bytes of the scratch block a chunk's ``grad_linear_weight`` share is made
 #: in before it is added (NumPy's ``matmul`` cannot accumulate into ``out``).
-ACCUMULATE_BYTES = 8 << 20
+ACCUMULATE_BYTES = 4 << 20
+#: The product for ``grad_input`` (inner dimension C) is taken in blocks of
+#: this many classes, added in order: OpenBLAS runs one product of a huge
+#: inner dimension and a small output several times slower (measured 4x at
+#: 256 x 32000 @ 32000 x 512 on 2 threads).
+INNER_BLOCK = 4096
 
 
 def default_chunk_rows(n_rows: int, n_classes: int, hidden: int, itemsize: int) -> int:
     """Rows per chunk when ``chunk_size`` is None.
 
-    As many rows as fit a chunk-logits buffer of ``CHUNK_BYTES`` (32 MiB:
-    256 rows of 32000 float32 classes, 64 of 128256), a power of two, at
+    As many rows as fit a chunk-logits buffer of ``CHUNK_BYTES`` (16 MiB:
+    128 rows of 32000 float32 classes), a power of two, at
     least ``MIN_CHUNK_ROWS``; and when the hidden size is large against the
     classes (H * 4 > C), at least H / 4 rows, so that each chunk's rank-m
     update of the C x H ``grad_linear_weight`` does enough work per element
@@ -98,6 +103,8 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
         block = max(1, min(c, ACCUMULATE_BYTES // max(1, h * dtype.itemsize)))
         if n > chunk:
             tmp = ops.empty((block, h), dtype)
+        if c > INNER_BLOCK:
+            part = ops.empty((min(chunk, n), h), dtype)
     w_t = w.T
     total = 0.0
     specs = {}
@@ -122,7 +129,12 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
         if not with_grad:
             continue
         # z now holds d(sum of the chunk's losses) / d logits.
-        ops.matmul(z, w, gx[start:stop])
+        gxc = gx[start:stop]
+        ops.matmul(z[:, :INNER_BLOCK], w[:INNER_BLOCK], gxc)
+        for k0 in range(INNER_BLOCK, c, INNER_BLOCK):
+            k1 = min(c, k0 + INNER_BLOCK)
+            ops.matmul(z[:, k0:k1], w[k0:k1], part[:m])
+            ops.add_into(gxc, part[:m])
         if start == 0:
             ops.matmul(z.T, xc, gw)
         else:

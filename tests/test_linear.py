@@ -181,11 +181,27 @@ def test_float32_against_float64_torch(chunk):
 
 def test_default_chunk_rows():
     from fastxent._linear import default_chunk_rows
-    assert default_chunk_rows(8192, 32000, 1024, 4) == 256
+    assert default_chunk_rows(8192, 32000, 1024, 4) == 128
     assert default_chunk_rows(4096, 128256, 2048, 4) == 64
     assert default_chunk_rows(10, 32000, 1024, 4) == 10
-    assert default_chunk_rows(8192, 1000, 4096, 4) == 8192  # 32 MiB of 1000 classes
+    assert default_chunk_rows(8192, 1000, 64, 4) == 4096  # 16 MiB of 1000 classes
     assert default_chunk_rows(8192, 40000, 16384, 8) == 4096  # H / 4: H * 4 > C
+
+
+@pytest.mark.parametrize("chunk", (1, 7, N + 1))
+def test_inner_blocks_of_grad_input(monkeypatch, chunk):
+    """The product for grad_input taken in blocks of classes (4 here, with a
+    remainder of 2) gives torch's figures."""
+    import fastxent._linear
+
+    monkeypatch.setattr(fastxent._linear, "INNER_BLOCK", 4)
+    monkeypatch.setattr(fastxent._linear, "ACCUMULATE_BYTES", 3 * H * 8)  # 3-class blocks
+    x, w, b, t, ignore_index = _inputs("ignored", seed=11)
+    ours = fastxent.linear_cross_entropy_with_grad(x, w, t, linear_bias=b, chunk_size=chunk,
+                                                   label_smoothing=0.1)
+    theirs = _torch_twin(x, w, b, t, weight=None, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.1)
+    _check(ours, theirs)
 
 
 # --------------------------------------------------------------------------
