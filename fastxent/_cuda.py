@@ -610,3 +610,9 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
         total = _device_sum(partials) if n else 0.0
         loss = finish_loss(total, n, spec.reduction, dtype)
     return loss, (None if g is None else _finish_destination(g, dest, logits))
+
+
+# --------------------------------------------------------------------------
+# Fused linear + cross-entropy (the loop is ``_linear``'s; unverified on hardware)
+
+from ._cuda_linear import linear_cross_entropy  # noqa: E402,F401  (after the names it uses)

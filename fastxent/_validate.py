@@ -336,7 +336,8 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
     device = device_arg(device, input, linear_weight, target, linear_bias, weight)
     arrays = _arrays((input, linear_weight, target, linear_bias, weight))
     x, w, t, b, cw = (_describe(a) for a in arrays)
-    if len(x.shape) == 0:
+    x_shape = tuple(x.shape)
+    if len(x_shape) == 0:
         raise ValueError("input must have at least one dimension (the hidden features), "
                          "got a scalar")
     dtype = float_dtype(x.dtype, "input")
@@ -346,9 +347,9 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
         raise ValueError(f"linear_weight must be 2-D (classes, hidden features), "
                          f"got shape {tuple(w.shape)}")
     n_classes, hidden = (int(v) for v in w.shape)
-    if hidden != x.shape[-1]:
+    if hidden != x_shape[-1]:
         raise ValueError(f"linear_weight of shape {tuple(w.shape)} needs input with "
-                         f"{hidden} features on its last axis, got input shape {tuple(x.shape)}")
+                         f"{hidden} features on its last axis, got input shape {x_shape}")
     if n_classes == 0:
         raise ValueError("linear_weight has zero rows (zero classes)")
     if np.dtype(w.dtype) != dtype:
@@ -360,7 +361,7 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
                              f"class), got {tuple(b.shape)}")
         if np.dtype(b.dtype) != dtype:
             raise TypeError(f"linear_bias has dtype {b.dtype}, but input has dtype {dtype}")
-    batch_shape = tuple(x.shape[:-1])
+    batch_shape = x_shape[:-1]
     logits = _Described(batch_shape + (n_classes,), dtype)
     ce = cross_entropy_spec(logits, t, cw, ignore_index, reduction, label_smoothing, -1, device,
                             **ce_options)
