@@ -316,3 +316,21 @@ def test_bad_input_refused(i):
         fastxent.linear_cross_entropy_with_grad(*args, **kwargs)
     for a, c in zip(args, copies):
         np.testing.assert_array_equal(a, c)  # nothing written
+
+
+def test_bad_class_index_refused_before_any_product(monkeypatch):
+    """A bad index in the last chunk is refused before the first product."""
+    from fastxent import _cpu_linear
+
+    products = []
+    ops = _cpu_linear.OPS
+    monkeypatch.setattr(_cpu_linear, "OPS", ops._replace(
+        matmul=lambda *args: products.append(1) or ops.matmul(*args)))
+    x, w, b, t, _ = _inputs("hard", seed=16)
+    t[-1] = C
+    with pytest.raises(IndexError, match=r"target 6 at position \(8,\)"):
+        fastxent.linear_cross_entropy_with_grad(x, w, t, chunk_size=2)
+    assert products == []
+    t[-1] = 0
+    fastxent.linear_cross_entropy_with_grad(x, w, t, chunk_size=2)
+    assert products
