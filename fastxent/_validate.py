@@ -13,6 +13,7 @@ data-dependent check, class indices in range, is done by the backends
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import operator
 from typing import NamedTuple
@@ -361,6 +362,12 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
                              f"class), got {tuple(b.shape)}")
         if np.dtype(b.dtype) != dtype:
             raise TypeError(f"linear_bias has dtype {b.dtype}, but input has dtype {dtype}")
+    params = list(inspect.signature(cross_entropy_spec).parameters)
+    known = params[params.index("name") + 1:]  # the options after the arguments
+    unknown = sorted(set(ce_options) - set(known))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)} for linear_cross_entropy "
+                        f"(cross-entropy options: {', '.join(known)})")
     batch_shape = x_shape[:-1]
     logits = _Described(batch_shape + (n_classes,), dtype)
     ce = cross_entropy_spec(logits, t, cw, ignore_index, reduction, label_smoothing, -1, device,

@@ -303,6 +303,8 @@ def _bad_calls():
         (dict(input=x, linear_weight=w, target=t, reduction="avg"), ValueError, "reduction"),
         (dict(input=x, linear_weight=w, target=t, weight=np.ones(3)), ValueError, "weight"),
         (dict(input=x, linear_weight=w, target=t, z_loss=-1.0), ValueError, "z_loss"),
+        (dict(input=x, linear_weight=w, target=t, softcapp=3.0), TypeError, "unknown option"),
+        (dict(input=x, linear_weight=w, target=t, name="x"), TypeError, "unknown option"),
     ]
 
 
