@@ -199,6 +199,8 @@ def bench_linear(shapes: Sequence[tuple], dtype, rounds: int, threads: Optional[
 
         row.append(f"{ratio('fastxent', 'matmul'):.3f}")
         row += [f"{ratio(p, 'fastxent'):.2f}" for p in available if p.startswith("torch")]
+        print(f"  {shape}: times " + ", ".join(f"{p} {samples[p]}" for p in available),
+              file=sys.stderr, flush=True)
         del x, w, t
         for name in available:
             if name == "matmul":
@@ -214,6 +216,9 @@ def bench_linear(shapes: Sequence[tuple], dtype, rounds: int, threads: Optional[
                 row.append(f"{100 * m['above_grads'] / m['logits']:.1f}% "
                            f"({m['above_grads'] / 2**20:.0f} MiB)")
         rows.append(row)
+        # each shape's figures as soon as they exist (a large run takes many minutes)
+        print("  " + " | ".join(f"{h}: {v}" for h, v in zip(header, row)), file=sys.stderr,
+              flush=True)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(wd) for cell, wd in zip(r, widths)) for r in rows]
     lines += ["",
