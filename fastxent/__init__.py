@@ -4,9 +4,10 @@ from ._spec import CrossEntropyStats
 from .losses import (BCEWithLogitsLoss, CrossEntropyLoss, binary_cross_entropy_with_logits,
                      binary_cross_entropy_with_logits_with_grad, cross_entropy,
                      cross_entropy_with_grad, log_softmax, logsumexp, nll_loss, softmax)
-
 from .jacobian import (cross_entropy_hvp, log_softmax_backward, softmax_backward,
                        softmax_jacobian)
+from .linear import (LinearCrossEntropyLoss, linear_cross_entropy,
+                     linear_cross_entropy_with_grad)
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,8 @@ __all__ = [
     "log_softmax_backward",
     "softmax_backward",
     "softmax_jacobian",
+    # Fused linear + cross-entropy
+    "LinearCrossEntropyLoss",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
 ]

@@ -124,11 +124,26 @@ def main(argv=None) -> int:
                          help="same as --dtype float64")
     p_bench.add_argument("--threads", type=int, default=None,
                          help="threads for Numba and PyTorch (default: theirs)")
+    # Fused linear + cross-entropy
+    p_bench.add_argument("--linear", action="store_true",
+                         help="only the linear table: linear_cross_entropy_with_grad against "
+                              "the three matrix products and PyTorch (time and memory)")
+    p_bench.add_argument("--linear-shapes", nargs="+", metavar="NxHxC", default=None,
+                         help="shapes of the linear table (default 8192x1024x32000 "
+                              "4096x2048x128256; heavy: minutes per round)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
     if args.command == "demo":
         return demo(args.epochs, args.seed)
+    if args.command == "bench" and (args.linear or args.linear_shapes):
+        from fastxent import _bench_linear as L
+
+        shapes = ([L.parse_linear_shape(s) for s in args.linear_shapes] if args.linear_shapes
+                  else list(L.QUICK_LINEAR_SHAPES if args.quick else L.LINEAR_SHAPES))
+        rounds = args.rounds or (1 if args.quick else 3)
+        L.bench_linear(shapes, args.dtype, rounds, args.threads)
+        return 0
     from fastxent import _bench
 
     return _bench.main(quick=args.quick, rounds=args.rounds, shapes=args.shapes,

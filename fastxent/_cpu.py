@@ -539,3 +539,7 @@ def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, ou
     if bad >= 0:
         raise_bad_target(bad, y, problem.batch_shape, problem.n_classes, spec.ignore_index)
     return result.result()
+
+# Fused linear + cross-entropy (the loop is ``_linear``'s)
+
+from ._cpu_linear import linear_cross_entropy  # noqa: E402,F401  (after the names it uses)

@@ -716,3 +716,7 @@ def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, ou
                                     options.ignore_index, options.smoothing, options.mean,
                                     options.z_loss))
     return _finish_destination(written, caller_dest, logits)
+
+# Fused linear + cross-entropy (the loop is ``_linear``'s; unverified on hardware)
+
+from ._cuda_linear import linear_cross_entropy  # noqa: E402,F401  (after the names it uses)

@@ -157,3 +157,25 @@ class ReductionSpec:
         if self.keepdims:
             return tuple(1 if a in self.axes else n for a, n in enumerate(self.shape))
         return tuple(n for a, n in enumerate(self.shape) if a not in self.axes)
+
+# --------------------------------------------------------------------------
+# Fused linear + cross-entropy (``linear``)
+
+
+@dataclass(frozen=True)
+class LinearCrossEntropySpec:
+    """A checked linear + cross-entropy call: logits = input @ W.T + b.
+
+    ``ce`` is the cross-entropy of the (N, C) logits the call stands for
+    (never made); ``batch_shape`` is the input's shape without its last
+    (hidden) axis; ``chunk_rows`` the rows taken at a time.
+    """
+
+    ce: CrossEntropySpec
+    batch_shape: tuple
+    hidden: int
+    chunk_rows: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.ce.problem.n_rows

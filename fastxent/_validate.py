@@ -12,6 +12,8 @@ data-dependent check, class indices in range, is done by the backends
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import operator
 from typing import NamedTuple
@@ -420,3 +422,77 @@ def logsumexp_axes_call(x, axis, keepdims, device):
         normalized = ()  # a 0-d array: its only "axis" holds one value
     return (_dispatch.backend(device),
             ReductionSpec(shape, tuple(sorted(normalized)), bool(keepdims), dtype, device), xa)
+
+# Fused linear + cross-entropy: input (..., H), linear_weight (C, H)
+
+
+def chunk_size_arg(chunk_size):
+    if chunk_size is None:
+        return None
+    chunk = index_arg(chunk_size, "chunk_size")
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk}")
+    return chunk
+
+
+def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight, ignore_index,
+                              reduction, label_smoothing, chunk_size, device, ce_options):
+    """The backend, the checked spec and the arrays ``(x, w, b, target, weight)``.
+
+    ``x`` is the input as (N, H) and the target as (N,) indices or (N, C)
+    probabilities (views where the layout allows). ``ce_options`` are the
+    further keyword options of :func:`cross_entropy_spec` (``z_loss``...).
+    """
+    from ._linear import default_chunk_rows
+    from ._spec import LinearCrossEntropySpec
+
+    device = device_arg(device, input, linear_weight, target, linear_bias, weight)
+    arrays = _arrays((input, linear_weight, target, linear_bias, weight))
+    x, w, t, b, cw = (_describe(a) for a in arrays)
+    x_shape = tuple(x.shape)
+    if len(x_shape) == 0:
+        raise ValueError("input must have at least one dimension (the hidden features), "
+                         "got a scalar")
+    dtype = float_dtype(x.dtype, "input")
+    if np.dtype(x.dtype) != dtype:
+        raise TypeError(f"input must be float32 or float64, got dtype {x.dtype}")
+    if len(w.shape) != 2:
+        raise ValueError(f"linear_weight must be 2-D (classes, hidden features), "
+                         f"got shape {tuple(w.shape)}")
+    n_classes, hidden = (int(v) for v in w.shape)
+    if hidden != x_shape[-1]:
+        raise ValueError(f"linear_weight of shape {tuple(w.shape)} needs input with "
+                         f"{hidden} features on its last axis, got input shape {x_shape}")
+    if n_classes == 0:
+        raise ValueError("linear_weight has zero rows (zero classes)")
+    if np.dtype(w.dtype) != dtype:
+        raise TypeError(f"linear_weight has dtype {w.dtype}, but input has dtype {dtype}: "
+                        f"pass both in one dtype")
+    if b is not None:
+        if tuple(b.shape) != (n_classes,):
+            raise ValueError(f"linear_bias must have shape ({n_classes},) (one value per "
+                             f"class), got {tuple(b.shape)}")
+        if np.dtype(b.dtype) != dtype:
+            raise TypeError(f"linear_bias has dtype {b.dtype}, but input has dtype {dtype}")
+    params = list(inspect.signature(cross_entropy_spec).parameters)
+    # the options after the arguments (the per-row statistics are not gathered across chunks)
+    known = [p for p in params[params.index("name") + 1:] if p != "return_stats"]
+    unknown = sorted(set(ce_options) - set(known))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)} for linear_cross_entropy "
+                        f"(cross-entropy options: {', '.join(known)})")
+    batch_shape = x_shape[:-1]
+    logits = _Described(batch_shape + (n_classes,), dtype)
+    ce = cross_entropy_spec(logits, t, cw, ignore_index, reduction, label_smoothing, -1, device,
+                            **ce_options)
+    n_rows = ce.problem.n_rows
+    rows_problem = ClassProblem((n_rows, n_classes), 1, dtype)
+    ce = dataclasses.replace(ce, problem=rows_problem)  # keeps every option field
+    chunk = chunk_size_arg(chunk_size)
+    if chunk is None:
+        chunk = default_chunk_rows(n_rows, n_classes, hidden, dtype.itemsize)
+    spec = LinearCrossEntropySpec(ce, batch_shape, hidden, max(1, min(chunk, n_rows)))
+    xa, wa, ta, ba, cwa = arrays
+    xa = xa.reshape(n_rows, hidden)
+    ta = ta.reshape((n_rows, n_classes) if ce.soft else (n_rows,))
+    return _dispatch.backend(device), spec, (xa, wa, ba, ta, cwa)

@@ -1,0 +1,82 @@
+"""The CPU backend's fused linear + cross-entropy: NumPy's ``matmul`` (the
+BLAS NumPy is built with) for the products, ``_cpu.cross_entropy`` (the
+fused in-place kernel) for each chunk's loss and gradient. The loop itself
+is ``_linear.run``; ``_cpu`` re-exports :func:`linear_cross_entropy`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _linear
+from ._host import bad_uint64_target, finish_loss, raise_bad_target, scan_hard_targets
+from ._spec import LinearCrossEntropySpec
+
+
+def _matmul(a, b, out):
+    np.matmul(a, b, out=out)
+
+
+def _add_rows(z, bias):
+    np.add(z, bias, out=z)
+
+
+def _col_sum(z, acc):
+    # Column sums in row order (NumPy reduces axis 0 of a C-ordered array
+    # row by row): the same bits for any thread count.
+    acc += z.sum(axis=0)
+
+
+def _add_into(a, b):
+    np.add(a, b, out=a)
+
+
+def _scale(a, s):
+    np.multiply(a, a.dtype.type(s), out=a)
+
+
+OPS = _linear.MatrixOps(_matmul, np.empty, np.zeros, _add_rows, _col_sum, _add_into, _scale)
+
+
+def _denominator(spec: LinearCrossEntropySpec, target, weight):
+    """The mean's denominator over all rows, after the class indices are
+    checked (all of them, before the first chunk is computed)."""
+    ce = spec.ce
+    if ce.soft:
+        return float(ce.problem.n_rows)
+    flat = target.reshape(-1)
+    y = np.ascontiguousarray(flat, dtype=np.int64)
+    w = None if weight is None else np.ascontiguousarray(weight, dtype=ce.problem.dtype)
+    bad, denominator = scan_hard_targets(y, ce.problem.n_classes, ce.ignore_index, w)
+    if flat.dtype == np.uint64:
+        bad = bad_uint64_target(flat, bad)
+    if bad >= 0:
+        raise_bad_target(bad, flat, spec.batch_shape, ce.problem.n_classes, ce.ignore_index)
+    return denominator
+
+
+def linear_cross_entropy(spec: LinearCrossEntropySpec, x, w, b, target, weight,
+                         with_grad: bool):
+    """Loss and, with ``with_grad``, ``(grad_input, grad_w, grad_b)``."""
+    from ._cpu import cross_entropy
+
+    dtype = spec.ce.problem.dtype
+    denominator = _denominator(spec, target, weight)
+    x = np.asarray(x, dtype=dtype)
+    w = np.asarray(w, dtype=dtype)
+    b = None if b is None else np.asarray(b, dtype=dtype)
+    if spec.ce.soft:
+        target = np.asarray(target, dtype=dtype)
+    reduction = spec.ce.reduction
+
+    def finish(total, losses):
+        if reduction == "none":
+            return losses.reshape(spec.batch_shape)
+        return finish_loss(total, denominator, reduction, dtype)
+
+    loss, grads = _linear.run(spec, x, w, b, target, weight, denominator, with_grad, OPS,
+                              cross_entropy, finish)
+    if grads is None:
+        return loss, None
+    gx, gw, gb = grads
+    return loss, (gx.reshape(spec.batch_shape + (spec.hidden,)), gw, gb)

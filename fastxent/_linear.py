@@ -1,0 +1,156 @@
+"""The chunk loop of the fused linear + cross-entropy, for both backends.
+
+Rows of the input are taken ``chunk`` at a time. A chunk's logits are one
+matrix product into a buffer reused by every chunk; the backend's fused
+cross-entropy kernel turns them into their gradient in place (the gradient
+of the chunk's *sum* of losses); two more products then give the chunk's
+rows of ``grad_input`` and add its share to ``grad_linear_weight``. A mean
+is one scale of the three gradients at the end, by the denominator over all
+rows (known before the loop). No array of N x C is ever made.
+
+The products are the caller's library's (``ops``); the loss is the
+backend's ``cross_entropy`` (``ce``). Both are passed in, so this module
+imports neither backend. Every sum here runs in a fixed order (chunks in
+row order, the kernel's own fixed-order sums, BLAS products that do not
+split their inner dimension across threads), so results do not depend on
+the number of Numba threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+from ._spec import ClassProblem, LinearCrossEntropySpec
+
+#: Bytes of the one chunk-logits buffer ``chunk_size=None`` aims at.
+CHUNK_BYTES = 16 << 20
+#: ``chunk_size=None`` takes at least this many rows (when there are as many):
+#: the products' inner dimension for ``grad_linear_weight``, below which BLAS
+#: loses speed and each chunk's update of the C x H gradient costs more.
+MIN_CHUNK_ROWS = 64
+#: Bytes of the scratch block a chunk's ``grad_linear_weight`` share is made
+#: in before it is added (NumPy's ``matmul`` cannot accumulate into ``out``).
+ACCUMULATE_BYTES = 4 << 20
+#: The product for ``grad_input`` (inner dimension C) is taken in blocks of
+#: this many classes, added in order: OpenBLAS runs one product of a huge
+#: inner dimension and a small output several times slower (measured 4x at
+#: 256 x 32000 @ 32000 x 512 on 2 threads).
+INNER_BLOCK = 4096
+
+
+def default_chunk_rows(n_rows: int, n_classes: int, hidden: int, itemsize: int) -> int:
+    """Rows per chunk when ``chunk_size`` is None.
+
+    As many rows as fit a chunk-logits buffer of ``CHUNK_BYTES`` (16 MiB:
+    128 rows of 32000 float32 classes), a power of two, at
+    least ``MIN_CHUNK_ROWS``; and when the hidden size is large against the
+    classes (H * 4 > C), at least H / 4 rows, so that each chunk's rank-m
+    update of the C x H ``grad_linear_weight`` does enough work per element
+    it rewrites. Never more than the rows there are.
+    """
+    rows = max(1, CHUNK_BYTES // max(1, n_classes * itemsize))
+    rows = 1 << (rows.bit_length() - 1)
+    rows = max(rows, MIN_CHUNK_ROWS)
+    if hidden * 4 > n_classes:
+        rows = max(rows, hidden // 4)
+    return max(1, min(rows, n_rows))
+
+
+class MatrixOps(NamedTuple):
+    """The array library's pieces the loop needs.
+
+    ``matmul(a, b, out)`` writes ``a @ b`` into ``out``; ``empty(shape,
+    dtype)`` and ``zeros(shape, dtype)`` make arrays; ``add_rows(z, bias)``
+    adds a bias row to every row of ``z`` in place; ``col_sum(z, acc)`` adds
+    the column sums of ``z`` to ``acc``; ``scale(a, s)`` multiplies in place.
+    """
+
+    matmul: Callable
+    empty: Callable
+    zeros: Callable
+    add_rows: Callable
+    col_sum: Callable
+    add_into: Callable
+    scale: Callable
+
+
+def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: float,
+        with_grad: bool, ops: MatrixOps, ce: Callable, finish: Callable):
+    """The loss and, with ``with_grad``, ``(grad_x, grad_w, grad_b)``.
+
+    ``x`` is (N, H), ``w`` (C, H), ``b`` (C,) or None, ``target`` (N,) class
+    indices or (N, C) probabilities, all in the spec's dtype where float.
+    ``ce(chunk_spec, z, t, weight, grad)`` is the backend's cross-entropy;
+    ``finish(total, per_row_losses)`` makes the returned loss;
+    ``denominator`` is the mean's over all rows (the sum of the kept
+    targets' class weights, or N for probabilities).
+    """
+    ce_spec = spec.ce
+    dtype = ce_spec.problem.dtype
+    n, h = spec.n_rows, spec.hidden
+    c = ce_spec.problem.n_classes
+    chunk = spec.chunk_rows
+    # The kernel sums each chunk; "none" keeps the per-row losses.
+    chunk_reduction = "none" if ce_spec.reduction == "none" else "sum"
+    losses = ops.empty((n,), dtype) if chunk_reduction == "none" else None
+    buf = ops.empty((min(chunk, n), c), dtype)
+    gx = gw = gb = tmp = None
+    if with_grad:
+        gx = ops.empty((n, h), dtype)
+        gw = ops.zeros((c, h), dtype)
+        gb = None if b is None else ops.zeros((c,), dtype)
+        block = max(1, min(c, ACCUMULATE_BYTES // max(1, h * dtype.itemsize)))
+        if n > chunk:
+            tmp = ops.empty((block, h), dtype)
+        if c > INNER_BLOCK:
+            part = ops.empty((min(chunk, n), h), dtype)
+    w_t = w.T
+    total = 0.0
+    specs = {}
+    grad = buf if with_grad else None
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        m = stop - start
+        z = buf[:m]
+        xc = x[start:stop]
+        ops.matmul(xc, w_t, z)
+        if b is not None:
+            ops.add_rows(z, b)
+        chunk_spec = specs.get(m)
+        if chunk_spec is None:
+            chunk_spec = specs[m] = dataclasses.replace(
+                ce_spec, problem=ClassProblem((m, c), 1, dtype), reduction=chunk_reduction)
+        loss, _ = ce(chunk_spec, z, target[start:stop], weight, grad if grad is None else z)
+        if losses is None:
+            total += float(loss)
+        else:
+            losses[start:stop] = loss
+        if not with_grad:
+            continue
+        # z now holds d(sum of the chunk's losses) / d logits.
+        gxc = gx[start:stop]
+        ops.matmul(z[:, :INNER_BLOCK], w[:INNER_BLOCK], gxc)
+        for k0 in range(INNER_BLOCK, c, INNER_BLOCK):
+            k1 = min(c, k0 + INNER_BLOCK)
+            ops.matmul(z[:, k0:k1], w[k0:k1], part[:m])
+            ops.add_into(gxc, part[:m])
+        if start == 0:
+            ops.matmul(z.T, xc, gw)
+        else:
+            for c0 in range(0, c, tmp.shape[0]):
+                c1 = min(c, c0 + tmp.shape[0])
+                part = tmp[: c1 - c0]
+                ops.matmul(z[:, c0:c1].T, xc, part)
+                ops.add_into(gw[c0:c1], part)
+        if gb is not None:
+            ops.col_sum(z, gb)
+    loss = finish(total, losses)
+    if not with_grad:
+        return loss, None
+    if ce_spec.reduction == "mean":
+        s = 1.0 / denominator if denominator != 0.0 else float("nan")
+        for g in (gx, gw, gb):
+            if g is not None:
+                ops.scale(g, s)
+    return loss, (gx, gw, gb)
