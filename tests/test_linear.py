@@ -336,3 +336,25 @@ def test_bad_class_index_refused_before_any_product(monkeypatch):
     t[-1] = 0
     fastxent.linear_cross_entropy_with_grad(x, w, t, chunk_size=2)
     assert products
+
+
+@pytest.mark.parametrize("chunk_size", [3, 10])
+def test_llm_options_pass_through(chunk_size):
+    """logit_scale, softcap and z_loss on the chunked logits, against the
+    same loss of F.linear written in PyTorch; return_stats is refused."""
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    x, W, b = rng.standard_normal((10, 6)), rng.standard_normal((9, 6)), rng.standard_normal(9)
+    y = rng.integers(0, 9, 10)
+    loss, gx, gw, gb = fastxent.linear_cross_entropy_with_grad(
+        x, W, y, linear_bias=b, softcap=2.0, logit_scale=1.5, z_loss=1e-2, chunk_size=chunk_size)
+    xt, Wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, W, b))
+    z = 2.0 * torch.tanh(F.linear(xt, Wt, bt) * 1.5 / 2.0)
+    expected = F.cross_entropy(z, torch.tensor(y)) + 1e-2 * (torch.logsumexp(z, 1) ** 2).mean()
+    expected.backward()
+    np.testing.assert_allclose(loss, expected.item(), rtol=1e-12)
+    for ours, theirs in ((gx, xt), (gw, Wt), (gb, bt)):
+        np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-10, atol=1e-13)
+    with pytest.raises(TypeError, match="unknown option"):
+        fastxent.linear_cross_entropy(x, W, y, return_stats=True)
