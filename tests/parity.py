@@ -606,3 +606,14 @@ from tests import jacobian_parity as _jacobian  # noqa: E402  (its checks use th
 COMPARISONS.update(_jacobian.COMPARISONS)
 CHECKS.update(_jacobian.CHECKS)
 GRIDS.update(_jacobian.GRIDS)
+
+#: Public functions with a parity grid of their own instead of a row here:
+#: the fused linear head takes a weight matrix, not logits (its grid against
+#: ``F.linear_cross_entropy``: ``tests/test_linear.py``; on the GPU:
+#: ``tests/cuda_sim/test_linear_gpu.py``).
+OWN_SUITES = {"linear_cross_entropy", "linear_cross_entropy_with_grad"}
+
+
+def public_functions():
+    """The public functions the table must hold (all but ``OWN_SUITES``)."""
+    return {n for n in fastxent.__all__ if n[0].islower()} - OWN_SUITES
