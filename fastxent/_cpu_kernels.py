@@ -976,6 +976,17 @@ def _times(g, dz):
         g[c] = g[c] * dz[c]
 
 
+@_jit
+def _chain_out(g, dldz, dz, cap):
+    """g <- dL/dz times dz/dx: ``dz`` where capped, else already folded in."""
+    if cap != 0.0:
+        for c in range(g.shape[0]):
+            g[c] = dldz[c] * dz[c]
+    else:
+        for c in range(g.shape[0]):
+            g[c] = dldz[c]
+
+
 def _part(a, r0, n, step):
     """``a[r0 : r0 + n step : step]``, or None when ``a`` is None."""
     raise NotImplementedError  # only called from compiled code
@@ -1161,13 +1172,7 @@ def _block_transformed(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse)
     _ce_block(z, ys, qs, opts, wsum, scale if cap != 0.0 else scale * logit_scale, z,
               part_losses, 1, 0, n, part_lse)
     for i in range(n):
-        gr = _row(g, r0 + i, inner)
-        if cap != 0.0:
-            for c in range(C):
-                gr[c] = z[i, c] * dz[i, c]
-        else:
-            for c in range(C):
-                gr[c] = z[i, c]
+        _chain_out(_row(g, r0 + i, inner), z[i], dz[i], cap)
 
 
 def _ce_block_any(x, y, q, opts, wsum, scale, g, losses, inner, r0, n, lse_out, predicted):
@@ -1213,13 +1218,7 @@ def _tiles_transformed(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse
                   _part(lse, r0, n, step))
         grows = _tile(g, k, inner)[0]
         for i in range(n):
-            gr = grows[i]
-            if cap != 0.0:
-                for c in range(C):
-                    gr[c] = z[i, c] * dz[i, c]
-            else:
-                for c in range(C):
-                    gr[c] = z[i, c]
+            _chain_out(grows[i], z[i], dz[i], cap)
 
 
 def _ce_tiles_any(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse_out, predicted):

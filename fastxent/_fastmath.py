@@ -333,7 +333,8 @@ def log1p_unit(typingctx, e):
 # highest power first: degree 4 (float32, error 4.0e-9 relative to tanh) and
 # 10 (float64, 2.3e-18). Above, (1 - e)/(1 + e) with e = exp(-2a) <= 1/3:
 # 1 - e cancels at most one bit there.
-_TANH_SMALL = 0.55
+#: ``tanh_small`` is as exact as ``fast_tanh`` for |y| below this.
+TANH_SMALL = 0.55
 _TANH_P = {
     32: (-0.006610227831114734, 0.021309388664443474, -0.05390942882746055,
          0.1333311372902087, -0.3333333200797698),
@@ -342,6 +343,15 @@ _TANH_P = {
          -0.008863234397814355, 0.021869488493666944, -0.053968253967434016,
          0.13333333333332714, -0.3333333333333333),
 }
+
+
+def _tanh_poly_ir(builder, x):
+    """x + x^3 P(x^2): tanh below ``TANH_SMALL``."""
+    fty = x.type
+    bits = 32 if isinstance(_element(fty), ir.FloatType) else 64
+    x2 = builder.fmul(x, x)
+    return _call(builder, "llvm.fmuladd", fty, builder.fmul(x, x2),
+                 _horner_ir(builder, x2, _TANH_P[bits]), x)
 
 
 @intrinsic
@@ -355,23 +365,16 @@ def fast_tanh(typingctx, y):
         _prefer_wide_vectors(builder)
         x = args[0]
         fty = x.type
-        bits = 32 if isinstance(_element(fty), ir.FloatType) else 64
         a = _call(builder, "llvm.fabs", fty, x)
-        a2 = builder.fmul(a, a)
-        small = _call(builder, "llvm.fmuladd", fty, builder.fmul(a, a2),
-                      _horner_ir(builder, a2, _TANH_P[bits]), a)
+        small = _tanh_poly_ir(builder, a)
         e = _exp_ir(builder, builder.fmul(a, _const(fty, -2.0)))
         one = _const(fty, 1.0)
         large = builder.fdiv(builder.fsub(one, e), builder.fadd(one, e))
         # NaN goes the large way, where exp(NaN) keeps it NaN
-        r = builder.select(builder.fcmp_ordered("<", a, _const(fty, _TANH_SMALL)), small, large)
+        r = builder.select(builder.fcmp_ordered("<", a, _const(fty, TANH_SMALL)), small, large)
         return _call(builder, "llvm.copysign", fty, r, x)
 
     return y(y), codegen
-
-
-#: ``tanh_small`` is exact to the precision of ``fast_tanh`` for |y| below this.
-TANH_SMALL = _TANH_SMALL
 
 
 @intrinsic
@@ -384,11 +387,6 @@ def tanh_small(typingctx, y):
 
     def codegen(context, builder, sig, args):
         _prefer_wide_vectors(builder)
-        x = args[0]
-        fty = x.type
-        bits = 32 if isinstance(_element(fty), ir.FloatType) else 64
-        x2 = builder.fmul(x, x)
-        return _call(builder, "llvm.fmuladd", fty, builder.fmul(x, x2),
-                     _horner_ir(builder, x2, _TANH_P[bits]), x)
+        return _tanh_poly_ir(builder, args[0])
 
     return y(y), codegen
