@@ -40,7 +40,8 @@ from . import _formulas as F
 from ._fastmath import (FASTMATH, TANH_SMALL, fast_exp, fast_log, fast_tanh, log1p_unit,
                         tanh_small)
 from ._host import scan_hard_targets
-from ._lanes import exp_sum, exp_sum_inplace, lane_dot, row_max, scale_minus, soft_sums
+from ._lanes import (capped_exp_slopes, capped_exp_sums, capped_grad, exp_sum, exp_sum_inplace,
+                     lane_dot, row_argmax, row_max, scale_minus, soft_sums)
 from ._tiles import TILE, tile_dot, tile_exp_sums, tile_in, tile_max, tile_out, tile_scale_minus
 
 # Before any kernel is defined: their cache entries depend on every source
@@ -252,6 +253,19 @@ def _max_pass(x, g, inplace):
 
 
 @_jit(inline=True)
+def _max_argmax_pass(x, g, inplace):
+    """(``_max_pass``, the row's ``torch.argmax``) in the same sweep; a row
+    with a NaN is searched again (``_argmax_from``)."""
+    if g is None or inplace:
+        m, i, nan = row_argmax(x, None)
+    else:
+        m, i, nan = row_argmax(x, g)
+    if nan:
+        return m, _argmax_from(x, m)
+    return m, max(i, 0)  # -1: every element is -inf, and the first is the argmax
+
+
+@_jit(inline=True)
 def _exp_pass(x, g, m, ahead):
     """sum(exp(x - m)); the exponentials replace ``g``'s copy of the row.
     The row ``ahead`` is prefetched meanwhile."""
@@ -275,14 +289,14 @@ def _first_hit(row, m, c0, nan_only):
     C = row.shape[0]
     for b0 in range(c0, C, 256):
         block = row[b0:min(b0 + 256, C)]
-        hit = 0
+        hit = np.int32(0)  # an int64 count keeps the loop scalar
         if nan_only:
             for c in range(block.shape[0]):
-                hit += block[c] != block[c]
+                hit += np.int32(block[c] != block[c])
         else:
             for c in range(block.shape[0]):
                 v = block[c]
-                hit += (v == m) | (v != v)
+                hit += np.int32((v == m) | (v != v))
         if hit:
             for c in range(block.shape[0]):
                 v = block[c]
@@ -307,8 +321,8 @@ def _argmax_from(row, m):
 
 @_jit
 def _first_argmax(row):
-    """``_argmax_from`` the row's max."""
-    return _argmax_from(row, row_max(row, None))
+    """The row's ``torch.argmax``."""
+    return _max_argmax_pass(row, None, False)[1]
 
 
 @_jit(inline=True)
@@ -324,8 +338,10 @@ def _ce_hard_row(x, g, inplace, t, opts, wsum, scale, ahead, want_argmax):
     """
     w = opts.weight
     xt = np.float64(x[t])
-    m = _max_pass(x, g, inplace)
-    arg = _argmax_from(x, m) if want_argmax else 0
+    if want_argmax:
+        m, arg = _max_argmax_pass(x, g, inplace)
+    else:
+        m, arg = _max_pass(x, g, inplace), 0
     # sum(w * (x - m)), read before the gradient replaces the row
     sx = lane_dot(x, w, m) if opts.smoothing > 0.0 else 0.0
     s = _exp_pass(x, g, m, ahead)
@@ -378,8 +394,10 @@ def _ce_soft_row(x, g, inplace, q, opts, scale, ahead, q_ahead, want_argmax):
     """Cross-entropy of one contiguous row against probabilities ``q``
     (``ahead`` and the result as in ``_ce_hard_row``; ``q_ahead``, the next
     row of probabilities, is prefetched while this one's are summed)."""
-    m = _max_pass(x, g, inplace)
-    arg = _argmax_from(x, m) if want_argmax else 0
+    if want_argmax:
+        m, arg = _max_argmax_pass(x, g, inplace)
+    else:
+        m, arg = _max_pass(x, g, inplace), 0
     C = x.shape[0]
     w, smooth = opts.weight, opts.smoothing
     keep = _cast_like(1.0 - smooth, x)
@@ -914,18 +932,36 @@ def _plain(opts, lse_out):
 
 
 @_jit
-def _capped_block(x, z, dz, a, b, k, inv):
+def _count_big(x, a, limit):
+    """How many |a x| reach ``limit`` (an int32 count: an int64 one keeps
+    the loop scalar)."""
+    big = np.int32(0)
+    for c in range(x.shape[0]):
+        big += np.int32(np.abs(x[c] * a) >= limit)
+    return big
+
+
+@_jit
+def _capped_block(x, z, dz, a, b, k, inv, same):
     """z <- b tanh(a x) (dz <- dz/dx unless empty) for a block of a row; the
     polynomial alone where every |a x| is below ``TANH_SMALL`` (logits far
-    from the cap, the usual case: no exponential, no division). ``x`` may
-    be ``z``: each element is read before it is written."""
+    from the cap, the usual case: no exponential, no division). ``same``:
+    ``x`` is ``z``, and the loops read ``z`` alone (a loop that reads and
+    writes two names for one array fails LLVM's overlap test and runs scalar)."""
     n = z.shape[0]
-    big = 0
-    limit = _cast_like(TANH_SMALL, z)
-    for c in range(n):
-        big += np.abs(x[c] * a) >= limit
+    small = _count_big(z if same else x, a, _cast_like(TANH_SMALL, z)) == 0
     if dz.shape[0] > 0:
-        if big == 0:
+        if same and small:
+            for c in range(n):
+                zc = softcapped(tanh_small(z[c] * a), b)
+                z[c] = zc
+                dz[c] = softcap_slope(zc, k, inv)
+        elif same:
+            for c in range(n):
+                zc = softcapped(fast_tanh(z[c] * a), b)
+                z[c] = zc
+                dz[c] = softcap_slope(zc, k, inv)
+        elif small:
             for c in range(n):
                 zc = softcapped(tanh_small(x[c] * a), b)
                 z[c] = zc
@@ -935,7 +971,13 @@ def _capped_block(x, z, dz, a, b, k, inv):
                 zc = softcapped(fast_tanh(x[c] * a), b)
                 z[c] = zc
                 dz[c] = softcap_slope(zc, k, inv)
-    elif big == 0:
+    elif same and small:
+        for c in range(n):
+            z[c] = softcapped(tanh_small(z[c] * a), b)
+    elif same:
+        for c in range(n):
+            z[c] = softcapped(fast_tanh(z[c] * a), b)
+    elif small:
         for c in range(n):
             z[c] = softcapped(tanh_small(x[c] * a), b)
     else:
@@ -955,11 +997,7 @@ def _transform(x, z, dz, logit_scale, cap, same):
         for b0 in range(0, C, 256):
             b1 = min(b0 + 256, C)
             d = dz[b0:b1] if dz.shape[0] > 0 else dz
-            if same:
-                zb = z[b0:b1]
-                _capped_block(zb, zb, d, a, b, k, inv)
-            else:
-                _capped_block(x[b0:b1], z[b0:b1], d, a, b, k, inv)
+            _capped_block(x[b0:b1], z[b0:b1], d, a, b, k, inv, same)
     else:
         k = _cast_like(logit_scale, z)
         if same:
@@ -1047,6 +1085,48 @@ _ce_soft_row_called = _jit(_ce_soft_row.py_func)
 
 
 @_jit
+def _capped_hard_row(xr, gr, inplace, t, opts, wsum, scale, ahead, want):
+    """``_hard_row_any`` under a softcap with a positive logit scale, in two
+    sweeps of the row after its max, as the plain routine. tanh is
+    increasing, so the capped row's max is the cap of the row's max. The
+    first sweep caps the logits and sums their exponentials; without label
+    smoothing it stores exp(z - m) times the cap's slope, and the second
+    sweep is one product (k1, the slope's logit scale folded in); with it,
+    the first stores the capped logits and sums them, weighted, and the
+    second recomputes the exponentials from them."""
+    cap = opts.softcap
+    a = _cast_like(opts.logit_scale / cap, xr)
+    b, inv = _cast_like(cap, xr), _cast_like(1.0 / cap, xr)
+    k = _cast_like(opts.logit_scale, xr)
+    w = opts.weight
+    if want:  # of the logits as given
+        mx, arg = _max_argmax_pass(xr, None, False)
+    else:
+        mx, arg = row_max(xr, None), 0
+    m = softcapped(fast_tanh(mx * a), b)
+    zt = softcapped(fast_tanh(xr[t] * a), b)  # read before the row is overwritten
+    smoothing = opts.smoothing > 0.0
+    dot = 0.0
+    if gr is None:
+        s, dot = capped_exp_sums(xr, None, w, a, b, m, ahead)
+    elif smoothing:
+        s, dot = capped_exp_sums(xr, gr, w, a, b, m, ahead)
+    else:
+        s = capped_exp_slopes(xr, gr, a, b, m, ahead)
+    log_s = np.log(s)
+    loss, k1, k2, kt = hard_target_row(np.float64(m), log_s, s, np.float64(zt),
+                                       _class_weight(w, t), wsum, dot if smoothing else 0.0,
+                                       opts, scale, xr.shape[0])
+    if gr is not None:
+        if smoothing:
+            capped_grad(gr, w, _cast_like(k1, gr), _cast_like(k2, gr), m, inv, k)
+        else:
+            scale_minus(gr, gr, _cast_like(k1 * opts.logit_scale, gr), _cast_like(0.0, gr), None)
+        gr[t] = gr[t] - _cast_like(kt, gr) * softcap_slope(zt, k, inv)
+    return loss, log_sum_exp(np.float64(m), log_s), arg
+
+
+@_jit
 def _hard_row_any(xr, gr, inplace, t, opts, wsum, scale, ahead, want, scratch):
     """(loss, lse, argmax or 0 unless ``want``) of a contiguous row against
     class ``t``, its logits transformed by the options' logit_scale and
@@ -1055,6 +1135,8 @@ def _hard_row_any(xr, gr, inplace, t, opts, wsum, scale, ahead, want, scratch):
     logit_scale, cap = opts.logit_scale, opts.softcap
     if logit_scale == 1.0 and cap == 0.0:
         return _ce_hard_row_called(xr, gr, inplace, t, opts, wsum, scale, ahead, want)
+    if cap != 0.0 and logit_scale > 0.0:
+        return _capped_hard_row(xr, gr, inplace, t, opts, wsum, scale, ahead, want)
     arg = _first_argmax(xr) if want else 0  # of the logits as given
     C = xr.shape[0]
     if gr is None:

@@ -34,7 +34,7 @@ import struct
 
 from llvmlite import ir
 from numba import types
-from numba.core import codegen, config
+from numba.core import cgutils, codegen, config
 from numba.extending import intrinsic
 
 #: The fast-math flags the kernels use: flags that keep NaN and inf
@@ -354,6 +354,36 @@ def _tanh_poly_ir(builder, x):
                  _horner_ir(builder, x2, _TANH_P[bits]), x)
 
 
+def _tanh_ir(builder, x, skip_large=False):
+    """tanh of a float or a vector of them: the odd polynomial below
+    ``TANH_SMALL``, sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) above.
+    ``skip_large`` (vectors): the exponential and the division only when
+    some lane needs them, behind a branch; logits far from a softcap (the
+    usual case) then cost the polynomial alone."""
+    fty = x.type
+    small = _tanh_poly_ir(builder, x)
+    # NaN goes the large way, where exp(NaN) keeps it NaN
+    large_lanes = builder.fcmp_unordered(">=", builder.fmul(x, x),
+                                         _const(fty, TANH_SMALL * TANH_SMALL))
+
+    def large():
+        a = _call(builder, "llvm.fabs", fty, x)
+        e = _exp_ir(builder, builder.fmul(a, _const(fty, -2.0)))
+        one = _const(fty, 1.0)
+        r = builder.fdiv(builder.fsub(one, e), builder.fadd(one, e))
+        return builder.select(large_lanes, _call(builder, "llvm.copysign", fty, r, x), small)
+
+    if not (skip_large and isinstance(fty, ir.VectorType)):
+        return large()
+    result = cgutils.alloca_once_value(builder, small)
+    width = ir.IntType(fty.count)
+    any_large = builder.icmp_unsigned("!=", builder.bitcast(large_lanes, width),
+                                      ir.Constant(width, 0))
+    with builder.if_then(any_large, likely=False):
+        builder.store(large(), result)
+    return builder.load(result)
+
+
 @intrinsic
 def fast_tanh(typingctx, y):
     """``tanh(y)`` from instructions LLVM can vectorize: within 2 ulp; NaN
@@ -363,16 +393,7 @@ def fast_tanh(typingctx, y):
 
     def codegen(context, builder, sig, args):
         _prefer_wide_vectors(builder)
-        x = args[0]
-        fty = x.type
-        a = _call(builder, "llvm.fabs", fty, x)
-        small = _tanh_poly_ir(builder, a)
-        e = _exp_ir(builder, builder.fmul(a, _const(fty, -2.0)))
-        one = _const(fty, 1.0)
-        large = builder.fdiv(builder.fsub(one, e), builder.fadd(one, e))
-        # NaN goes the large way, where exp(NaN) keeps it NaN
-        r = builder.select(builder.fcmp_ordered("<", a, _const(fty, TANH_SMALL)), small, large)
-        return _call(builder, "llvm.copysign", fty, r, x)
+        return _tanh_ir(builder, args[0])
 
     return y(y), codegen
 

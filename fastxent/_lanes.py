@@ -27,6 +27,14 @@ Functions (rows are 1-D arrays of one float type; ``w`` may be None):
   the next row, which memory then streams in while this one is computed.
 * ``soft_sums(x, q, w, keep, uniform, m, ahead)``: ``(sum q', sum q' *
   (x - m))`` with ``q' = (keep * q + uniform) * w``, prefetching ``ahead``.
+* ``capped_exp_sums(x, z, w, a, cap, m, ahead)``: ``z <- cap tanh(a x)``
+  (the softcap), returns ``(sum exp(z - m), sum w (z - m))``;
+  ``capped_exp_slopes(x, g, a, cap, m, ahead)``: ``g <- exp(z - m) (1 - t^2)``,
+  t = tanh(a x), returns ``sum exp(z - m)``;
+  ``capped_grad(g, w, k1, k2, m, inv_cap, k)``: the gradient from the capped
+  row ``g`` holds, ``g <- (k1 exp(g - m) - k2 w) k (1 - (g inv_cap)^2)``.
+* ``row_argmax(x, copy_to)``: ``row_max``'s value, the first index holding
+  it and whether the row holds a NaN, in the same sweep.
 * ``row_max(x, copy_to)``: the largest value of ``x`` that is not NaN
   (-inf if none; exact in any order: ``max_lanes`` lanes), copying ``x``
   into ``copy_to`` on the way unless it is None. A NaN in the row needs no
@@ -47,7 +55,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._fastmath import _const, _exp_ir, _prefer_wide_vectors, native_vector_bytes
+from ._fastmath import _const, _exp_ir, _prefer_wide_vectors, _tanh_ir, native_vector_bytes
 
 #: Partial sums per vector (one 512-bit register of float32).
 LANES = 16
@@ -429,6 +437,100 @@ def row_max(typingctx, x, copy_to):
 
 
 @intrinsic
+def row_argmax(typingctx, x, copy_to):
+    """``(m, i, nan)``: ``row_max``'s m, the first index holding it (-1 when
+    no element is above -inf) and whether the row holds a NaN; copies ``x``
+    into ``copy_to`` unless that is None. The max sweep is a kernel's read
+    of the row from memory: the index costs it two selects per vector, where
+    a search afterwards is a sweep of its own. Each of ``max_lanes`` lanes
+    keeps its first largest element (a strict comparison); lanes are then
+    combined by value, ties by the smaller index: exact in any order."""
+    if not (_is_row(x) and (isinstance(copy_to, types.NoneType)
+                            or (_is_row(copy_to, x.dtype) and copy_to.mutable))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        row = _RowAccess(context, builder, sig.args[0], args[0])
+        target = _access(context, builder, sig, args, 1)
+        fty = row.data.type.pointee
+        width = max_lanes(fty)
+        vty = ir.VectorType(fty, width)
+        i32, i1 = ir.IntType(32), ir.IntType(1)
+        ity, bty = ir.VectorType(i32, width), ir.VectorType(i1, width)
+        intp = row.size.type
+        minus_inf = _const(vty, -math.inf)
+        best = cgutils.alloca_once_value(builder, minus_inf)
+        where = cgutils.alloca_once_value(builder, ir.Constant(ity, -1))
+        nan = cgutils.alloca_once_value(builder, ir.Constant(bty, 0))
+        lane_ids = ir.Constant(ity, list(range(width)))
+        lane_numbers = ir.Constant(ir.VectorType(intp, width), list(range(width)))
+
+        def splat(value, ty):
+            vec = builder.insert_element(ir.Constant(ty, ir.Undefined), value, _i32(0))
+            return builder.shuffle_vector(vec, vec, ir.Constant(
+                ir.VectorType(ir.IntType(32), ty.count), None))
+
+        def step(index, contiguous, remaining=None):
+            mask = None
+            if remaining is not None:
+                mask = builder.icmp_signed("<", lane_numbers,
+                                           splat(remaining, ir.VectorType(intp, width)))
+            v = row.load(builder, index, vty, contiguous, mask, remaining)
+            if target is not None:
+                target.store(builder, index, v, contiguous, mask, remaining)
+            is_nan = builder.fcmp_unordered("uno", v, v)
+            if mask is not None:
+                v = builder.select(mask, v, minus_inf)
+                is_nan = builder.and_(is_nan, mask)
+            old = builder.load(best)
+            above = builder.fcmp_ordered(">", v, old)
+            builder.store(builder.select(above, v, old), best)
+            at = builder.add(splat(builder.trunc(index, i32), ity), lane_ids)
+            builder.store(builder.select(above, at, builder.load(where)), where)
+            builder.store(builder.or_(builder.load(nan), is_nan), nan)
+
+        def loop(contiguous):
+            full = builder.and_(row.size, ir.Constant(intp, -width))
+            with cgutils.for_range_slice(builder, ir.Constant(intp, 0), full,
+                                         ir.Constant(intp, width), intp) as (c, _):
+                step(c, contiguous)
+            remaining = builder.sub(row.size, full)
+            with builder.if_then(builder.icmp_signed(">", remaining, ir.Constant(intp, 0))):
+                step(full, contiguous, remaining)
+
+        present = [r for r in (row, target) if r is not None]
+        if all(r.unit_stride_type for r in present):
+            loop(True)
+        else:
+            unit = ir.Constant(intp, row.itemsize)
+            all_unit = cgutils.true_bit
+            for r in present:
+                if not r.unit_stride_type:
+                    all_unit = builder.and_(all_unit, builder.icmp_signed("==", r.stride, unit))
+            with builder.if_else(all_unit, likely=True) as (then, otherwise):
+                with then:
+                    loop(True)
+                with otherwise:
+                    loop(False)
+        values, indices = builder.load(best), builder.load(where)
+        m = builder.extract_element(values, _i32(0))
+        i = builder.extract_element(indices, _i32(0))
+        for j in range(1, width):
+            vj = builder.extract_element(values, _i32(j))
+            ij = builder.extract_element(indices, _i32(j))
+            better = builder.or_(builder.fcmp_ordered(">", vj, m), builder.and_(
+                builder.fcmp_ordered("==", vj, m), builder.icmp_signed("<", ij, i)))
+            m = builder.select(better, vj, m)
+            i = builder.select(better, ij, i)
+        flags = builder.bitcast(builder.load(nan), ir.IntType(width))
+        any_nan = builder.icmp_unsigned("!=", flags, ir.Constant(ir.IntType(width), 0))
+        return context.make_tuple(builder, sig.return_type, [
+            m, builder.sext(i, ir.IntType(64)), any_nan])
+
+    return types.Tuple((x.dtype, types.int64, types.boolean))(x, copy_to), codegen
+
+
+@intrinsic
 def scale_minus(typingctx, e, g, k1, k2, w):
     """``g <- e * k1 - k2 * w`` (``- k2`` when ``w`` is None): a map in masked
     vectors to the row's end, with no scalar remainder loop for short rows.
@@ -450,6 +552,96 @@ def scale_minus(typingctx, e, g, k1, k2, w):
         return context.get_dummy_value()
 
     return types.none(e, g, k1, k2, w), codegen
+
+
+# --------------------------------------------------------------------------
+# The softcap's sweeps (``_cpu_kernels._capped_hard_row``)
+
+
+def _capped_ir(builder, xv, a, cap):
+    """(t, z): t = tanh(a x), z = cap t, the softcap of a vector of logits."""
+    t = _tanh_ir(builder, builder.fmul(xv, a), skip_large=True)
+    return t, builder.fmul(cap, t)
+
+
+@intrinsic
+def capped_exp_slopes(typingctx, x, g, a, cap, m, ahead):
+    """``g <- exp(z - m) (1 - t^2)``, t = tanh(a x), z = cap t (the softcap's
+    exponentials times its slope over the logit scale; ``g`` may be ``x``);
+    returns ``sum exp(z - m)`` in float64. ``ahead`` is prefetched on the way.
+    Without label smoothing this is the whole gradient but for one factor:
+    the gradient's second sweep is then one product (``scale_minus``)."""
+    if not (_is_row(x) and _is_row(g, x.dtype) and g.mutable and _is_scalar(a)
+            and _is_scalar(cap) and _is_scalar(m) and _is_ahead(ahead, x)):
+        return None
+
+    def body(builder, values, scalars):
+        a_, cap_, m_ = scalars
+        t, zv = _capped_ir(builder, values[0], a_, cap_)
+        e = _exp_ir(builder, builder.fsub(zv, m_))
+        slope = builder.fsub(_const(t.type, 1.0), builder.fmul(t, t))
+        return [e], builder.fmul(e, slope)
+
+    def codegen(context, builder, sig, args):
+        rows, scalars = _setup(context, builder, sig, args, (0,), (2, 3, 4))
+        return _result(context, builder, sig, _emit_lanes(
+            context, builder, rows, scalars, body, 1, target=_access(context, builder, sig, args, 1),
+            ahead=_access(context, builder, sig, args, 5)))
+
+    return types.float64(x, g, a, cap, m, ahead), codegen
+
+
+@intrinsic
+def capped_exp_sums(typingctx, x, z, w, a, cap, m, ahead):
+    """``z <- cap tanh(a x)`` (``_formulas.softcapped``; not stored when ``z``
+    is None; ``z`` may be ``x``); returns ``(sum exp(z - m), sum w (z - m))``
+    in float64 (``z - m`` without ``w``). ``ahead`` is prefetched on the way."""
+    if not (_is_row(x) and (isinstance(z, types.NoneType) or (_is_row(z, x.dtype) and z.mutable))
+            and (isinstance(w, types.NoneType) or _is_row(w, x.dtype))
+            and _is_scalar(a) and _is_scalar(cap) and _is_scalar(m) and _is_ahead(ahead, x)):
+        return None
+
+    def body(builder, values, scalars):
+        xv, wv = values
+        a_, cap_, m_ = scalars
+        _, zv = _capped_ir(builder, xv, a_, cap_)
+        shifted = builder.fsub(zv, m_)
+        dot = shifted if wv is None else builder.fmul(wv, shifted)
+        return [_exp_ir(builder, shifted), dot], zv
+
+    def codegen(context, builder, sig, args):
+        rows, scalars = _setup(context, builder, sig, args, (0, 2), (3, 4, 5))
+        return _result(context, builder, sig, _emit_lanes(
+            context, builder, rows, scalars, body, 2, target=_access(context, builder, sig, args, 1),
+            ahead=_access(context, builder, sig, args, 6)))
+
+    return types.UniTuple(types.float64, 2)(x, z, w, a, cap, m, ahead), codegen
+
+
+@intrinsic
+def capped_grad(typingctx, g, w, k1, k2, m, inv_cap, k):
+    """``g <- (k1 exp(g - m) - k2 w) k (1 - (g inv_cap)^2)`` (``- k2`` when
+    ``w`` is None): the gradient of a row whose capped logits ``g`` holds,
+    ``_formulas.gradient_element`` times ``_formulas.softcap_slope``."""
+    if not (_is_row(g) and g.mutable and (isinstance(w, types.NoneType) or _is_row(w, g.dtype))
+            and all(_is_scalar(v) for v in (k1, k2, m, inv_cap, k))):
+        return None
+
+    def body(builder, values, scalars):
+        zv, wv = values
+        k1_, k2_, m_, inv_, k_ = scalars
+        shift = k2_ if wv is None else builder.fmul(k2_, wv)
+        dldz = builder.fsub(builder.fmul(_exp_ir(builder, builder.fsub(zv, m_)), k1_), shift)
+        t = builder.fmul(zv, inv_)
+        slope = builder.fmul(k_, builder.fsub(_const(zv.type, 1.0), builder.fmul(t, t)))
+        return [], builder.fmul(dldz, slope)
+
+    def codegen(context, builder, sig, args):
+        rows, scalars = _setup(context, builder, sig, args, (0, 1), (2, 3, 4, 5, 6))
+        _emit_lanes(context, builder, rows, scalars, body, 0, target=rows[0])
+        return context.get_dummy_value()
+
+    return types.none(g, w, k1, k2, m, inv_cap, k), codegen
 
 
 # --------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import pytest
 from llvmlite import ir
 
 from fastxent import _fastmath, _lanes
-from fastxent._fastmath import FASTMATH, fast_exp, fast_log, log1p_unit, maximum
+from fastxent._fastmath import (FASTMATH, TANH_SMALL, fast_exp, fast_log, fast_tanh, log1p_unit,
+                               maximum, tanh_small)
 
 LONG = np.longdouble
 if np.finfo(LONG).eps >= np.finfo(np.float64).eps:  # pragma: no cover - e.g. aarch64 macOS
@@ -36,6 +37,18 @@ def _log_loop(x, out):
 def _log1p_loop(x, out):
     for i in range(x.shape[0]):
         out[i] = log1p_unit(x[i])
+
+
+@numba.njit(fastmath=FASTMATH)
+def _tanh_loop(x, out):
+    for i in range(x.shape[0]):
+        out[i] = fast_tanh(x[i])
+
+
+@numba.njit(fastmath=FASTMATH)
+def _tanh_small_loop(x, out):
+    for i in range(x.shape[0]):
+        out[i] = tanh_small(x[i])
 
 
 @numba.njit(fastmath=FASTMATH)
@@ -103,6 +116,31 @@ def test_fast_exp_accuracy(dtype):
     # the scalar (non-vectorized) code path gives the same bits
     sample = x[::997]
     np.testing.assert_array_equal([_exp_scalar(v) for v in sample], ours[::997])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_fast_tanh_accuracy(dtype):
+    """fast_tanh within 2 ulp everywhere (both sides of ``TANH_SMALL``, where
+    the polynomial hands over to the exponential), tanh_small below it."""
+    if dtype == np.float64 and LONG is None:
+        pytest.skip("no extended-precision long double to check float64 against")
+    rng = np.random.default_rng(3)
+    edge = np.float64(TANH_SMALL)
+    x = np.concatenate([np.linspace(-12, 12, 400_001), rng.uniform(-1, 1, 200_000),
+                        edge + np.linspace(-1e-6, 1e-6, 2001), rng.uniform(-1e-4, 1e-4, 20_000),
+                        np.geomspace(1e-30, 1e-3, 1000)]).astype(dtype)
+    x = np.concatenate([x, -x])
+    ours = _apply(_tanh_loop, x)
+    exact, hi = _truth(np.tanh, x)
+    nonzero = x != 0
+    ulps, _ = _errors(ours[nonzero], exact[nonzero], hi[nonzero])
+    assert ulps <= 2.0, f"max error {ulps:.3f} ulp"
+    below = np.abs(x) < dtype(TANH_SMALL)
+    ulps, _ = _errors(_apply(_tanh_small_loop, x[below & nonzero]), exact[below & nonzero],
+                      hi[below & nonzero])
+    assert ulps <= 2.0, f"tanh_small: max error {ulps:.3f} ulp"
+    special = np.array([np.inf, -np.inf, np.nan, 0.0, 40.0, -40.0], dtype)
+    np.testing.assert_array_equal(_apply(_tanh_loop, special), [1, -1, np.nan, 0, 1, -1])
 
 
 #: Below these every result is exactly 0 (2^n with n = -bias is +0.0).

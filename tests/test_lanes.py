@@ -10,7 +10,8 @@ import pytest
 from numba import njit
 
 from fastxent._fastmath import FASTMATH
-from fastxent._lanes import (BLOCK, LANES, exp_sum, exp_sum_inplace, lane_dot, row_max,
+from fastxent._lanes import (BLOCK, LANES, capped_exp_slopes, capped_exp_sums, capped_grad,
+                              exp_sum, exp_sum_inplace, lane_dot, row_argmax, row_max,
                               scale_minus, soft_sums)
 
 LENGTHS = [0, 1, LANES - 1, LANES, LANES + 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 37]
@@ -45,6 +46,26 @@ def _scale_minus(e, g, k1, k2, w):
 @njit(fastmath=FASTMATH)
 def _row_max(x, copy_to):
     return row_max(x, copy_to)
+
+
+@njit(fastmath=FASTMATH)
+def _row_argmax(x, copy_to):
+    return row_argmax(x, copy_to)
+
+
+@njit(fastmath=FASTMATH)
+def _capped_exp_sums(x, z, w, a, cap, m):
+    return capped_exp_sums(x, z, w, a, cap, m, None)
+
+
+@njit(fastmath=FASTMATH)
+def _capped_exp_slopes(x, g, a, cap, m):
+    return capped_exp_slopes(x, g, a, cap, m, None)
+
+
+@njit(fastmath=FASTMATH)
+def _capped_grad(g, w, k1, k2, m, inv_cap, k):
+    capped_grad(g, w, k1, k2, m, inv_cap, k)
 
 
 def documented_order_sum(terms):
@@ -189,3 +210,72 @@ def test_main_loop_is_vector_code():
     _exp_sum(x, np.float32(0.0))
     asm = _exp_sum.inspect_asm(_exp_sum.signatures[0])
     assert "vaddps" in asm and ("zmm" in asm or "ymm" in asm)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("n", LENGTHS[1:])
+def test_row_argmax_finds_the_first_maximum_and_flags_nan(n, dt):
+    rng = np.random.default_rng(n)
+    x = rng.integers(-4, 4, n).astype(dt)  # many ties
+    m, i, nan = _row_argmax(x, None)
+    assert m == x.max() and i == int(np.argmax(x)) and not nan
+    for where in sorted({0, n // 2, n - 1}):
+        y = x.copy()
+        y[where] = 9.0
+        y[n - 1 - where] = 9.0
+        g = np.zeros_like(y)
+        m, i, nan = _row_argmax(y, g)
+        assert (m, i, nan) == (9.0, min(where, n - 1 - where), False)
+        np.testing.assert_array_equal(g, y)
+        y[where] = np.nan
+        m, i, nan = _row_argmax(y, None)
+        assert nan and m == (np.delete(y, where).max() if n > 1 else -np.inf)
+    assert _row_argmax(np.full(n, -np.inf, dt), None) == (-np.inf, -1, False)
+    strided = np.zeros((n, 2), dt)
+    strided[:, 1] = x
+    assert _row_argmax(strided[:, 1], None)[1] == int(np.argmax(x))
+
+
+def _capped_cases(n, dt):
+    """Logits that keep tanh's argument below ``TANH_SMALL`` in whole vectors,
+    or put a few lanes above it, or are infinite or NaN."""
+    rng = np.random.default_rng(n)
+    small = (rng.standard_normal(n) * 0.1).astype(dt)
+    mixed = small.copy()
+    mixed[::7] = (rng.standard_normal(mixed[::7].size) * 3).astype(dt)
+    special = mixed.copy()
+    special[::11] = np.inf
+    special[5::13] = -np.inf
+    return {"small": small, "mixed": mixed, "special": special}
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("n", LENGTHS[1:])
+def test_capped_sweeps_match_float64(n, dt):
+    """``capped_exp_sums``, ``capped_exp_slopes`` and ``capped_grad`` against
+    the softcap computed in float64 (cap tanh(a x) with NumPy's tanh)."""
+    a, cap, k = 1.5 / 2.0, 2.0, 1.5
+    rtol = 2e-6 if dt == np.float32 else 1e-14
+    w = np.random.default_rng(1).random(n).astype(dt)
+    for name, x in _capped_cases(n, dt).items():
+        z64 = cap * np.tanh(a * x.astype(np.float64))
+        m = dt(z64.max())
+        e64 = np.exp(z64 - np.float64(m))
+        z = np.zeros_like(x)
+        s, dot = _capped_exp_sums(x, z, w, dt(a), dt(cap), m)
+        np.testing.assert_allclose(z, z64, rtol=rtol, atol=rtol, err_msg=name)
+        np.testing.assert_allclose(s, e64.sum(), rtol=rtol, err_msg=name)
+        np.testing.assert_allclose(dot, (w * (z64 - np.float64(m))).sum(), rtol=rtol,
+                                   atol=rtol * np.abs(z64).sum(), err_msg=name)
+        assert _capped_exp_sums(x, None, None, dt(a), dt(cap), m)[0] == s
+        g = x.copy()  # in place
+        assert _capped_exp_slopes(g, g, dt(a), dt(cap), m) == s
+        np.testing.assert_allclose(g, e64 * (1 - np.tanh(a * x.astype(np.float64)) ** 2),
+                                   rtol=4 * rtol, atol=rtol, err_msg=name)
+        k1, k2 = dt(0.3), dt(0.01)
+        g = z.copy()
+        _capped_grad(g, w, k1, k2, m, dt(1 / cap), dt(k))
+        expect = (k1 * e64 - k2 * w) * k * (1 - (z64 / cap) ** 2)
+        np.testing.assert_allclose(g, expect, rtol=8 * rtol, atol=rtol, err_msg=name)
+    nan = np.full(n, np.nan, dt)
+    assert np.isnan(_capped_exp_sums(nan, None, None, dt(a), dt(cap), dt(0.0))[0])
