@@ -55,7 +55,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._fastmath import _const, _exp_ir, _prefer_wide_vectors, _tanh_ir, native_vector_bytes
+from ._fastmath import _call, _const, _exp_ir, _prefer_wide_vectors, _tanh_ir, native_vector_bytes
 
 #: Partial sums per vector (one 512-bit register of float32).
 LANES = 16
@@ -577,8 +577,9 @@ def capped_exp_slopes(typingctx, x, g, a, cap, m, ahead):
 
     def body(builder, values, scalars):
         a_, cap_, m_ = scalars
-        t, zv = _capped_ir(builder, values[0], a_, cap_)
-        e = _exp_ir(builder, builder.fsub(zv, m_))
+        t = _tanh_ir(builder, builder.fmul(values[0], a_), skip_large=True)
+        # z - m = cap t - m in one instruction (z itself is not stored)
+        e = _exp_ir(builder, _call(builder, "llvm.fmuladd", t.type, cap_, t, builder.fneg(m_)))
         slope = builder.fsub(_const(t.type, 1.0), builder.fmul(t, t))
         return [e], builder.fmul(e, slope)
 
