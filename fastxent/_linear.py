@@ -140,9 +140,9 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
         else:
             for c0 in range(0, c, tmp.shape[0]):
                 c1 = min(c, c0 + tmp.shape[0])
-                part = tmp[: c1 - c0]
-                ops.matmul(z[:, c0:c1].T, xc, part)
-                ops.add_into(gw[c0:c1], part)
+                share = tmp[: c1 - c0]
+                ops.matmul(z[:, c0:c1].T, xc, share)
+                ops.add_into(gw[c0:c1], share)
         if gb is not None:
             ops.col_sum(z, gb)
     loss = finish(total, losses)
