@@ -55,11 +55,11 @@ def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: Arr
         As in :func:`fastxent.cross_entropy`; ``mean`` divides by the
         denominator over all rows, not per chunk.
     chunk_size : int, optional
-        Rows of logits made at a time. None picks them from C and H: as
-        many as fill a 16 MiB buffer (a power of two, at least 64; 128 rows
-        for 32000 float32 classes, 64 for 128256), and at least H / 4 when
-        H * 4 > C. Memory above the inputs and gradients is about one
-        chunk's logits plus 5 MiB.
+        Rows of logits made at a time. None picks them from N, C and H:
+        4% of the rows (a multiple of 32: 320 of 8192, 160 of 4096), or as
+        many as fill a 16 MiB buffer if that is more, at least 64, and at
+        least H / 4 when H * 4 > C. Memory above the inputs and gradients is
+        about one chunk's logits plus 5 MiB.
     device : {"auto", "cpu", "cuda"}, default "auto"
         ``auto`` runs where the arrays are. GPU arrays must come from a
         library whose matrix product fastxent can call (CuPy, PyTorch).

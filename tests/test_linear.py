@@ -181,8 +181,9 @@ def test_float32_against_float64_torch(chunk):
 
 def test_default_chunk_rows():
     from fastxent._linear import default_chunk_rows
-    assert default_chunk_rows(8192, 32000, 1024, 4) == 128
-    assert default_chunk_rows(4096, 128256, 2048, 4) == 64
+    assert default_chunk_rows(8192, 32000, 1024, 4) == 320  # 4% of the rows
+    assert default_chunk_rows(4096, 128256, 2048, 4) == 160
+    assert default_chunk_rows(1024, 32000, 1024, 4) == 128  # 16 MiB
     assert default_chunk_rows(10, 32000, 1024, 4) == 10
     assert default_chunk_rows(8192, 1000, 64, 4) == 4096  # 16 MiB of 1000 classes
     assert default_chunk_rows(8192, 40000, 16384, 8) == 4096  # H / 4: H * 4 > C
