@@ -7,6 +7,9 @@ three gradients:
     The three matrix products alone: fastxent's own loop (``_linear.run``)
     with the loss kernel left out, so the same NumPy products on the same
     chunks and blocks, and the same additions of the weight's gradient.
+``matmul whole``
+    The same three products on whole matrices (``x @ W.T``, then the N x C
+    result ``@ W`` and ``.T @ x``): what the BLAS does without chunks.
 ``fastxent``
     ``linear_cross_entropy_with_grad`` (default chunk size).
 ``torch chunked``
@@ -17,8 +20,9 @@ three gradients:
 Times are medians over interleaved rounds (one call per sample: these are
 seconds each), ratios per round. Memory: each implementation runs once more
 in a child process of its own, which resets its resident-set peak
-(``/proc/self/clear_refs``) after the inputs exist and a small warm-up call
-has compiled everything, then reads it (``VmHWM``) after the call; the
+(``/proc/self/clear_refs``) after the inputs exist and a warm-up call (512
+rows, 4096 classes, the same H) has compiled everything and had the BLAS
+touch its packing buffers, then reads it (``VmHWM``) after the call; the
 figure is that peak minus the resident set before the call and minus the
 returned gradients, as a share of the N x C float32 logits.
 """
@@ -38,7 +42,9 @@ import numpy as np
 #: The issue's shapes: (N, H, C).
 LINEAR_SHAPES = ((8192, 1024, 32000), (4096, 2048, 128256))
 QUICK_LINEAR_SHAPES = ((512, 256, 4000),)
-IMPLEMENTATIONS = ("matmul", "fastxent", "torch chunked", "torch unfused")
+IMPLEMENTATIONS = ("matmul", "matmul whole", "fastxent", "torch chunked", "torch unfused")
+#: The implementations timed but not measured for memory (no loss).
+PRODUCTS_ONLY = ("matmul", "matmul whole")
 IGNORED_SHARE = 0.05
 
 
@@ -67,6 +73,12 @@ def runner(name: str, x, w, t):
         import fastxent
 
         return lambda: fastxent.linear_cross_entropy_with_grad(x, w, t)
+    if name == "matmul whole":
+        def whole():
+            z = x @ w.T
+            return z @ w, z.T @ x
+
+        return whole
     if name == "matmul":
         from . import _validate
         from ._cpu_linear import OPS
@@ -119,8 +131,12 @@ def measure_memory_child(name: str, n: int, h: int, c: int, dtype: str, threads:
     """In this (child) process: the peak resident bytes a call adds."""
     _set_threads(threads)
     dtype = np.dtype(dtype)
-    small = linear_inputs(64, 32, 128, dtype)
-    runner(name, *small)()  # compiles, starts thread pools
+    # Compiles, starts thread pools and has the BLAS touch its packing
+    # buffers (tens of MiB, made once per process, whatever the call): the
+    # hidden size of the measured call and more classes than
+    # ``_cpu.SHORT_ROW``, so that the kernel it runs (direct rows) is compiled.
+    small = linear_inputs(512, h, 4096, dtype)
+    runner(name, *small)()
     x, w, t = linear_inputs(n, h, c, dtype)
     call = runner(name, x, w, t)
     import gc
@@ -171,10 +187,10 @@ def bench_linear(shapes: Sequence[tuple], dtype, rounds: int, threads: Optional[
     try:
         import torch  # noqa: F401
     except ImportError:
-        available = ["matmul", "fastxent"]
-    header = (["shape"] + available + ["fastxent/matmul"]
+        available = ["matmul", "matmul whole", "fastxent"]
+    header = (["shape"] + available + ["fastxent/matmul", "fastxent/matmul whole"]
               + [f"{p}/fastxent" for p in available if p.startswith("torch")]
-              + [f"mem {p}" for p in available if p != "matmul"])
+              + [f"mem {p}" for p in available if p not in PRODUCTS_ONLY])
     rows = [header]
     for shape in shapes:
         small = linear_inputs(64, 32, 128, dtype)
@@ -198,12 +214,13 @@ def bench_linear(shapes: Sequence[tuple], dtype, rounds: int, threads: Optional[
             return statistics.median(p / q for p, q in zip(samples[a], samples[b]))
 
         row.append(f"{ratio('fastxent', 'matmul'):.3f}")
+        row.append(f"{ratio('fastxent', 'matmul whole'):.3f}")
         row += [f"{ratio(p, 'fastxent'):.2f}" for p in available if p.startswith("torch")]
         print(f"  {shape}: times " + ", ".join(f"{p} {samples[p]}" for p in available),
               file=sys.stderr, flush=True)
         del x, w, t
         for name in available:
-            if name == "matmul":
+            if name in PRODUCTS_ONLY:
                 continue
             if not memory:
                 row.append("-")
@@ -222,7 +239,8 @@ def bench_linear(shapes: Sequence[tuple], dtype, rounds: int, threads: Optional[
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(wd) for cell, wd in zip(r, widths)) for r in rows]
     lines += ["",
-              "matmul: the three products alone (fastxent's loop without the loss kernel); fastxent: "
+              "matmul: the three products alone (fastxent's loop without the loss kernel); matmul "
+              "whole: the same products on whole matrices (N x C logits); fastxent: "
               "linear_cross_entropy_with_grad; torch chunked: F.linear_cross_entropy with "
               "LinearCrossEntropyOptions(); torch unfused: F.cross_entropy(F.linear(...)). "
               "All forward + backward (three gradients for fastxent).",

@@ -144,11 +144,14 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
             k1 = min(c, k0 + INNER_BLOCK)
             ops.matmul(z[:, k0:k1], w[k0:k1], part[:m])
             ops.add_into(gxc, part[:m])
-        if start == 0:
-            ops.matmul(z.T, xc, gw)
-        else:
-            for c0 in range(0, c, tmp.shape[0]):
-                c1 = min(c, c0 + tmp.shape[0])
+        # In blocks of classes even for the first chunk (written in place):
+        # one product of all C classes had the BLAS take a chunk-sized
+        # buffer of its own (35 MiB at 320 x 32000, H = 1024).
+        for c0 in range(0, c, block):
+            c1 = min(c, c0 + block)
+            if start == 0:
+                ops.matmul(z[:, c0:c1].T, xc, gw[c0:c1])
+            else:
                 share = tmp[: c1 - c0]
                 ops.matmul(z[:, c0:c1].T, xc, share)
                 ops.add_into(gw[c0:c1], share)
