@@ -1,7 +1,8 @@
 """fastxent's losses inside PyTorch's autograd: functions and ``nn.Module``s.
 
 Drop-in replacements for ``torch.nn.functional.cross_entropy``,
-``nll_loss``, ``binary_cross_entropy_with_logits`` and the modules
+``nll_loss``, ``binary_cross_entropy_with_logits``, ``linear_cross_entropy``
+and the modules
 ``torch.nn.CrossEntropyLoss`` and ``torch.nn.BCEWithLogitsLoss``: the same
 signatures and PyTorch's layout (the class dimension is 1, or 0 for a
 single unbatched row), computed by fastxent's fused kernels.
@@ -54,8 +55,8 @@ from . import losses as _losses
 Tensor = torch.Tensor
 
 __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "binary_cross_entropy_with_logits",
-           "cross_entropy", "empty_cache", "nll_loss", "repeatable_backward",
-           "reuse_gradient_buffers"]
+           "cross_entropy", "empty_cache", "linear_cross_entropy", "nll_loss",
+           "repeatable_backward", "reuse_gradient_buffers"]
 
 
 # --------------------------------------------------------------------------
@@ -611,6 +612,119 @@ def nll_loss(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
         raise ValueError("fastxent.torch.nll_loss: weight requires grad, but fastxent "
                          "differentiates with respect to input only; pass weight.detach()")
     return _nll_loss_op(input, target, weight, int(ignore_index), reduction)
+
+
+# linear_cross_entropy: the forward computes the loss and its three
+# gradients chunk by chunk (fastxent.linear_cross_entropy_with_grad, no N x C
+# array); the backward scales them by the loss's gradient (a scalar).
+
+@torch.library.custom_op("fastxent::linear_cross_entropy", mutates_args=())
+def _linear_ce_op(input: Tensor, linear_weight: Tensor, target: Tensor,
+                  linear_bias: Optional[Tensor], weight: Optional[Tensor], ignore_index: int,
+                  reduction: str, label_smoothing: float, z_loss: float, logit_scale: float,
+                  softcap: float, chunk_size: int,
+                  with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from . import linear as _linear
+
+    arrays = dict(linear_bias=_array(linear_bias), weight=_array(weight),
+                  ignore_index=ignore_index, reduction=reduction,
+                  label_smoothing=label_smoothing, z_loss=z_loss, logit_scale=logit_scale,
+                  softcap=softcap or None, chunk_size=chunk_size or None)
+    args = (_array(input), _array(linear_weight), _array(target))
+    with _on_current_stream(input):
+        if not with_grad:
+            # (distinct empty tensors: a custom op's outputs may not alias each other)
+            return (_tensor(_linear.linear_cross_entropy(*args, **arrays), input),
+                    input.new_empty(0), input.new_empty(0), input.new_empty(0))
+        loss, gx, gw, gb = _linear.linear_cross_entropy_with_grad(*args, **arrays)
+    return (_tensor(loss, input), _tensor(gx, input), _tensor(gw, input),
+            input.new_empty(0) if gb is None else _tensor(gb, input))
+
+
+@_linear_ce_op.register_fake
+def _(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+      label_smoothing, z_loss, logit_scale, softcap, chunk_size, with_grad):
+    loss = input.new_empty(tuple(input.shape[:-1]) if reduction == "none" else ())
+    if not with_grad:
+        return loss, input.new_empty(0), input.new_empty(0), input.new_empty(0)
+    gb = input.new_empty(0) if linear_bias is None else input.new_empty(linear_bias.shape)
+    return loss, input.new_empty(input.shape), input.new_empty(linear_weight.shape), gb
+
+
+def _linear_ce_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*output[1:])
+    ctx.has_bias = inputs[3] is not None
+
+
+def _linear_ce_backward(ctx, grad_loss, *_unused):
+    _refuse_double_backward("linear_cross_entropy")
+    if grad_loss is None:
+        return (None,) * 13
+    gx, gw, gb = ctx.saved_tensors
+    return (gx * grad_loss, gw * grad_loss, None, gb * grad_loss if ctx.has_bias else None) + \
+        (None,) * 9
+
+
+_linear_ce_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                         reduction: str = "mean", ignore_index: int = -100,
+                         label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         logit_scale: float = 1.0, softcap: Optional[float] = None,
+                         chunk_size: Optional[int] = None) -> Tensor:
+    """``torch.nn.functional.linear_cross_entropy`` on fastxent's chunked loop.
+
+    ``cross_entropy(linear(input, linear_weight, linear_bias), target)``
+    without the (..., C) logits: rows go ``chunk_size`` at a time through a
+    matrix product and fastxent's fused kernel (see
+    :func:`fastxent.linear_cross_entropy`). The forward computes the
+    gradients of ``input``, ``linear_weight`` and ``linear_bias`` as it
+    goes; the backward scales them.
+
+    Parameters
+    ----------
+    input : Tensor of shape (..., H)
+    linear_weight : Tensor of shape (C, H)
+    target : Tensor
+        Class indices of shape (...), or probabilities of shape (..., C).
+        Not differentiated.
+    linear_bias : Tensor of shape (C,), optional
+    weight, reduction, ignore_index, label_smoothing
+        As in PyTorch (``weight``: class weights, not differentiated).
+        ``reduction="none"`` computes the per-row losses but no gradient:
+        the gradients of a weighted sum of rows would need the weights in
+        the chunk loop (use "sum" or "mean" to train).
+    z_loss, logit_scale, softcap
+        fastxent's extras, as in :func:`cross_entropy`.
+    chunk_size : int, optional
+        Rows per chunk (None: fastxent's default).
+
+    Returns
+    -------
+    Tensor
+        A 0-dim tensor, or the per-row losses for ``reduction="none"``.
+    """
+    grad_on = torch.is_grad_enabled()
+    for label, t in (("target", target), ("weight", weight)):
+        if grad_on and t is not None and t.requires_grad:
+            raise ValueError(f"fastxent.torch.linear_cross_entropy: {label} requires grad, "
+                             f"but it is not differentiated; pass {label}.detach()")
+    with_grad = grad_on and any(t is not None and t.requires_grad
+                                for t in (input, linear_weight, linear_bias))
+    if with_grad and reduction == "none":
+        raise ValueError("fastxent.torch.linear_cross_entropy: reduction='none' gives no "
+                         "gradient (the gradients of a weighted sum of the rows would need "
+                         "the weights inside the chunk loop); use reduction='sum' or "
+                         "'mean' to train, or call it under torch.no_grad()")
+    loss, _, _, _ = _linear_ce_op(input, linear_weight, target, linear_bias, weight,
+                                  int(ignore_index), reduction, float(label_smoothing),
+                                  float(z_loss), _validate.logit_scale_arg(logit_scale),
+                                  _validate.softcap_arg(softcap), int(chunk_size or 0), with_grad)
+    return loss
 
 
 # --------------------------------------------------------------------------
