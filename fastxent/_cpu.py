@@ -527,7 +527,7 @@ def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, ou
         y, q = _hard_targets(np.asarray(target), spec), None
     opts = CEOptions(weight=_weight(weight, dtype), ignore_index=spec.ignore_index,
                      smoothing=spec.smoothing, mean=spec.reduction == "mean",
-                     z_loss=spec.z_loss)
+                     z_loss=spec.z_loss, logit_scale=spec.logit_scale, softcap=spec.softcap)
     result = _Output(out, x_rows, problem, form, (x, target, vector, weight))
     if result.inplace and np.may_share_memory(x, vector):
         # ``out`` is the logits, read before a row is written, but the row of

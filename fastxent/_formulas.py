@@ -208,6 +208,21 @@ def soft_target_curvature(total, lse, options, scale):
     return scale * (total + z2 * lse), scale * z2
 
 
+def softcap_second_slope(z, slope, scale, inv_cap):
+    """d2z/dx2 of ``softcapped`` from z and its slope: with z = cap tanh(y),
+    y = scale x / cap, dz/dx = scale (1 - (z/cap)**2), so
+    d2z/dx2 = -2 scale (z / cap**2) dz/dx (0 without a cap: ``inv_cap`` 0)."""
+    return -2.0 * scale * z * inv_cap * inv_cap * slope
+
+
+def transformed_hvp_element(hv_u, slope, r, second, v):
+    """(H_x v)_c for logits transformed elementwise, u = f(x), the loss
+    reading u: f'_c (H_u (f' * v))_c + r_c f''_c v_c, ``hv_u`` the product
+    of the Hessian in u with f' * v, ``r`` = d loss / d u_c (the chain rule
+    twice; docs/design.md)."""
+    return slope * hv_u + r * second * v
+
+
 def hessian_vector_element(e, v, k1, k2):
     """(H v)_c = p_c (alpha v_c - (alpha - beta) (p.v)) with p_c = e_c / s:
     e_c (k1 v_c - k2), k1 = alpha / s, k2 = (alpha - beta) (p.v) / s."""

@@ -15,8 +15,9 @@ from numba import prange
 from numba.extending import overload
 
 from . import _formulas as F
-from ._cpu_kernels import (_JIT_OPTIONS, _Kernel, _by_targets, _cast_like, _class_weight, _jit,
-                           _row, _tile, _tile_count, _weight_sum, _zero)
+from ._cpu_kernels import (_JIT_OPTIONS, _Kernel, _at, _by_targets, _cast_like, _class_weight,
+                           _jit, _row, _tile, _tile_count, _transform, _weight_sum, _zero,
+                           hard_target_row, smoothed_target, soft_target_row, softcap_slope)
 from ._host import scan_hard_targets
 from ._lanes import (exp_dot_into, exp_sum_inplace, lane_dot, minus_exp_times, row_max,
                      soft_sums, sum_ahead)
@@ -26,6 +27,8 @@ softmax_jacobian_element = _jit(F.softmax_jacobian_element, inline=True)
 hard_target_curvature = _jit(F.hard_target_curvature, inline=True)
 soft_target_curvature = _jit(F.soft_target_curvature, inline=True)
 hessian_vector_element = _jit(F.hessian_vector_element, inline=True)
+softcap_second_slope = _jit(F.softcap_second_slope, inline=True)
+transformed_hvp_element = _jit(F.transformed_hvp_element, inline=True)
 mean_scale = _jit(F.mean_scale, inline=True)
 
 
@@ -136,10 +139,72 @@ def _hvp_finish(gr, vr, m, s, sev, alpha, beta):
 
 
 @_jit
+def _hvp_transformed(xr, qr, vr, gr, t, opts, wsum, scale):
+    """One row of the product when the options transform the logits,
+    u = f(x) (``logit_scale``, ``softcap``): H_x v = f' (H_u (f' v)) + r f'' v
+    with r = d loss / d u (``hard_target_row``'s or ``soft_target_row``'s
+    gradient). Against class ``t``, or probabilities ``qr`` (not None).
+    Two scratch rows: u, and f' v; ``gr`` (which may be ``xr``) takes
+    exp(u - m) until the last sweep writes the product."""
+    C = xr.shape[0]
+    logit_scale, cap = opts.logit_scale, opts.softcap
+    k = _cast_like(logit_scale, xr)
+    inv = _cast_like(1.0 / cap if cap != 0.0 else 0.0, xr)
+    u = np.empty(C, xr.dtype)
+    fv = np.empty(C, xr.dtype)
+    _transform(xr, u, u[:0], logit_scale, cap, False)
+    for c in range(C):
+        fv[c] = softcap_slope(u[c], k, inv) * vr[c]
+    m = row_max(u, None)
+    w, smooth = opts.weight, opts.smoothing
+    keep = _cast_like(1.0 - smooth, xr)
+    uniform = _cast_like(smooth / C, xr)
+    if qr is None:
+        dot = lane_dot(u, w, m) if smooth > 0.0 else 0.0
+        ut = u[t]
+    else:
+        total, qum = soft_sums(u, qr, w, keep, uniform, m, None)
+    s, sev = exp_dot_into(u, m, fv, gr)
+    log_s = np.log(s)
+    lse = np.float64(m) + log_s
+    if qr is None:
+        wt = _class_weight(w, t)
+        _, k1, k2, kt = hard_target_row(np.float64(m), log_s, s, np.float64(ut), wt, wsum, dot,
+                                        opts, scale, C)
+        alpha, beta = hard_target_curvature(wt, wsum, lse, opts, scale, C)
+        keep_s, uniform_s = 0.0, k2
+    else:
+        _, k1 = soft_target_row(np.float64(m), log_s, s, total, qum, opts, scale)
+        kt = 0.0
+        alpha, beta = soft_target_curvature(total, lse, opts, scale)
+        keep_s, uniform_s = scale * (1.0 - smooth), scale * smooth / C
+    ka = _cast_like(alpha / s, xr)
+    kb = _cast_like((alpha - beta) * (sev / s) / s, xr)
+    k1, kt = _cast_like(k1, xr), _cast_like(kt, xr)
+    keep_s, uniform_s = _cast_like(keep_s, xr), _cast_like(uniform_s, xr)
+    one = _cast_like(1.0, xr)
+    for c in range(C):
+        e, uc = gr[c], u[c]
+        slope = softcap_slope(uc, k, inv)
+        # d loss / d u_c: the gradient's element before the chain rule
+        if qr is None:
+            r = k1 * e - uniform_s * _at(w, c, one)
+            if c == t:
+                r -= kt
+        else:
+            r = k1 * e - smoothed_target(qr[c], keep_s, uniform_s) * _at(w, c, one)
+        gr[c] = transformed_hvp_element(hessian_vector_element(e, fv[c], ka, kb), slope, r,
+                                        softcap_second_slope(uc, slope, k, inv), vr[c])
+
+
+@_jit
 def _hvp_hard_views(xr, vr, gr, t, opts, wsum, scale):
     """One row of the product against class ``t`` (``gr`` may be ``xr``)."""
     if t == opts.ignore_index:
         _zero(gr)
+        return
+    if opts.logit_scale != 1.0 or opts.softcap != 0.0:
+        _hvp_transformed(xr, None, vr, gr, t, opts, wsum, scale)
         return
     m = row_max(xr, None)
     s, sev = exp_dot_into(xr, m, vr, gr)
@@ -152,6 +217,9 @@ def _hvp_hard_views(xr, vr, gr, t, opts, wsum, scale):
 @_jit
 def _hvp_soft_views(xr, qr, vr, gr, opts, scale):
     """One row of the product against probabilities ``qr`` (``gr`` may be ``xr``)."""
+    if opts.logit_scale != 1.0 or opts.softcap != 0.0:
+        _hvp_transformed(xr, qr, vr, gr, 0, opts, 0.0, scale)
+        return
     C = xr.shape[0]
     m = row_max(xr, None)
     # the targets' total mass, before ``gr`` (which may hold the logits) is written

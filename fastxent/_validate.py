@@ -391,13 +391,13 @@ def softmax_jacobian_call(x, axis, device):
 
 
 def cross_entropy_hvp_call(logits, target, vector, weight, ignore_index, reduction,
-                           label_smoothing, z_loss, axis, device, out):
+                           label_smoothing, z_loss, logit_scale, softcap, axis, device, out):
     if out is not None and not (hasattr(out, "shape") and hasattr(out, "dtype")):
         raise TypeError(f"out must be an array, got {type(out).__name__}")
     device = device_arg(device, logits, target, vector, weight, out)
     x, t, v, w = _arrays((logits, target, vector, weight))
     spec = cross_entropy_spec(x, t, w, ignore_index, reduction, label_smoothing, axis, device,
-                              z_loss=z_loss)
+                              z_loss=z_loss, logit_scale=logit_scale, softcap=softcap)
     vd = _describe(v)
     _same_shape(_describe(x), vd, "logits", "vector")
     float_dtype(vd.dtype, "vector")

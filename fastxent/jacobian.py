@@ -93,8 +93,9 @@ def softmax_jacobian(x: ArrayLike, *, axis: int = -1, device: Device = "auto") -
 def cross_entropy_hvp(logits: ArrayLike, target: ArrayLike, vector: ArrayLike, *,
                       weight: Optional[ArrayLike] = None, ignore_index: int = -100,
                       reduction: Reduction = "mean", label_smoothing: float = 0.0,
-                      z_loss: float = 0.0, axis: int = -1, out: Optional[np.ndarray] = None,
-                      device: Device = "auto") -> Any:
+                      z_loss: float = 0.0, logit_scale: float = 1.0,
+                      softcap: Optional[float] = None, axis: int = -1,
+                      out: Optional[np.ndarray] = None, device: Device = "auto") -> Any:
     """The Hessian of :func:`~fastxent.cross_entropy` with respect to the logits, times ``vector``.
 
     What PyTorch's double backward gives
@@ -104,11 +105,16 @@ def cross_entropy_hvp(logits: ArrayLike, target: ArrayLike, vector: ArrayLike, *
     class weight with label smoothing's share, the total weighted target
     mass for class probabilities, 0 for an ignored row, over the mean's
     denominator) and ``beta`` from the z-loss (see ``docs/design.md``).
+    With ``logit_scale`` or ``softcap`` the loss reads u = f(x), and the
+    product is f' * (H_u (f' * v)) + r * f'' * v, r the gradient in u.
 
     Parameters
     ----------
     logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, axis
         As in :func:`~fastxent.cross_entropy` (every target kind and layout).
+    logit_scale, softcap
+        As in :func:`~fastxent.cross_entropy`: the Hessian of the loss of the
+        scaled and capped logits, with respect to the logits as given.
         ``reduction="none"`` gives each row's own Hessian, as ``"sum"``.
     vector : array_like
         The direction, of the logits' shape.
@@ -121,6 +127,6 @@ def cross_entropy_hvp(logits: ArrayLike, target: ArrayLike, vector: ArrayLike, *
     ndarray (or a device array for GPU inputs) of the logits' shape and dtype.
     """
     backend, spec, (x, t, v, w), out = _validate.cross_entropy_hvp_call(
-        logits, target, vector, weight, ignore_index, reduction, label_smoothing, z_loss, axis,
-        device, out)
+        logits, target, vector, weight, ignore_index, reduction, label_smoothing, z_loss,
+        logit_scale, softcap, axis, device, out)
     return backend.cross_entropy_hvp(spec, x, t, v, w, out)

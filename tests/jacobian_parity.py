@@ -126,10 +126,20 @@ Z_LOSS = 1e-2
 HVP_TARGETS = ["hard", "hard_ignored", "hard_ii_valid", "soft"]
 
 
+#: The LLM options of the product's table (``check_hvp``'s ``llm``): the
+#: loss then reads u = softcap tanh(logit_scale x / softcap).
+HVP_LLM = {"none": {}, "scale": dict(logit_scale=0.7),
+           "cap": dict(logit_scale=1.5, softcap=2.0)}
+
+
 def torch_loss(xt, y, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-               z_loss=0.0):
-    """Cross-entropy (class axis 1) plus the z-loss, summed for "none"."""
+               z_loss=0.0, logit_scale=1.0, softcap=None):
+    """Cross-entropy (class axis 1) plus the z-loss, summed for "none", of the
+    logits scaled and capped first."""
     soft = y.dtype.is_floating_point
+    xt = xt * logit_scale
+    if softcap is not None:
+        xt = softcap * torch.tanh(xt / softcap)
     rows = F.cross_entropy(xt, y, weight=weight, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
     if z_loss:
@@ -190,11 +200,11 @@ def hvp_problem(layout, dtype, target, seed=0, C=None):
 
 
 def check_hvp(fn, device, *, dtype, layout, weighted, target, smoothing, reduction, z_loss,
-              C=None, mode="new", seed=0):
+              C=None, mode="new", seed=0, llm="none"):
     assert fn is fastxent.cross_entropy_hvp
     x, y, v, w, axis, options = hvp_problem(layout, dtype, target, seed, C)
     kw = dict(weight=w if weighted else None, reduction=reduction, label_smoothing=smoothing,
-              z_loss=z_loss, **options)
+              z_loss=z_loss, **options, **HVP_LLM[llm])
     expect = torch_hvp(x, y, v, axis=axis, **kw)
     on = {k: device.put(val) if isinstance(val, np.ndarray) else val for k, val in kw.items()}
     if mode == "out":

@@ -14,8 +14,8 @@ import torch
 import fastxent
 from tests import parity
 from tests.jacobian_parity import COMPARISONS as JACOBIAN_TABLE
-from tests.jacobian_parity import (DTYPES, check_backward, check_hvp, check_jacobian,
-                                   hvp_problem, torch_backward, torch_hvp)
+from tests.jacobian_parity import (DTYPES, HVP_TARGETS, check_backward, check_hvp,
+                                   check_jacobian, hvp_problem, torch_backward, torch_hvp)
 from tests.parity import CPU
 
 
@@ -61,6 +61,26 @@ def test_jacobian_of_a_large_logit(dtype):
 def test_hvp_long_rows(dtype, target):
     check_hvp(fastxent.cross_entropy_hvp, CPU, dtype=dtype, layout="long", weighted=True,
               target=target, smoothing=0.2, reduction="mean", z_loss=1e-2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("target", HVP_TARGETS)
+@pytest.mark.parametrize("layout", ["2d", "ncd", "axis0", "long"])
+@pytest.mark.parametrize("llm", ["scale", "cap"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_hvp_of_scaled_and_capped_logits(dtype, llm, layout, target, reduction):
+    """logit_scale and softcap: the chain rule twice, f' (H_u (f' v)) + r f'' v,
+    against torch's double backward of the transformed loss, with weights,
+    smoothing and the z-loss on (rows, tiles of strided rows, long rows)."""
+    check_hvp(fastxent.cross_entropy_hvp, CPU, dtype=dtype, layout=layout, weighted=True,
+              target=target, smoothing=0.2, reduction=reduction, z_loss=1e-2, llm=llm)
+
+
+def test_hvp_options_change_the_result():
+    x, y, v, w, axis, opts = hvp_problem("2d", np.float64, "hard")
+    plain = fastxent.cross_entropy_hvp(x, y, v)
+    assert not np.allclose(fastxent.cross_entropy_hvp(x, y, v, softcap=2.0), plain)
+    assert not np.allclose(fastxent.cross_entropy_hvp(x, y, v, logit_scale=0.7), plain)
 
 
 @pytest.mark.parametrize("layout", ["2d", "ncd", "long"])
