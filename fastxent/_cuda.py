@@ -698,7 +698,7 @@ def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, ou
     x = _contiguous(logits, dtype)
     v = _contiguous(vector, dtype)
     options = CEOptions(w, spec.ignore_index, spec.smoothing, spec.reduction == "mean",
-                        spec.z_loss)
+                        spec.z_loss, spec.logit_scale, spec.softcap)
     scale = mean_scale(options.mean, denominator)
     # written directly only into an ``out`` that overlaps no input (the
     # vector is read after the logits: never over them in place)
@@ -710,11 +710,16 @@ def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, ou
     else:
         written, caller_dest = cuda.device_array(problem.shape, dtype=dtype), dest
     if problem.n_rows:
-        _launch_rows(lambda cached: J.cross_entropy_hvp(dtype, cached), problem, 2,
+        # the options that transform the logits: a kernel of their own (two
+        # more parameters), the plain one unchanged
+        kernel, extra = ((J.cross_entropy_hvp_transformed,
+                          (options.logit_scale, options.softcap)) if spec.transformed
+                         else (J.cross_entropy_hvp, ()))
+        _launch_rows(lambda cached: kernel(dtype, cached), problem, 2,
                      lambda group: (_flat(x), y, q, _flat(v), _flat(written), problem.n_rows, C,
                                     problem.inner, group, wsum, scale, options.weight,
                                     options.ignore_index, options.smoothing, options.mean,
-                                    options.z_loss))
+                                    options.z_loss) + extra)
     return _finish_destination(written, caller_dest, logits)
 
 # Fused linear + cross-entropy (the loop is ``_linear``'s; unverified on hardware)

@@ -25,7 +25,8 @@ from numba import cuda
 from . import _formulas as F
 from ._cuda_kernels import (NEG_INF, SCRATCH, _finish_sum, _float_type, _group_max_sum,
                             _group_sum, _online, _online_row_pass, _row_slot, _row_start,
-                            _shared_type, smoothed_target, softmax_element)
+                            _shared_type, gradient_element, hard_target_row, smoothed_target,
+                            soft_target_row, softcap_slope, softcapped, softmax_element)
 from ._spec import CEOptions
 
 _device = cuda.jit(device=True, inline=True)
@@ -35,6 +36,8 @@ softmax_jacobian_element = _device(F.softmax_jacobian_element)
 hard_target_curvature = _device(F.hard_target_curvature)
 soft_target_curvature = _device(F.soft_target_curvature)
 hessian_vector_element = _device(F.hessian_vector_element)
+softcap_second_slope = _device(F.softcap_second_slope)
+transformed_hvp_element = _device(F.transformed_hvp_element)
 
 
 @lru_cache(maxsize=None)
@@ -212,6 +215,151 @@ def cross_entropy_hvp_py(dtype, cached):
     return hvp
 
 
+
+def cross_entropy_hvp_transformed_py(dtype, cached):
+    """``cross_entropy_hvp_py`` when the options transform the logits,
+    u = f(x) (``logit_scale``, ``softcap``; two more parameters): per element
+    f' (H_u (f' v)) + r f'' v, r = d loss / d u (``transformed_hvp_element``).
+    Pass 1: u as each logit is loaded, the online max and sum, the target's
+    u (class indices) or the targets' mass and sum q' u (probabilities), and
+    sum w u for label smoothing; pass 2: sum exp(u - m) f' v; pass 3: the
+    product, e recomputed from u. A kernel of its own, so that the plain
+    one's loads stay as they were. Dynamic shared memory (cached): 2C values
+    (u; the vector)."""
+    FT = _float_type(dtype)
+    ST = _shared_type(FT)
+
+    def hvp(x, y, q, v, g, n_rows, n_classes, inner, group, wsum, scale,
+            w, ignore_index, smooth, mean, z_loss, logit_scale, softcap):
+        scratch = cuda.shared.array(SCRATCH, ST)
+        cache = cuda.shared.array(0, ST)
+        opts = CEOptions(w, ignore_index, smooth, mean, z_loss, logit_scale, softcap)
+        zero = FT(0.0)
+        one = FT(1.0)
+        keep_q = FT(1.0 - smooth)
+        uniform_q = FT(smooth / n_classes)
+        scale_f = FT(scale)
+        k = FT(logit_scale)
+        cap = FT(softcap)
+        cap_arg = zero  # logit_scale / softcap
+        inv_cap = zero
+        if softcap != 0.0:
+            cap_arg = FT(logit_scale / softcap)
+            inv_cap = FT(1.0 / softcap)
+        offset, lane, base, step = _row_slot(group)
+        while base < n_rows:
+            r = base + offset
+            active = r < n_rows
+            t = np.int64(0)
+            take = active
+            if y is not None:
+                if active:
+                    t = y[r]
+                    take = t != ignore_index
+            start = _row_start(r, n_classes, inner)
+            m = FT(NEG_INF)
+            s = zero
+            a1 = zero  # soft: sum of q'; hard: u[t]
+            a2 = zero  # soft: sum of q' u; hard (smoothing): sum of w u
+            if take:
+                for c in range(lane, n_classes, group):
+                    i = start + c * inner
+                    u = x[i] * k
+                    if cap != zero:
+                        u = softcapped(math.tanh(x[i] * cap_arg), cap)
+                    if cached:
+                        cache[c] = u
+                        cache[n_classes + c] = v[i]
+                    m, s = _online(m, s, u, one)
+                    if q is not None:
+                        qc = smoothed_target(q[i], keep_q, uniform_q)
+                        if w is not None:
+                            qc *= w[c]
+                        a1 += qc
+                        a2 += qc * u
+                    else:
+                        if c == t:
+                            a1 = u
+                        if smooth > 0.0:
+                            if w is None:
+                                a2 += u
+                            else:
+                                a2 += w[c] * u
+            m, s = _group_max_sum(m, s, group, scratch)
+            a1 = _group_sum(a1, group, scratch)
+            a2 = _group_sum(a2, group, scratch)
+            s = _finish_sum(m, s)
+            dot = zero  # sum exp(u - m) f' v
+            if take:
+                for c in range(lane, n_classes, group):
+                    if cached:
+                        u = cache[c]
+                        vv = cache[n_classes + c]
+                    else:
+                        i = start + c * inner
+                        u = x[i] * k
+                        if cap != zero:
+                            u = softcapped(math.tanh(x[i] * cap_arg), cap)
+                        vv = v[i]
+                    dot += math.exp(u - m) * softcap_slope(u, k, inv_cap) * vv
+            dot = _group_sum(dot, group, scratch)
+            m64, s64 = np.float64(m), np.float64(s)
+            log_s = math.log(s64)
+            lse = m64 + log_s
+            wt = 1.0
+            if q is not None:
+                _, k1 = soft_target_row(m64, log_s, s64, np.float64(a1),
+                                        np.float64(a2) - np.float64(a1) * m64, opts, scale)
+                k2 = kt = 0.0
+                alpha, beta = soft_target_curvature(np.float64(a1), lse, opts, scale)
+            else:
+                if w is not None:
+                    if take:
+                        wt = np.float64(w[t])
+                w_dot = 0.0
+                if smooth > 0.0:
+                    w_dot = np.float64(a2) - m64 * wsum
+                _, k1, k2, kt = hard_target_row(m64, log_s, s64, np.float64(a1), wt, wsum,
+                                                w_dot, opts, scale, n_classes)
+                alpha, beta = hard_target_curvature(wt, wsum, lse, opts, scale, n_classes)
+            ka = FT(alpha / s64)
+            kb = FT((alpha - beta) * (np.float64(dot) / s64) / s64)
+            k1_f, k2_f, kt_f = FT(k1), FT(k2), FT(kt)
+            if take:
+                for c in range(lane, n_classes, group):
+                    i = start + c * inner
+                    if cached:
+                        u = cache[c]
+                        vv = cache[n_classes + c]
+                    else:
+                        u = x[i] * k
+                        if cap != zero:
+                            u = softcapped(math.tanh(x[i] * cap_arg), cap)
+                        vv = v[i]
+                    e = math.exp(u - m)
+                    slope = softcap_slope(u, k, inv_cap)
+                    if q is not None:
+                        qc = smoothed_target(q[i], keep_q, uniform_q)
+                        if w is not None:
+                            qc *= w[c]
+                        grad_u = gradient_element(e, k1_f, scale_f * qc)
+                    else:
+                        k2w = k2_f
+                        if w is not None:
+                            k2w = k2_f * w[c]
+                        grad_u = gradient_element(e, k1_f, k2w)
+                        if c == t:
+                            grad_u -= kt_f
+                    g[i] = transformed_hvp_element(
+                        hessian_vector_element(e, slope * vv, ka, kb), slope, grad_u,
+                        softcap_second_slope(u, slope, k, inv_cap), vv)
+            elif active:
+                for c in range(lane, n_classes, group):
+                    g[start + c * inner] = zero
+            base += step
+
+    return hvp
+
 # Compiled (lazily, per argument types) kernels.
 
 @lru_cache(maxsize=None)
@@ -227,3 +375,8 @@ def softmax_jacobian(dtype):
 @lru_cache(maxsize=None)
 def cross_entropy_hvp(dtype, cached):
     return cuda.jit(cross_entropy_hvp_py(np.dtype(dtype).name, cached))
+
+
+@lru_cache(maxsize=None)
+def cross_entropy_hvp_transformed(dtype, cached):
+    return cuda.jit(cross_entropy_hvp_transformed_py(np.dtype(dtype).name, cached))

@@ -152,12 +152,14 @@ def test_cached_cross_entropy_assembles_for_wide_blocks_without_spills(dtype, so
 from fastxent import _cuda_jacobian_kernels as J  # noqa: E402
 
 
-def _hvp_sig(ft, soft, weighted):
+def _hvp_sig(ft, soft, weighted, transformed=False):
     """x, y, q, v, g, n_rows, n_classes, inner, group, wsum, scale, and the
-    fields of ``_spec.CEOptions``."""
+    fields of ``_spec.CEOptions`` (with ``transformed``, logit_scale and
+    softcap too)."""
     a = ft[::1]
     return _sig(a, None if soft else i64[::1], a if soft else None, a, a, i64, i64, i64, i64,
-                f64, f64, a if weighted else None, i64, f64, T.boolean, f64)
+                f64, f64, a if weighted else None, i64, f64, T.boolean, f64,
+                *((f64, f64) if transformed else ()))
 
 
 def _jacobian_kernels(dtype):
@@ -171,6 +173,9 @@ def _jacobian_kernels(dtype):
         for soft in (False, True):
             out.append((f"hvp soft={soft} cached={cached}", J.cross_entropy_hvp_py(dtype, cached),
                         _hvp_sig(ft, soft, True)))
+            out.append((f"hvp transformed soft={soft} cached={cached}",
+                        J.cross_entropy_hvp_transformed_py(dtype, cached),
+                        _hvp_sig(ft, soft, True, True)))
     return out
 
 
@@ -225,3 +230,17 @@ def test_cached_hvp_reads_logits_and_vector_once_and_writes_once(dtype):
     loads, stores, loops = _traffic(ptx, 2)
     assert loads == 2 and stores == 1, loops
     assert len([lp for lp in loops if lp.stores == 0]) == 1, loops
+
+
+@pytest.mark.parametrize("dtype", sorted(FLOATS))
+def test_cached_transformed_hvp_reads_logits_and_vector_once_and_writes_once(dtype):
+    """logit_scale and softcap (their own kernel), class indices, no class
+    weights: still two global loads and one store per element, the
+    transform applied as each logit is loaded and kept in shared memory."""
+    ptx = _ptx(J.cross_entropy_hvp_transformed_py(dtype, True),
+               _hvp_sig(FLOATS[dtype], False, False, True))
+    loads, stores, loops = _traffic(ptx, 2)
+    assert loads == 2 and stores == 1, loops
+    # every loop that reads global memory and writes none is the first pass
+    # (the compiler makes one copy with the cap, one without): it caches
+    assert all(lp.shared_stores > 0 for lp in loops if lp.stores == 0), loops

@@ -37,6 +37,18 @@ def test_hvp_rows_cached_or_read_twice(target, cache_bytes, monkeypatch):
               target=target, smoothing=0.2, reduction="mean", z_loss=1e-2, C=40, mode="out")
 
 
+@pytest.mark.parametrize("cache_bytes", [0, None])
+@pytest.mark.parametrize("target", ["hard_ignored", "hard_ii_valid", "soft"])
+@pytest.mark.parametrize("llm", ["scale", "cap"])
+def test_hvp_of_scaled_and_capped_logits(llm, target, cache_bytes, monkeypatch):
+    """The transformed kernel (its own variant) against torch's double
+    backward of the scaled and capped loss, the CPU's table."""
+    monkeypatch.setattr(_cuda, "SHARED_BYTES_CAP", cache_bytes)
+    for layout, dtype in (("2d", np.float64), ("ncd", np.float32)):
+        check_hvp(fastxent.cross_entropy_hvp, CUDA, dtype=dtype, layout=layout, weighted=True,
+                  target=target, smoothing=0.2, reduction="mean", z_loss=1e-2, llm=llm)
+
+
 def test_strided_device_arrays():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((5, 6))
