@@ -1,8 +1,9 @@
 """fastxent's losses inside PyTorch's autograd: functions and ``nn.Module``s.
 
 Drop-in replacements for ``torch.nn.functional.cross_entropy``,
-``nll_loss``, ``binary_cross_entropy_with_logits``, ``linear_cross_entropy``
-and the modules
+``nll_loss``, ``binary_cross_entropy_with_logits``, ``linear_cross_entropy``,
+``softmax`` and ``log_softmax`` (backward by ``fastxent.softmax_backward`` and
+``log_softmax_backward``), and the modules
 ``torch.nn.CrossEntropyLoss`` and ``torch.nn.BCEWithLogitsLoss``: the same
 signatures and PyTorch's layout (the class dimension is 1, or 0 for a
 single unbatched row), computed by fastxent's fused kernels.
@@ -55,8 +56,8 @@ from . import losses as _losses
 Tensor = torch.Tensor
 
 __all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "binary_cross_entropy_with_logits",
-           "cross_entropy", "empty_cache", "linear_cross_entropy", "nll_loss",
-           "repeatable_backward", "reuse_gradient_buffers"]
+           "cross_entropy", "empty_cache", "linear_cross_entropy", "log_softmax", "nll_loss",
+           "repeatable_backward", "reuse_gradient_buffers", "softmax"]
 
 
 # --------------------------------------------------------------------------
@@ -725,6 +726,84 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                   float(z_loss), _validate.logit_scale_arg(logit_scale),
                                   _validate.softcap_arg(softcap), int(chunk_size or 0), with_grad)
     return loss
+
+
+# softmax and log_softmax: the forward is fastxent's; the backward is
+# fastxent.softmax_backward / log_softmax_backward of the saved output (one
+# fused pass: read two arrays, write one), into a new tensor.
+
+def _softmax_ops(log: bool):
+    name = "log_softmax" if log else "softmax"
+    forward_fn = _losses.log_softmax if log else _losses.softmax
+
+    def compute(input: Tensor, dim: int) -> Tensor:
+        with _on_current_stream(input):
+            return _tensor(forward_fn(_array(input), axis=dim), input)
+
+    op = torch.library.custom_op(f"fastxent::{name}", compute, mutates_args=(),
+                                 schema="(Tensor input, int dim) -> Tensor")
+
+    @op.register_fake
+    def _(input, dim):
+        return torch.empty_like(input)
+
+    def backward_compute(grad_output: Tensor, output: Tensor, dim: int) -> Tensor:
+        from . import jacobian
+
+        fn = jacobian.log_softmax_backward if log else jacobian.softmax_backward
+        with _on_current_stream(output):
+            return _tensor(fn(_array(grad_output.contiguous()), _array(output), axis=dim),
+                           output)
+
+    backward_op = torch.library.custom_op(
+        f"fastxent::{name}_backward", backward_compute, mutates_args=(),
+        schema="(Tensor grad_output, Tensor output, int dim) -> Tensor")
+
+    @backward_op.register_fake
+    def _(grad_output, output, dim):
+        return torch.empty_like(output)
+
+    def setup_context(ctx, inputs, output):
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(output)
+
+    def backward(ctx, grad_output):
+        _refuse_double_backward(name)
+        (output,) = ctx.saved_tensors
+        return backward_op(grad_output, output, ctx.dim), None
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+_softmax_op = _softmax_ops(False)
+_log_softmax_op = _softmax_ops(True)
+
+
+def _softmax_call(op, name, input, dim, dtype):
+    if dim is None:
+        raise TypeError(f"fastxent.torch.{name} needs dim (PyTorch's implicit choice of "
+                        f"dimension is deprecated)")
+    if dtype is not None:
+        input = input.to(dtype)
+    return op(input, int(dim))
+
+
+def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+            dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``torch.nn.functional.softmax`` on fastxent's kernels: forward
+    :func:`fastxent.softmax`, backward :func:`fastxent.softmax_backward`.
+
+    ``dim`` is required; ``dtype`` casts the input first, as in PyTorch.
+    """
+    return _softmax_call(_softmax_op, "softmax", input, dim, dtype)
+
+
+def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+                dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``torch.nn.functional.log_softmax`` on fastxent's kernels: forward
+    :func:`fastxent.log_softmax`, backward :func:`fastxent.log_softmax_backward`."""
+    return _softmax_call(_log_softmax_op, "log_softmax", input, dim, dtype)
 
 
 # --------------------------------------------------------------------------
