@@ -227,7 +227,11 @@ def _grad_block(x, merged, scale, t, q, w, c0, keep, uniform, soft):
     from . import _dask_kernels as K
     numba_threads()
     x = _row_contiguous(x)
-    coefs = merged[1]
+    # in the logits' type, as the fused kernel: float32 blocks run float32 vectors
+    # (m is a logit; k1, k2, kt round to 6e-8 relative)
+    element = x.dtype.type
+    coefs, scale, keep, uniform = merged[1].astype(x.dtype), element(scale), element(keep), \
+        element(uniform)
     g = np.empty(x.shape, x.dtype)
     if soft:
         K.gradient_soft(x, coefs, scale, _row_contiguous(np.asarray(q, dtype=x.dtype)), w,
@@ -257,7 +261,7 @@ def _softmax_task(x, merged, log):
     numba_threads()
     x = _row_contiguous(x)
     out = np.empty(x.shape, x.dtype)
-    K.softmax_block(x, merged[1], merged[2], log, out)
+    K.softmax_block(x, merged[1].astype(x.dtype), merged[2].astype(x.dtype), log, out)
     return out
 
 
