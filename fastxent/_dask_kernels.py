@@ -156,7 +156,7 @@ def _merge_soft(parts, opts, losses, coefs):
     return 0
 
 
-def _gradient_hard(x, coefs, scale, y, w, c0, g):
+def _gradient_hard(x, coefs, scale, y, w, c0, copy, g):
     """One gradient block against class indices: grad_c = scale (exp(x_c - m) k1
     - k2 w_c - kt [c = t]) (``_formulas.hard_target_row``)."""
     width = x.shape[1]
@@ -166,7 +166,18 @@ def _gradient_hard(x, coefs, scale, y, w, c0, g):
         k2 = scale * coefs[r, 2]
         row = x[r]
         out = g[r]
-        if w is None:
+        if copy:
+            # rows of a strided block: copied in vector code first, so that
+            # the map below reads contiguous elements (LLVM keeps strided
+            # loads scalar)
+            row_max(row, out)
+            if w is None:
+                for c in range(width):
+                    out[c] = _gradient_element(fast_exp(out[c] - m), k1, k2)
+            else:
+                for c in range(width):
+                    out[c] = _gradient_element(fast_exp(out[c] - m), k1, k2 * w[c])
+        elif w is None:
             for c in range(width):
                 out[c] = _gradient_element(fast_exp(row[c] - m), k1, k2)
         else:
@@ -178,7 +189,7 @@ def _gradient_hard(x, coefs, scale, y, w, c0, g):
     return 0
 
 
-def _gradient_soft(x, coefs, scale, q, w, keep, uniform, g):
+def _gradient_soft(x, coefs, scale, q, w, keep, uniform, copy, g):
     """One gradient block against probabilities: grad_c = scale (exp(x_c - m) k1
     - (keep q_c + uniform) w_c) (``_formulas.soft_target_row``)."""
     width = x.shape[1]
@@ -188,7 +199,14 @@ def _gradient_soft(x, coefs, scale, q, w, keep, uniform, g):
         row = x[r]
         qr = q[r]
         out = g[r]
-        if w is None:
+        if copy:
+            row_max(row, out)
+            for c in range(width):
+                target = scale * (keep * qr[c] + uniform)
+                if w is not None:
+                    target *= w[c]
+                out[c] = _gradient_element(fast_exp(out[c] - m), k1, target)
+        elif w is None:
             for c in range(width):
                 out[c] = _gradient_element(fast_exp(row[c] - m), k1,
                                            scale * (keep * qr[c] + uniform))
@@ -199,7 +217,7 @@ def _gradient_soft(x, coefs, scale, q, w, keep, uniform, g):
     return 0
 
 
-def _softmax_block(x, m, log_s, log, out):
+def _softmax_block(x, m, log_s, log, copy, out):
     """softmax (or log_softmax) of a block from each row's merged m and log(s)."""
     width = x.shape[1]
     for r in prange(x.shape[0]):
@@ -207,7 +225,15 @@ def _softmax_block(x, m, log_s, log, out):
         o = out[r]
         mr = m[r]
         ls = log_s[r]
-        if log:
+        if copy:
+            row_max(row, o)
+            if log:
+                for c in range(width):
+                    o[c] = _log_softmax_element(o[c], mr, ls)
+            else:
+                for c in range(width):
+                    o[c] = fast_exp((o[c] - mr) - ls)
+        elif log:
             for c in range(width):
                 o[c] = _log_softmax_element(row[c], mr, ls)
         else:

@@ -235,9 +235,10 @@ def _grad_block(x, merged, scale, t, q, w, c0, keep, uniform, soft):
     g = np.empty(x.shape, x.dtype)
     if soft:
         K.gradient_soft(x, coefs, scale, _row_contiguous(np.asarray(q, dtype=x.dtype)), w,
-                        keep, uniform, g)
+                        keep, uniform, not x.flags.c_contiguous, g)
     else:
-        K.gradient_hard(x, coefs, scale, np.ascontiguousarray(t, dtype=np.int64), w, c0, g)
+        K.gradient_hard(x, coefs, scale, np.ascontiguousarray(t, dtype=np.int64), w, c0,
+                        not x.flags.c_contiguous, g)
     return g
 
 
@@ -261,7 +262,8 @@ def _softmax_task(x, merged, log):
     numba_threads()
     x = _row_contiguous(x)
     out = np.empty(x.shape, x.dtype)
-    K.softmax_block(x, merged[1].astype(x.dtype), merged[2].astype(x.dtype), log, out)
+    K.softmax_block(x, merged[1].astype(x.dtype), merged[2].astype(x.dtype), log,
+                    not x.flags.c_contiguous, out)
     return out
 
 
@@ -344,15 +346,15 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
         loss = da.concatenate([da.from_delayed(m[0], (x.chunks[0][i],), np.float64)
                                for i, m in enumerate(merged)]).astype(x.dtype)
     else:
-        denominator = delayed(sum)(denominators) if reduction == "mean" else 0.0
-        loss = da.from_delayed(delayed(_total, pure=True)([delayed(np.sum)(m[0]) for m in merged],
-                                                          denominator, "sum", np.float64),
-                               (), np.float64)
+        # all Delayed up to the one array: a Dask array passed to delayed is
+        # optimized into new keys, which would compute the partials twice
+        total = delayed(_total, pure=True)([delayed(np.sum)(m[0]) for m in merged], 0.0, "sum",
+                                           np.float64)
         if reduction == "mean":
-            loss = da.from_delayed(delayed(_mean, pure=True)(loss, denominator, x.dtype), (),
-                                   x.dtype)
+            result = delayed(_mean, pure=True)(total, delayed(sum)(denominators), x.dtype)
         else:
-            loss = loss.astype(x.dtype)
+            result = delayed(np.asarray, pure=True)(total, x.dtype)
+        loss = da.from_delayed(result, (), x.dtype)
     if not with_grad:
         return loss
     scale = delayed(_scale, pure=True)(denominators, reduction)

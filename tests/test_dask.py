@@ -261,3 +261,19 @@ def test_import_fastxent_without_dask():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("layout", ["rows", "classes"])
+def test_loss_and_grad_share_their_block_tasks(layout):
+    """Computed together, the loss and the gradient read each block once: the
+    same per-block task keys in both graphs, one per block."""
+    x, t, _ = _inputs(np.float32, False)
+    X = da.from_array(x, chunks=LAYOUTS[layout])
+    loss, grad = fxd.cross_entropy_with_grad(X, t)
+    name = "_row_block" if layout == "rows" else "_partials"
+
+    def block_keys(collection):
+        return {str(k) for k in dict(collection.__dask_graph__()) if name in str(k)}
+
+    assert block_keys(loss) == block_keys(grad)
+    assert len(block_keys(loss)) == X.npartitions
