@@ -131,6 +131,11 @@ def main(argv=None) -> int:
     p_bench.add_argument("--linear-shapes", nargs="+", metavar="NxHxC", default=None,
                          help="shapes of the linear table (default 8192x1024x32000 "
                               "4096x2048x128256; heavy: minutes per round)")
+    # fastxent.dask
+    p_bench.add_argument("--dask", action="store_true",
+                         help="only the dask table: fastxent.dask on a LocalCluster (2 worker "
+                              "processes x 1 thread) against one NumPy call, row and class "
+                              "chunks, and throughput against workers (8192x32000, or --shapes)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
@@ -144,6 +149,11 @@ def main(argv=None) -> int:
         rounds = args.rounds or (1 if args.quick else 3)
         L.bench_linear(shapes, args.dtype, rounds, args.threads)
         return 0
+    if args.command == "bench" and args.dask:
+        from fastxent import _bench_dask
+
+        return _bench_dask.main(quick=args.quick, rounds=args.rounds, shapes=args.shapes,
+                                threads=args.threads, dtype=args.dtype)
     from fastxent import _bench
 
     return _bench.main(quick=args.quick, rounds=args.rounds, shapes=args.shapes,

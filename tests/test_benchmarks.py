@@ -406,3 +406,14 @@ def test_torch_section_columns_compute_the_same_loss_and_gradient():
         runner = _peers.TORCH_GRAPH[label](inputs)
         runner.prepare()
         assert runner.run() is not None
+
+
+def test_cli_bench_dask_section():
+    """``bench --dask --quick`` starts its clusters, checks the losses agree
+    with the NumPy call's and prints its table."""
+    result = subprocess.run([sys.executable, "-m", "fastxent", "bench", "--dask", "--quick"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for label in ("numpy call", "rows/128", "4 chunks of C", "1 worker(s)", "2 worker(s)"):
+        assert label in out, label
