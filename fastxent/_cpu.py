@@ -604,4 +604,29 @@ def divergence(spec, input, target, weight, grad):
     return loss, (grad if not isinstance(grad, str) else out.result().reshape(shape))
 
 
+def divergence_small(input, target, kind, reduction, axis, inplace, with_grad):
+    """``divergence`` of a small call (``divergences._small`` decided it is
+    one): C-contiguous arrays of one float dtype and shape, a reduced loss;
+    the serial kernel on them as one flat row, as ``divergence`` runs them."""
+    from . import _divergence_kernels as D
+    from ._validate import raise_outside_unit
+    n = input.size
+    x2, t2 = input.reshape(1, n), target.reshape(1, n)
+    if kind == "bce":
+        counts = np.empty(1, np.int64)
+        bad = D.count_outside_unit.serial(input.reshape(n), counts, n)
+        if bad:
+            raise_outside_unit(int(bad))
+    denominator = n // input.shape[axis] if reduction == "batchmean" else n
+    scale = mean_scale(reduction != "sum", denominator)
+    g2 = (x2 if inplace else np.empty_like(x2)) if with_grad else None
+    losses = np.empty(K.bce_tasks(1, n, _BCE_SEGMENT)[2])
+    total = D.divergence.serial(x2, _DIVERGENCE_KINDS[kind], t2, None, scale, g2, None,
+                                inplace, losses, _BCE_SEGMENT)
+    loss = finish_loss(total, denominator, "sum" if reduction == "sum" else "mean", input.dtype)
+    if g2 is None:
+        return loss, None
+    return loss, (input if inplace else g2.reshape(input.shape))
+
+
 from ._cpu_linear import linear_cross_entropy  # noqa: E402,F401  (after the names it uses)

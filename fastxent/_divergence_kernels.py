@@ -118,10 +118,12 @@ def _count_outside_unit(x, counts, seg):
     task of ``seg`` elements into ``counts``: BCE's check before it writes."""
     n = x.shape[0]
     for k in prange(counts.shape[0]):
+        xs = x[k * seg:min(n, (k + 1) * seg)]
         bad = 0
-        for i in range(k * seg, min(n, (k + 1) * seg)):
-            v = x[i]
-            bad += 0 if (v >= 0.0 and v <= 1.0) else 1
+        for i in range(xs.shape[0]):
+            v = xs[i]
+            # no short-circuit: one vectorizable expression (NaN fails v == v)
+            bad += np.int32((v < 0.0) | (v > 1.0) | (v != v))
         counts[k] = bad
     return counts.sum()
 

@@ -69,6 +69,11 @@ def kl_div_with_grad(input: ArrayLike, target: ArrayLike, *, reduction: KLReduct
 
 
 def _kl(input, target, reduction, log_target, axis, device, out, inplace, with_grad):
+    if out is None and reduction in ("mean", "sum", "batchmean") and type(log_target) is bool:
+        result = _small(input, target, "kl_log_target" if log_target else "kl", reduction, axis,
+                        device, inplace, with_grad)
+        if result is not None:
+            return result
     backend, spec, (x, t, w), grad = _validate.kl_div_call(
         input, target, reduction, log_target, axis, device, out, inplace, with_grad)
     return backend.divergence(spec, x, t, w, grad)
@@ -110,9 +115,37 @@ def binary_cross_entropy_with_grad(input: ArrayLike, target: ArrayLike, *,
 
 
 def _bce(input, target, weight, reduction, device, out, inplace, with_grad):
+    if out is None and weight is None and reduction in ("mean", "sum"):
+        result = _small(input, target, "bce", reduction, -1, device, inplace, with_grad)
+        if result is not None:
+            return result
     backend, spec, (x, t, w), grad = _validate.binary_cross_entropy_call(
         input, target, weight, reduction, device, out, inplace, with_grad)
     return backend.divergence(spec, x, t, w, grad)
+
+
+def _small(input, target, kind, reduction, axis, device, inplace, with_grad):
+    """The small-batch fast path: a reduced loss of two C-contiguous NumPy
+    arrays of one float dtype and shape, too small for the threads, run on
+    the serial kernel without the general checks (the same bits as the
+    general path, which sees them as one flat row too). None when the call
+    is not of that kind; the general path then checks and runs it."""
+    if (type(input) is not np.ndarray or type(target) is not np.ndarray
+            or device not in ("auto", "cpu") or type(axis) is not int):
+        return None
+    dtype = input.dtype
+    if (dtype not in _FLOATS or target.dtype != dtype or input.shape != target.shape
+            or not 0 < input.size < _SMALL or input.ndim == 0 or not -input.ndim <= axis < input.ndim
+            or not input.flags.c_contiguous or not target.flags.c_contiguous
+            or (inplace and not (with_grad and input.flags.writeable))):
+        return None
+    from . import _cpu
+    return _cpu.divergence_small(input, target, kind, reduction, axis, inplace, with_grad)
+
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+#: Elements below which the kernels run serially (``_cpu_kernels._Kernel``).
+_SMALL = 1 << 16
 
 
 class KLDivLoss(_LossWithGrad):

@@ -256,3 +256,20 @@ def test_inplace_needs_a_float_array():
         fastxent.kl_div_with_grad(np.zeros((2, 3), np.int64), np.zeros((2, 3)), inplace=True)
     with pytest.raises(ValueError, match="out= or inplace=True, not both"):
         fastxent.binary_cross_entropy_with_grad(P.copy(), P, out=np.empty_like(P), inplace=True)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), ()])
+def test_empty_and_scalar_inputs(shape):
+    x, t, p = np.full(shape, -1.2), np.full(shape, 0.3), np.full(shape, 0.4)
+    for reduction in ("none", "mean", "sum", "batchmean"):
+        X = torch.tensor(x, requires_grad=True)
+        loss_t = F.kl_div(X, torch.tensor(t), reduction=reduction)
+        loss_t.sum().backward()
+        loss, grad = fastxent.kl_div_with_grad(x, t, reduction=reduction)
+        np.testing.assert_allclose(loss, loss_t.detach().numpy(), rtol=1e-12, equal_nan=True)
+        np.testing.assert_allclose(grad, X.grad.numpy(), rtol=1e-12)
+    for reduction in ("none", "mean", "sum"):
+        loss, grad = fastxent.binary_cross_entropy_with_grad(p, t, reduction=reduction)
+        ref_loss, ref_grad = torch_bce(p, t, None, reduction)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-12, equal_nan=True)
+        np.testing.assert_allclose(grad, ref_grad, rtol=1e-12)
