@@ -135,7 +135,7 @@ def _small(input, target, kind, reduction, axis, device, inplace, with_grad):
         return None
     dtype = input.dtype
     if (dtype not in _FLOATS or target.dtype != dtype or input.shape != target.shape
-            or not 0 < input.size < _SMALL or input.ndim == 0 or not -input.ndim <= axis < input.ndim
+            or not 0 < input.size < _SMALL or not -input.ndim <= axis < input.ndim
             or not input.flags.c_contiguous or not target.flags.c_contiguous
             or (inplace and not (with_grad and input.flags.writeable))):
         return None
