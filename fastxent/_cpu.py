@@ -542,4 +542,91 @@ def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, ou
 
 # Fused linear + cross-entropy (the loop is ``_linear``'s)
 
+# --------------------------------------------------------------------------
+# Divergences on probabilities (``_divergence_kernels``): KL and BCE, laid
+# out as ``bce_with_logits``.
+
+_DIVERGENCE_KINDS = {"kl": 0, "kl_log_target": 1, "bce": 2}
+
+
+def divergence(spec, input, target, weight, grad):
+    """An elementwise divergence (``spec.kind``), gradient as in
+    ``bce_with_logits``. BCE's inputs are checked to lie in [0, 1] first,
+    before anything is written."""
+    from . import _divergence_kernels as D
+    from ._validate import raise_outside_unit
+    shape, dtype = spec.shape, spec.dtype
+    problem = ClassProblem(shape or (1,), len(shape or (1,)) - 1, dtype)
+    x = np.asarray(input, dtype=dtype).reshape(problem.shape)
+    if spec.kind == "bce" and x.size:
+        flat = x.reshape(-1)
+        counts = np.empty((flat.size + _BCE_SEGMENT - 1) // _BCE_SEGMENT, np.int64)
+        bad = D.count_outside_unit(flat, counts, _BCE_SEGMENT)
+        if bad:
+            raise_outside_unit(int(bad))
+    x2, _ = rows_of(x, problem, ROWS)
+
+    def operand(a):
+        if a is None:
+            return None
+        a = np.broadcast_to(np.asarray(a, dtype=dtype), shape).reshape(problem.shape)
+        return rows_of(a, problem, ROWS)[0]
+
+    t2, w2 = operand(target), operand(weight)
+    n = x2.size
+    if spec.reduction == "batchmean":
+        scale = mean_scale(True, spec.n_rows)
+    else:
+        scale = mean_scale(spec.reduction == "mean", n)
+    out = None
+    g2 = None
+    if grad is not None:
+        dest = None if isinstance(grad, str) else grad.reshape(problem.shape)
+        out = _Output(dest, x2, problem, ROWS, (x, target, weight))
+        g2 = out.rows
+    elements = np.empty(x2.shape, dtype=dtype) if spec.reduction == "none" else None
+    operands = [x2, t2, w2, g2, elements]
+    flat_ops = [None if a is None else _try_view(a, (1, n)) for a in operands]
+    if all(f is not None or a is None for f, a in zip(flat_ops, operands)):
+        operands = flat_ops
+    x2, t2, w2, g2, elements_rows = operands
+    losses = np.empty(K.bce_tasks(t2.shape[0], t2.shape[1], _BCE_SEGMENT)[2])
+    total = D.divergence(x2, _DIVERGENCE_KINDS[spec.kind], t2, w2, scale, g2, elements_rows,
+                         out is not None and out.inplace, losses, _BCE_SEGMENT)
+    if spec.reduction == "none":
+        loss = elements.reshape(shape)
+    elif spec.reduction == "batchmean":
+        loss = finish_loss(total, spec.n_rows, "mean", dtype)
+    else:
+        loss = finish_loss(total, n, spec.reduction, dtype)
+    if out is None:
+        return loss, None
+    return loss, (grad if not isinstance(grad, str) else out.result().reshape(shape))
+
+
+def divergence_small(input, target, kind, reduction, axis, inplace, with_grad):
+    """``divergence`` of a small call (``divergences._small`` decided it is
+    one): C-contiguous arrays of one float dtype and shape, a reduced loss;
+    the serial kernel on them as one flat row, as ``divergence`` runs them."""
+    from . import _divergence_kernels as D
+    from ._validate import raise_outside_unit
+    n = input.size
+    x2, t2 = input.reshape(1, n), target.reshape(1, n)
+    if kind == "bce":
+        counts = np.empty(1, np.int64)
+        bad = D.count_outside_unit.serial(input.reshape(n), counts, n)
+        if bad:
+            raise_outside_unit(int(bad))
+    denominator = n // input.shape[axis] if reduction == "batchmean" else n
+    scale = mean_scale(reduction != "sum", denominator)
+    g2 = (x2 if inplace else np.empty_like(x2)) if with_grad else None
+    losses = np.empty(K.bce_tasks(1, n, _BCE_SEGMENT)[2])
+    total = D.divergence.serial(x2, _DIVERGENCE_KINDS[kind], t2, None, scale, g2, None,
+                                inplace, losses, _BCE_SEGMENT)
+    loss = finish_loss(total, denominator, "sum" if reduction == "sum" else "mean", input.dtype)
+    if g2 is None:
+        return loss, None
+    return loss, (input if inplace else g2.reshape(input.shape))
+
+
 from ._cpu_linear import linear_cross_entropy  # noqa: E402,F401  (after the names it uses)

@@ -722,6 +722,53 @@ def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, ou
                                     options.z_loss) + extra)
     return _finish_destination(written, caller_dest, logits)
 
+# --------------------------------------------------------------------------
+# Divergences on probabilities (``_cuda_divergence_kernels``): KL and BCE,
+# laid out as ``bce_with_logits``.
+
+
+def divergence(spec, input, target, weight, grad):
+    """An elementwise divergence (``spec.kind``); gradient as in
+    ``bce_with_logits``. BCE's inputs are checked to lie in [0, 1] by a
+    kernel of their own, before anything is written."""
+    from . import _cuda_divergence_kernels as D
+    from ._validate import raise_outside_unit
+
+    device_x, target, weight = to_device_args((input, target, weight))
+    shape, dtype = spec.shape, spec.dtype
+    n = math.prod(shape)
+    x = _contiguous(device_x, dtype)
+    tpb = _threads()
+    blocks = max(1, min(math.ceil(n / tpb), MAX_BLOCKS))
+    if spec.kind == "bce" and n:
+        counts = cuda.device_array(blocks * tpb, dtype=np.int64)
+        D.outside_unit()[blocks, tpb](_flat(x), counts, n)
+        bad = int(counts.copy_to_host().sum())
+        if bad:
+            raise_outside_unit(bad)
+    grad = _gradient_destination(grad, (input, device_x))
+    t = _flat(_contiguous(target, dtype))
+    w = _broadcast_operand(weight, shape, dtype)
+    g = dest = None
+    if grad is not None:
+        g, dest = _destination(grad, device_x, x, shape, dtype, (x, t, w))
+    elements = cuda.device_array(n, dtype=dtype) if spec.reduction == "none" else None
+    partials = cuda.device_array(blocks * tpb, dtype=np.float64)
+    mean = spec.reduction in ("mean", "batchmean")
+    denominator = spec.n_rows if spec.reduction == "batchmean" else n
+    scale = mean_scale(mean, denominator)
+    if n:
+        D.divergence(dtype, spec.kind)[blocks, tpb](_flat(x), t, w,
+                                                     None if g is None else _flat(g), elements,
+                                                     partials, n, scale)
+    if spec.reduction == "none":
+        loss = _to_caller(elements.reshape(shape), device_x)
+    else:
+        total = _device_sum(partials) if n else 0.0
+        loss = finish_loss(total, denominator, "mean" if mean else spec.reduction, dtype)
+    return loss, (None if g is None else _finish_destination(g, dest, device_x))
+
+
 # Fused linear + cross-entropy (the loop is ``_linear``'s; unverified on hardware)
 
 from ._cuda_linear import linear_cross_entropy  # noqa: E402,F401  (after the names it uses)

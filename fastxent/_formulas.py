@@ -227,3 +227,53 @@ def hessian_vector_element(e, v, k1, k2):
     """(H v)_c = p_c (alpha v_c - (alpha - beta) (p.v)) with p_c = e_c / s:
     e_c (k1 v_c - k2), k1 = alpha / s, k2 = (alpha - beta) (p.v) / s."""
     return e * (k1 * v - k2)
+
+
+# --------------------------------------------------------------------------
+# Divergences on probabilities (``fastxent.divergences``): elementwise, as
+# torch.nn.functional.kl_div and binary_cross_entropy. Each returns
+# (loss, gradient with respect to the input) before the element weight and
+# the reduction's scale; the device passes its own log / exp.
+
+
+def kl_element(x, t, log_t, zero):
+    """KL term of a log-probability x against a probability t.
+
+    loss = xlogy(t, t) - t x, as torch (t log t taken as 0 where t = 0, so
+    a target of 0 adds nothing unless x is infinite, where 0 * inf gives NaN
+    as in torch); d loss / dx = -t. ``log_t``: the device's log(t).
+    """
+    xlogy = t * log_t if t != zero else zero
+    return xlogy - t * x, -t
+
+
+def kl_log_target_element(x, t, exp_t):
+    """KL term against a log-probability target t (``log_target=True``).
+
+    loss = exp(t) (t - x); d loss / dx = -exp(t). ``exp_t``: exp(t).
+    """
+    return exp_t * (t - x), -exp_t
+
+
+#: The floor of x (1 - x) in BCE's gradient: torch's EPSILON = 1e-12, which
+#: it rounds to float32 even for float64 inputs.
+BCE_GRAD_EPS = 9.999999960041972e-13
+
+
+def bce_prob_element(x, t, log_x, log_1mx, one, eps):
+    """Binary cross-entropy of a probability x against t, as torch.
+
+    loss = -(t max(log x, -100) + (1 - t) max(log(1 - x), -100)): the clamp
+    keeps x = 0 and x = 1 finite. torch's backward is not the derivative of
+    the clamped loss but (x - t) / max(x (1 - x), eps), eps = ``BCE_GRAD_EPS``
+    (``binary_cross_entropy_backward``): kept here, so x = 0 or 1 gives a
+    large finite gradient, 0 where t equals x. ``log_x``, ``log_1mx``: the
+    device's log(x) and log(1 - x).
+    """
+    floor = -100.0 * one
+    lx = log_x if log_x > floor else floor
+    l1 = log_1mx if log_1mx > floor else floor
+    loss = (t - one) * l1 - t * lx
+    d = x * (one - x)
+    d = d if d > eps else eps
+    return loss, (x - t) / d

@@ -809,6 +809,72 @@ _COMPARISONS += [
          "jax": _jax_hvp}),
 ]
 
+# --------------------------------------------------------------------------
+# Divergences on probabilities (``fastxent.divergences``)
+
+
+def kl_inputs(n, c, dtype, rng):
+    """Log-probabilities (rows of log-softmax) and target probabilities."""
+    inputs = soft_target_inputs(n, c, dtype, rng)
+    inputs["x"] = fastxent.log_softmax(inputs["x"])
+    return inputs
+
+
+def probability_inputs(n, c, dtype, rng):
+    """Probabilities in (0, 1) and independent targets in [0, 1] (multi-label)."""
+    inputs = binary_inputs(n, c, dtype, rng)
+    inputs["x"] = fastxent.softmax(inputs["x"])  # in (0, 1): any probabilities do
+    return inputs
+
+
+def numpy_kl_div(x, target, with_grad=False):
+    """KL per row (``batchmean``) and its gradient ``-target / N``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xlogy = np.where(target > 0, target * np.log(target), 0)
+    loss = (xlogy - target * x).sum() / len(x)
+    return (loss, -target / len(x)) if with_grad else loss
+
+
+def numpy_binary_cross_entropy(x, target, with_grad=False):
+    """Mean BCE of probabilities (logs clamped at -100) and torch's gradient."""
+    loss = -(target * np.maximum(np.log(x), -100)
+             + (1 - target) * np.maximum(np.log1p(-x), -100)).mean()
+    if not with_grad:
+        return loss
+    return loss, (x - target) / np.maximum(x * (1 - x), 1e-12) / x.size
+
+
+def _jax_kl_div(jax, jnp, inputs):
+    return lambda x, t: (jax.scipy.special.xlogy(t, t) - t * x).sum() / x.shape[0]
+
+
+def _jax_binary_cross_entropy(jax, jnp, inputs):
+    return lambda x, t: -(t * jnp.maximum(jnp.log(x), -100.0)
+                          + (1 - t) * jnp.maximum(jnp.log1p(-x), -100.0)).mean()
+
+
+_COMPARISONS += [
+    Comparison(
+        "kl_div_with_grad",
+        "KL divergence (batchmean) of log-probabilities and its gradient, written over them",
+        kl_inputs,
+        {"fastxent": _fastxent_in_place(fastxent.kl_div_with_grad, reduction="batchmean"),
+         "numpy": _numpy_builder(numpy_kl_div, "x", "target", with_grad=True),
+         "torch": _torch_builder(
+             lambda torch, F, inputs: lambda x, t: F.kl_div(x, t, reduction="batchmean"),
+             True, "x", "target"),
+         "jax": _jax_builder(_jax_kl_div, True, "x", "target")}),
+    Comparison(
+        "binary_cross_entropy_with_grad",
+        "binary cross-entropy of probabilities and its gradient, written over them",
+        probability_inputs,
+        {"fastxent": _fastxent_in_place(fastxent.binary_cross_entropy_with_grad),
+         "numpy": _numpy_builder(numpy_binary_cross_entropy, "x", "target", with_grad=True),
+         "torch": _torch_builder(
+             lambda torch, F, inputs: F.binary_cross_entropy, True, "x", "target"),
+         "jax": _jax_builder(_jax_binary_cross_entropy, True, "x", "target")}),
+]
+
 #: Comparison name -> :class:`Comparison`, in the order of the tables.
 COMPARISONS: Dict[str, Comparison] = {c.name: c for c in _COMPARISONS}
 

@@ -179,3 +179,21 @@ class LinearCrossEntropySpec:
     @property
     def n_rows(self) -> int:
         return self.ce.problem.n_rows
+
+
+# --------------------------------------------------------------------------
+# Divergences on probabilities (``divergences``)
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """A checked elementwise divergence call: ``kind`` is "kl",
+    "kl_log_target" or "bce"; ``n_rows`` the divisor of "batchmean" (the
+    number of distributions along the call's axis)."""
+
+    shape: tuple
+    dtype: np.dtype
+    reduction: str
+    kind: str
+    n_rows: int
+    device: str

@@ -22,7 +22,8 @@ import numpy as np
 
 from . import _dispatch
 from ._host import as_host_array, on_gpu
-from ._spec import BCESpec, ClassProblem, CrossEntropySpec, ReductionSpec, SoftmaxSpec
+from ._spec import (BCESpec, ClassProblem, CrossEntropySpec, DivergenceSpec, ReductionSpec,
+                    SoftmaxSpec)
 
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -496,3 +497,84 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
     xa = xa.reshape(n_rows, hidden)
     ta = ta.reshape((n_rows, n_classes) if ce.soft else (n_rows,))
     return _dispatch.backend(device), spec, (xa, wa, ba, ta, cwa)
+
+
+# --------------------------------------------------------------------------
+# Divergences on probabilities (``fastxent.divergences``)
+
+KL_REDUCTIONS = ("none", "mean", "sum", "batchmean")
+
+
+def kl_reduction_arg(reduction) -> str:
+    if not isinstance(reduction, str) or reduction not in KL_REDUCTIONS:
+        raise ValueError(f"reduction must be 'none', 'mean', 'sum' or 'batchmean', "
+                         f"got {reduction!r}")
+    return reduction
+
+
+def _divergence_operands(input, target, weight, reduction):
+    """(shape, dtype) of ``input`` with ``target`` of its shape and
+    ``weight`` broadcasting to it without enlarging it."""
+    input, target, weight = _describe(input), _describe(target), _describe(weight)
+    shape = tuple(input.shape)
+    dtype = float_dtype(input.dtype, "input")
+    if tuple(target.shape) != shape:
+        raise ValueError(f"target shape {tuple(target.shape)} must equal the input's shape "
+                         f"{shape}")
+    float_dtype(target.dtype, "target")
+    if weight is not None:
+        float_dtype(weight.dtype, "weight")
+        try:
+            full = np.broadcast_shapes(tuple(weight.shape), shape)
+        except ValueError:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not broadcast to the "
+                             f"input's shape {shape}") from None
+        if full != shape:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} would enlarge the input's "
+                             f"shape {shape} when broadcast")
+    return shape, dtype
+
+
+def kl_div_call(input, target, reduction, log_target, axis, device, out, inplace, with_grad):
+    """(backend, DivergenceSpec, (input, target, None), destination)."""
+    device = device_arg(device, input, target)
+    if with_grad and inplace:
+        check_inplace(input, "input")
+    if not isinstance(log_target, (bool, np.bool_)):
+        raise TypeError(f"log_target must be True or False, got {log_target!r}")
+    arrays = _arrays((input, target))
+    reduction = kl_reduction_arg(reduction)
+    shape, dtype = _divergence_operands(arrays[0], arrays[1], None, reduction)
+    if shape:
+        axis = axis_arg(axis, len(shape), "input")
+        n_rows = math.prod(n for a, n in enumerate(shape) if a != axis)
+    else:
+        axis_arg(axis, 1, "input")
+        n_rows = 1
+    spec = DivergenceSpec(shape, dtype, reduction, "kl_log_target" if log_target else "kl",
+                          n_rows, device)
+    grad = grad_destination(arrays[0], out, inplace, shape, dtype) if with_grad else None
+    return _dispatch.backend(device), spec, arrays + (None,), grad
+
+
+def binary_cross_entropy_call(input, target, weight, reduction, device, out, inplace,
+                              with_grad):
+    """(backend, DivergenceSpec, (input, target, weight), destination); the
+    backend checks that the input lies in [0, 1] before it writes
+    (``raise_outside_unit``)."""
+    device = device_arg(device, input, target, weight)
+    if with_grad and inplace:
+        check_inplace(input, "input")
+    arrays = _arrays((input, target, weight))
+    reduction = reduction_arg(reduction)
+    shape, dtype = _divergence_operands(*arrays, reduction)
+    spec = DivergenceSpec(shape, dtype, reduction, "bce", 1, device)
+    grad = grad_destination(arrays[0], out, inplace, shape, dtype) if with_grad else None
+    return _dispatch.backend(device), spec, arrays, grad
+
+
+def raise_outside_unit(count):
+    """BCE's input check: ``count`` elements outside [0, 1] (or NaN)."""
+    raise ValueError(f"input must hold probabilities in [0, 1] (binary_cross_entropy takes "
+                     f"probabilities; use binary_cross_entropy_with_logits for logits): "
+                     f"{count} element(s) outside [0, 1] or NaN")

@@ -313,6 +313,12 @@ def _as_float64(value):
     return np.asarray(value, dtype=np.float64)
 
 
+def _divergences():
+    """tests/test_divergences (imported when used: it needs torch)."""
+    from tests import test_divergences
+    return test_divergences
+
+
 #: What each comparison computes, from the tests' float64 reference: the
 #: peers (NumPy's textbook formulas among them) are checked against it, never
 #: used as a reference themselves.
@@ -343,6 +349,11 @@ EXPECTED = {
         i["x"], ref.log_softmax(i["x"]), -1, True),),
     "cross_entropy_hvp": lambda i: (jacobian_parity.torch_hvp(
         i["x"], i["target"], _peers.direction(i)),),
+    # divergences on probabilities: torch's float64 autograd (tests/test_divergences)
+    "kl_div_with_grad": lambda i: _divergences().torch_kl(i["x"], i["target"], "batchmean",
+                                                          False, -1),
+    "binary_cross_entropy_with_grad": lambda i: _divergences().torch_bce(
+        i["x"], i["target"], None, "mean"),
 }
 
 

@@ -244,3 +244,29 @@ def test_cached_transformed_hvp_reads_logits_and_vector_once_and_writes_once(dty
     # every loop that reads global memory and writes none is the first pass
     # (the compiler makes one copy with the cap, one without): it caches
     assert all(lp.shared_stores > 0 for lp in loops if lp.stores == 0), loops
+
+
+@pytest.mark.parametrize("dtype", sorted(FLOATS))
+@pytest.mark.parametrize("kind", ["kl", "kl_log_target", "bce"])
+def test_divergence_kernels_load_twice_and_store_once_per_element(dtype, kind):
+    """kl_div / binary_cross_entropy with gradient, no weight, reduced: per
+    element the input and the target are loaded once and the gradient
+    stored once. BCE's input check loads each element once and stores nothing per element."""
+    from fastxent import _cuda_divergence_kernels as D
+
+    a = FLOATS[dtype][::1]
+    plain = _ptx(D.divergence_py(dtype, kind), _sig(a, a, None, a, None, f64[::1], i64, f64))
+    full = _ptx(D.divergence_py(dtype, kind), _sig(a, a, a, a, a, f64[::1], i64, f64))
+    for ptx in (plain, full):
+        assert ".target sm_90" in ptx
+        assert "ld.local" not in ptx and "st.local" not in ptx
+    loops = innermost_loops(plain)
+    assert loops, plain[-2000:]
+    assert max(lp.loads_per_element for lp in loops) == 2, loops
+    assert max(lp.stores_per_element for lp in loops) == 1, loops
+    # (the weighted kernel is only checked to compile: ``innermost_loops``
+    # counts its unrolled loop at 1.5 loads per element, less than its 3)
+    check = _ptx(D.outside_unit_py, (a, i64[::1], i64))
+    loops = innermost_loops(check)
+    assert loops and max(lp.loads_per_element for lp in loops) == 1, loops
+    assert all(lp.stores_per_element == 0 for lp in loops), loops

@@ -192,6 +192,18 @@ class BCEWithLogitsWithGrad(_KernelBenchmark):
     comparison = "bce_with_logits_with_grad"
 
 
+class KLDivWithGrad(_KernelBenchmark):
+    """kl_div_with_grad(reduction="batchmean", inplace=True)."""
+
+    comparison = "kl_div_with_grad"
+
+
+class BinaryCrossEntropyWithGrad(_KernelBenchmark):
+    """binary_cross_entropy_with_grad(inplace=True) on probabilities."""
+
+    comparison = "binary_cross_entropy_with_grad"
+
+
 class SoftmaxBackward(_KernelBenchmark):
     """softmax_backward(inplace=True) against torch._softmax_backward_data."""
 
