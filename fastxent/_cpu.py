@@ -617,7 +617,7 @@ def divergence_small(input, target, kind, reduction, axis, inplace, with_grad):
         bad = D.count_outside_unit.serial(input.reshape(n), counts, n)
         if bad:
             raise_outside_unit(int(bad))
-    denominator = n // input.shape[axis] if reduction == "batchmean" else n
+    denominator = (input.shape[0] if input.ndim else 1) if reduction == "batchmean" else n
     scale = mean_scale(reduction != "sum", denominator)
     g2 = (x2 if inplace else np.empty_like(x2)) if with_grad else None
     losses = np.empty(K.bce_tasks(1, n, _BCE_SEGMENT)[2])

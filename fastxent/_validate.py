@@ -545,12 +545,9 @@ def kl_div_call(input, target, reduction, log_target, axis, device, out, inplace
     arrays = _arrays((input, target))
     reduction = kl_reduction_arg(reduction)
     shape, dtype = _divergence_operands(arrays[0], arrays[1], None, reduction)
-    if shape:
-        axis = axis_arg(axis, len(shape), "input")
-        n_rows = math.prod(n for a, n in enumerate(shape) if a != axis)
-    else:
-        axis_arg(axis, 1, "input")
-        n_rows = 1
+    axis_arg(axis, max(1, len(shape)), "input")
+    # batchmean's divisor, as torch: input.size(0) (none for a 0-d input)
+    n_rows = shape[0] if shape else 1
     spec = DivergenceSpec(shape, dtype, reduction, "kl_log_target" if log_target else "kl",
                           n_rows, device)
     grad = grad_destination(arrays[0], out, inplace, shape, dtype) if with_grad else None

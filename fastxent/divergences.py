@@ -35,15 +35,14 @@ def kl_div(input: ArrayLike, target: ArrayLike, *, reduction: KLReduction = "mea
     reduction : {"mean", "batchmean", "sum", "none"}
         As torch: ``mean`` averages over every element (torch's default,
         which is not the KL divergence of the rows); ``batchmean`` divides the
-        sum by the number of distributions, the mathematical KL per row.
+        sum by the size of the first axis, ``input.size(0)`` (the number of
+        distributions of an (N, C) input; nothing for a 0-d input).
     log_target : bool, default False
         ``target`` holds log-probabilities. Without it, a target of 0 adds
         0 (``xlogy(0, 0) = 0``, as torch), unless the input there is infinite.
     axis : int, default -1
-        The axis along which each distribution lies; it only sets
-        ``batchmean``'s divisor: the number of elements over the size of that
-        axis (torch's ``input.size(0)`` for a (N, C) input; for (N, C, d) with
-        ``axis=1``, N * d, where torch divides by N).
+        The axis along which each distribution lies, checked to exist (the
+        functions are elementwise; ``batchmean`` is torch's, above).
 
     Returns
     -------

@@ -38,15 +38,11 @@ def _layout(rng, layout, dtype):
 
 
 def torch_kl(x, t, reduction, log_target, axis):
-    """torch's loss and gradient in float64; ``batchmean`` over the
-    distributions along ``axis`` (torch's own for 2-D inputs)."""
+    """torch's loss and gradient in float64 (``batchmean`` over
+    ``input.size(0)``, torch's own, whatever ``axis``)."""
     X = torch.tensor(np.asarray(x, np.float64), requires_grad=True)
     T = torch.tensor(np.asarray(t, np.float64))
-    if reduction == "batchmean":
-        loss = F.kl_div(X, T, reduction="sum", log_target=log_target)
-        loss = loss / (X.numel() // X.shape[axis])
-    else:
-        loss = F.kl_div(X, T, reduction=reduction, log_target=log_target)
+    loss = F.kl_div(X, T, reduction=reduction, log_target=log_target)
     loss.sum().backward()
     return loss.detach().numpy(), X.grad.numpy()
 
