@@ -111,7 +111,6 @@ def _f32_to_bf16(value):
 _BLOCK = 1 << 15
 
 
-@numba.njit(parallel=True, **_JIT_OPTIONS)
 def _widen(src, dst, brain):
     n = src.size
     for b in prange((n + _BLOCK - 1) // _BLOCK):
@@ -124,7 +123,6 @@ def _widen(src, dst, brain):
                 dst[i] = _f16_to_f32(src[i])
 
 
-@numba.njit(parallel=True, **_JIT_OPTIONS)
 def _narrow(src, dst, brain):
     n = src.size
     for b in prange((n + _BLOCK - 1) // _BLOCK):
@@ -135,6 +133,14 @@ def _narrow(src, dst, brain):
         else:
             for i in range(b * _BLOCK, stop):
                 dst[i] = _f32_to_f16(src[i])
+
+
+#: Inputs under this many elements convert serially (as the kernels, see
+#: ``_cpu_kernels``): waking the threads costs more than the work.
+PARALLEL_MIN_ELEMENTS = 1 << 16
+_WIDEN = (numba.njit(**_JIT_OPTIONS)(_widen), numba.njit(parallel=True, **_JIT_OPTIONS)(_widen))
+_NARROW = (numba.njit(**_JIT_OPTIONS)(_narrow),
+           numba.njit(parallel=True, **_JIT_OPTIONS)(_narrow))
 
 
 def _bits(a):
@@ -149,7 +155,8 @@ def widen(a) -> np.ndarray:
         a = np.ascontiguousarray(a)
     out = np.empty(a.shape, np.float32)
     if a.size:
-        _widen(_bits(a), out.reshape(-1), a.dtype.name == "bfloat16")
+        _WIDEN[a.size >= PARALLEL_MIN_ELEMENTS](_bits(a), out.reshape(-1),
+                                                a.dtype.name == "bfloat16")
     return out
 
 
@@ -159,11 +166,12 @@ def narrow_into(dest, values) -> None:
     if not values.size:
         return
     brain = dest.dtype.name == "bfloat16"
+    kernel = _NARROW[values.size >= PARALLEL_MIN_ELEMENTS]
     if dest.flags.c_contiguous:
-        _narrow(values.reshape(-1), _bits(dest), brain)
+        kernel(values.reshape(-1), _bits(dest), brain)
         return
     tmp = np.empty(values.shape, dest.dtype)
-    _narrow(values.reshape(-1), _bits(tmp), brain)
+    kernel(values.reshape(-1), _bits(tmp), brain)
     np.copyto(dest, tmp)
 
 

@@ -200,7 +200,7 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
                          f"(a 64-bit integer), got {ignore_index}")
     t_dtype = np.dtype(target.dtype)
     t_shape = tuple(target.shape)
-    if t_dtype.kind == "f":
+    if t_dtype.kind == "f" or half_dtype(t_dtype):
         if t_shape != problem.shape:
             raise ValueError(
                 f"float targets are class probabilities and must have the {name}' shape "
