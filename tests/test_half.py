@@ -277,3 +277,30 @@ def test_functions_without_half_refuse_by_name():
     for call in calls:
         with pytest.raises(TypeError, match="float16"):
             call()
+
+
+def test_conversions_match_ml_dtypes_and_numpy():
+    """The 16-bit conversions, bit for bit, on every float16 / bfloat16 value
+    widened, and on float32 values at and around each rounding tie (ties to
+    even), NaN, infinities, overflow and subnormals."""
+    from fastxent import _half
+
+    rng = np.random.default_rng(3)
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ties = (rng.integers(0, 1 << 16, 4096, dtype=np.uint32) << 16)
+    near = np.concatenate([ties | 0x8000, ties | 0x7fff, ties | 0x8001])  # bf16 ties and neighbours
+    f16_ties = rng.integers(0, 1 << 32, 4096, dtype=np.uint64).astype(np.uint32) & ~np.uint32(0x1fff) | 0x1000
+    values = np.concatenate([near, f16_ties, rng.integers(0, 1 << 32, 8192, dtype=np.uint64)
+                             .astype(np.uint32)]).view(np.float32)
+    values = np.concatenate([values, np.float32([np.nan, np.inf, -np.inf, 7e4, -7e4, 1e-8,
+                                                 3e38, 6e-8, -0.0])])
+    for dtype in HALF:
+        halves = every.view(dtype)
+        wide = _half.widen(halves)
+        np.testing.assert_array_equal(wide, halves.astype(np.float32))
+        with np.errstate(all="ignore"):
+            expect = values.astype(dtype)
+        ours = _half.narrow(values, dtype)
+        nan = np.isnan(values)
+        np.testing.assert_array_equal(ours.view(np.uint16)[~nan], expect.view(np.uint16)[~nan])
+        assert np.isnan(ours.astype(np.float32)[nan]).all()
