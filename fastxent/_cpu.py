@@ -353,6 +353,9 @@ class CrossEntropyPlan:
         """16-bit logits: widened to float32, the float32 call, its gradient
         narrowed into the 16-bit destination (a float32 ``out=`` is written
         directly)."""
+        direct = self._half_direct(logits, target, weight, grad)
+        if direct is not None:
+            return direct
         x = widen(logits)
         if self.spec.soft and half_dtype(target.dtype):
             target = widen(target)
@@ -368,6 +371,40 @@ class CrossEntropyPlan:
             narrow_into(grad, result[1])
             dest = grad
         return (result[0], dest) + tuple(result[2:])
+
+
+    def _half_direct(self, logits, target, weight, grad):
+        """Long contiguous rows of 16-bit logits, class indices, no LLM
+        options, the gradient (if any) new, in place or into a 16-bit
+        ``out=`` of the logits' dtype: the kernel that reads and writes the
+        16-bit rows itself (``cross_entropy_direct_half``). None otherwise."""
+        spec, problem = self.spec, self.spec.problem
+        if spec.soft or spec.transformed or spec.stats or problem.axis != logits.ndim - 1:
+            return None
+        x_rows = _as_form(logits, problem, ROWS)
+        if x_rows is None or not _direct(x_rows, ROWS):
+            return None
+        g_rows = None
+        if isinstance(grad, str):
+            grad = np.empty(problem.shape, logits.dtype)
+            g_rows = grad.reshape(x_rows.shape)
+        elif grad is logits:
+            g_rows = x_rows
+        elif grad is not None:
+            g_rows = _as_form(grad, problem, ROWS) if grad.dtype == logits.dtype else None
+            if (g_rows is None or g_rows.strides[1] != g_rows.itemsize
+                    or np.may_share_memory(grad, logits)):
+                return None
+        y = _hard_targets(np.asarray(target), spec)
+        opts = CEOptions(_weight(weight, problem.dtype), *self.options)
+        losses = np.empty(problem.n_rows)
+        bits = x_rows.view(np.uint16)
+        bad, total, denominator = K.cross_entropy_direct_half(
+            bits, y, opts, None if g_rows is None else g_rows.view(np.uint16), losses,
+            logits.dtype.name == "bfloat16")
+        if bad >= 0:
+            raise_bad_target(bad, y, problem.batch_shape, problem.n_classes, spec.ignore_index)
+        return _reduce(losses, total, denominator, spec.reduction, problem), grad
 
 
 def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
