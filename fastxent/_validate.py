@@ -272,9 +272,9 @@ def check_inplace(logits, name="logits"):
     logits = _describe(logits)
     dtype = np.dtype(getattr(logits, "dtype", np.dtype(object)))
     if not hasattr(logits, "shape") or not (dtype in FLOAT_DTYPES or half_dtype(dtype)):
-        raise TypeError(f"inplace=True needs {name} as a float16, bfloat16, float32 or float64 "
-                        f"array, "
-                        f"got {type(logits).__name__} of dtype {dtype}")
+        raise TypeError(f"inplace=True needs {name} as a float32 or float64 array, "
+                        f"got {type(logits).__name__} of dtype {dtype} (float16 and bfloat16 "
+                        f"work where the function takes them)")
     flags = getattr(logits, "flags", None)
     if flags is not None and not getattr(flags, "writeable", True):
         raise ValueError(f"inplace=True but {name} is read-only")
