@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     p_bench.add_argument("--shapes", nargs="+", metavar="NxC", default=None,
                          help="shapes to time, e.g. 8192x32000 4096x1000 (the main table "
                               "only, or the small-batch one with --small)")
+    p_bench.add_argument("--half", action="store_true",
+                         help="only the 16-bit table: bfloat16 and float16 logits in place "
+                              "against float32, np.copyto and torch (needs ml_dtypes)")
     p_bench.add_argument("--small", action="store_true",
                          help="only the small-batch table (32x10, 128x10, 1024x10)")
     p_bench.add_argument("--torch", dest="torch_section", action="store_true",
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
                        dtype=args.dtype, threads=args.threads, small=args.small,
                        small_shapes=args.small_shapes, markdown=args.markdown,
                        torch_section=args.torch_section,
-                       jacobian=args.jacobian,
+                       jacobian=args.jacobian, half=args.half,
                        command=shlex.join(["python", "-m", "fastxent", *argv]))
 
 

@@ -355,7 +355,20 @@ JACOBIAN = Section(
      "torch hvp: double backward (autograd.grad with create_graph, then autograd.grad); "
      "numpy hvp: softmax, then p v - p (p . v)."))
 
-SECTIONS = {section.name: section for section in (MAIN, SMALL, TORCH, JACOBIAN)}
+#: The 16-bit section (``--half``): float32 logits in, the 16-bit columns
+#: on bfloat16 and float16 copies of them.
+HALF = Section(
+    "half", "16-bit logits",
+    tuple(_peers.HALF.items()),
+    (("bf16/copyto", "bf16", "copyto bf16"), ("fp16/copyto", "fp16", "copyto fp16"),
+     ("bf16/f32", "bf16", "f32"), ("fp16/f32", "fp16", "f32"),
+     ("torch/bf16", "torch bf16", "bf16")),
+    ("bf16, fp16, f32: cross_entropy_with_grad(inplace=True) on bfloat16, float16 and "
+     "float32 logits of the same values.",
+     "copyto bf16, fp16: np.copyto of the 16-bit logits (the memory limit).",
+     "torch bf16: F.cross_entropy + backward() on a bfloat16 tensor."))
+
+SECTIONS = {section.name: section for section in (MAIN, SMALL, TORCH, JACOBIAN, HALF)}
 
 
 def bench_shape(shape, dtype, rounds: int, sample_seconds: float, progress: ProgressBar,
@@ -493,13 +506,14 @@ def markdown_document(facts: Sequence[Tuple[str, str]],
 
 def command_line(quick=False, rounds=None, shapes=None, dtype="float32", threads=None,
                  small=False, small_shapes=None, markdown=None, torch_section=False,
-                 jacobian=False) -> str:
+                 jacobian=False, half=False) -> str:
     """The ``python -m fastxent bench`` command line of these arguments."""
     args = ["python", "-m", "fastxent", "bench"]
     args += ["--quick"] if quick else []
     args += ["--small"] if small else []
     args += ["--torch"] if torch_section else []
     args += ["--jacobian"] if jacobian else []
+    args += ["--half"] if half else []
     args += ["--rounds", str(rounds)] if rounds is not None else []
     args += ["--shapes", *shapes] if shapes else []
     args += ["--small-shapes", *small_shapes] if small_shapes else []
@@ -522,7 +536,7 @@ def main(quick: bool = False, rounds: Optional[int] = None,
          threads: Optional[int] = None, stream=None, small: bool = False,
          small_shapes: Optional[Sequence[str]] = None, markdown=None,
          command: Optional[str] = None, torch_section: bool = False,
-         jacobian: bool = False) -> int:
+         jacobian: bool = False, half: bool = False) -> int:
     """Run the benchmark and print the machine header and the tables.
 
     Parameters
@@ -560,6 +574,10 @@ def main(quick: bool = False, rounds: Optional[int] = None,
     jacobian : bool
         Run only the softmax Jacobian section (``shapes`` its shapes, default
         :data:`JACOBIAN_SHAPES`; with ``quick``, a 16th of their rows).
+    half : bool
+        Run only the 16-bit section (``shapes`` its shapes, default
+        :data:`fastxent._peers.HALF_SHAPES`; with ``quick``, a 32nd of their
+        rows), float32 logits and their bfloat16 and float16 copies.
 
     Returns
     -------
@@ -571,7 +589,7 @@ def main(quick: bool = False, rounds: Optional[int] = None,
     stream = sys.stdout if stream is None else stream
     if command is None:
         command = command_line(quick, rounds, shapes, dtype, threads, small, small_shapes,
-                               markdown, torch_section, jacobian)
+                               markdown, torch_section, jacobian, half)
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise SystemExit(f"--dtype must be float32 or float64, not {dtype}")
@@ -586,7 +604,10 @@ def main(quick: bool = False, rounds: Optional[int] = None,
             pass
     plan: List[Tuple[Section, list]] = []
     torch_shapes = list(_peers.TORCH_GRAPH_QUICK_SHAPES if quick else _peers.TORCH_GRAPH_SHAPES)
-    if jacobian:
+    if half:
+        plan.append((HALF, _shapes(shapes) if shapes else
+                     [(n // 32 if quick else n, c) for n, c in _peers.HALF_SHAPES]))
+    elif jacobian:
         plan.append((JACOBIAN, _shapes(shapes) if shapes else
                      [(n // 16 if quick else n, c) for n, c in JACOBIAN_SHAPES]))
     elif torch_section:

@@ -16,6 +16,7 @@ import numpy as np
 from . import _cpu_kernels as K
 from ._fastmath import native_vector_bytes
 from ._formulas import mean_scale
+from ._half import half_dtype, narrow, narrow_into, widen
 from ._host import (bad_uint64_target, finish_loss, raise_bad_target, row_stats,
                     scan_hard_targets)
 from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec, ReductionSpec
@@ -315,6 +316,8 @@ class CrossEntropyPlan:
 
     def _general(self, logits, target, weight, grad):
         spec, problem = self.spec, self.spec.problem
+        if half_dtype(logits.dtype):
+            return self._half(logits, target, weight, grad)
         x = np.asarray(logits, dtype=problem.dtype)
         x_rows, form = rows_of(x, problem)
         if spec.soft:
@@ -346,6 +349,64 @@ class CrossEntropyPlan:
         return loss, grad, row_stats(spec, *stats, y, opts.weight, denominator)
 
 
+    def _half(self, logits, target, weight, grad):
+        """16-bit logits: widened to float32, the float32 call, its gradient
+        narrowed into the 16-bit destination (a float32 ``out=`` is written
+        directly)."""
+        direct = self._half_direct(logits, target, weight, grad)
+        if direct is not None:
+            return direct
+        x = widen(logits)
+        if self.spec.soft and half_dtype(target.dtype):
+            target = widen(target)
+        float_out = grad is not None and not isinstance(grad, str) and grad is not logits \
+            and grad.dtype == np.float32
+        g = grad if (grad is None or float_out) else x
+        result = CrossEntropyPlan(self.spec, x, target, g)(x, target, weight, g)
+        if grad is None or float_out:
+            return result
+        if isinstance(grad, str):
+            dest = narrow(result[1], logits.dtype)
+        else:
+            narrow_into(grad, result[1])
+            dest = grad
+        return (result[0], dest) + tuple(result[2:])
+
+
+    def _half_direct(self, logits, target, weight, grad):
+        """Long contiguous rows of 16-bit logits, class indices, no LLM
+        options, the gradient (if any) new, in place or into a 16-bit
+        ``out=`` of the logits' dtype: the kernel that reads and writes the
+        16-bit rows itself (``cross_entropy_direct_half``). None otherwise."""
+        spec, problem = self.spec, self.spec.problem
+        if spec.soft or spec.transformed or spec.stats or problem.axis != logits.ndim - 1:
+            return None
+        x_rows = _as_form(logits, problem, ROWS)
+        if x_rows is None or not _direct(x_rows, ROWS):
+            return None
+        g_rows = None
+        if isinstance(grad, str):
+            grad = np.empty(problem.shape, logits.dtype)
+            g_rows = grad.reshape(x_rows.shape)
+        elif grad is logits:
+            g_rows = x_rows
+        elif grad is not None:
+            g_rows = _as_form(grad, problem, ROWS) if grad.dtype == logits.dtype else None
+            if (g_rows is None or g_rows.strides[1] != g_rows.itemsize
+                    or np.may_share_memory(grad, logits)):
+                return None
+        y = _hard_targets(np.asarray(target), spec)
+        opts = CEOptions(_weight(weight, problem.dtype), *self.options)
+        losses = np.empty(problem.n_rows)
+        bits = x_rows.view(np.uint16)
+        bad, total, denominator = K.cross_entropy_direct_half(
+            bits, y, opts, None if g_rows is None else g_rows.view(np.uint16), losses,
+            logits.dtype.name == "bfloat16")
+        if bad >= 0:
+            raise_bad_target(bad, y, problem.batch_shape, problem.n_classes, spec.ignore_index)
+        return _reduce(losses, total, denominator, spec.reduction, problem), grad
+
+
 def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
     """(loss, gradient or None), and the ``CrossEntropyStats`` third when
     ``spec.stats``; the gradient is computed when ``grad`` is not None.
@@ -370,6 +431,17 @@ def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
 
 
 def softmax(problem: ClassProblem, x, out, log: bool):
+    if half_dtype(x.dtype):  # in float32, rounded into the 16-bit result
+        if out is not None and out.dtype == np.float32:
+            return softmax(problem, widen(x), out, log)
+        if problem.n_rows == 0 or problem.n_classes == 0:
+            return np.empty(problem.shape, x.dtype) if out is None else out
+        x32 = widen(x)
+        values = softmax(problem, x32, x32, log)
+        if out is None:
+            return narrow(values, x.dtype)
+        narrow_into(out, values)
+        return out
     if problem.n_rows == 0 or problem.n_classes == 0:  # nothing to compute
         return np.empty(problem.shape, problem.dtype) if out is None else out
     x = np.asarray(x, dtype=problem.dtype)
@@ -386,7 +458,7 @@ def softmax(problem: ClassProblem, x, out, log: bool):
 
 
 def logsumexp(problem: ClassProblem, x):
-    x = np.asarray(x, dtype=problem.dtype)
+    x = widen(x) if half_dtype(x.dtype) else np.asarray(x, dtype=problem.dtype)
     if problem.n_classes == 0:
         return np.full(problem.batch_shape, -np.inf, dtype=problem.dtype)
     x_rows, form = rows_of(x, problem)
@@ -422,6 +494,8 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
     """Elementwise BCE, seen as rows of the last axis; gradient as in
     ``cross_entropy`` (``grad`` None, ``"new"`` or an array)."""
     shape, dtype = spec.shape, spec.dtype
+    if half_dtype(logits.dtype):
+        return _bce_half(spec, logits, target, weight, pos_weight, grad)
     # A 0-d input is one row of one element.
     problem = ClassProblem(shape or (1,), len(shape or (1,)) - 1, dtype)
     x = np.asarray(logits, dtype=dtype).reshape(problem.shape)
@@ -460,6 +534,21 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
     if out is None:
         return loss, None
     return loss, (grad if not isinstance(grad, str) else out.result().reshape(shape))
+
+
+def _bce_half(spec: BCESpec, logits, target, weight, pos_weight, grad):
+    """16-bit logits: as ``CrossEntropyPlan._half``."""
+    x = widen(logits)
+    if half_dtype(target.dtype):
+        target = widen(target)
+    if grad is None or (not isinstance(grad, str) and grad.dtype == np.float32
+                        and grad is not logits):
+        return bce_with_logits(spec, x, target, weight, pos_weight, grad)
+    loss, g = bce_with_logits(spec, x, target, weight, pos_weight, x)
+    if isinstance(grad, str):
+        return loss, narrow(g, logits.dtype)
+    narrow_into(grad, g)
+    return loss, grad
 
 
 # --------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from . import _cache
 from . import _formulas as F
 from ._fastmath import (FASTMATH, TANH_SMALL, fast_exp, fast_log, fast_tanh, log1p_unit,
                         tanh_small)
+from ._half import narrow_row, widen_row
 from ._host import scan_hard_targets
 from ._lanes import (capped_exp_slopes, capped_exp_sums, capped_grad, exp_sum, exp_sum_inplace,
                      lane_dot, row_argmax, row_max, scale_minus, soft_sums)
@@ -1331,6 +1332,26 @@ def _ce_tiles_any_impl(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse
     return _ce_tiles_plain if _plain(opts, lse_out) else _ce_tiles_general
 
 
+@_jit(inline=True)
+def _ce_half_row(x, y, opts, wsum, scale, g, buf, brain, r):
+    """``_ce_hard_direct`` on row ``r`` of 16-bit bits ``x`` (``brain``:
+    bfloat16, else float16): widened into the float32 scratch row ``buf``,
+    the float32 row routine in place there, the gradient narrowed into
+    ``g``'s row (16-bit bits, or None)."""
+    t = y[r]
+    if t == opts.ignore_index:
+        if g is not None:
+            for c in range(g.shape[1]):
+                g[r, c] = 0
+        return 0.0
+    widen_row(x[r], buf, brain)
+    if g is None:
+        return _ce_hard_row(buf, None, False, t, opts, wsum, scale, None, False)[0]
+    loss = _ce_hard_row(buf, buf, True, t, opts, wsum, scale, None, False)[0]
+    narrow_row(buf, g[r], brain)
+    return loss
+
+
 # --------------------------------------------------------------------------
 # Kernels. Each is compiled twice (parallel and serial, see ``_Kernel``);
 # ``prange`` is a plain ``range`` in the serial one. The cross-entropy
@@ -1366,6 +1387,25 @@ def _cross_entropy_direct(x, y, q, opts, g, inplace, losses, inner, lse_out, pre
 
 #: Rows per task of the direct kernel with options (which share a scratch row).
 _DIRECT_TASK_ROWS = 16
+
+
+def _cross_entropy_direct_half(x, y, opts, g, losses, brain):
+    """Long contiguous rows of 16-bit logits (their bits, uint16; ``brain``:
+    bfloat16, else float16) against class indices, without the LLM options:
+    each row widened into a float32 scratch row that stays in cache, the
+    float32 row routine there, the gradient rounded into ``g`` (16-bit bits,
+    the logits themselves for in place, or None). Same sums, same order as
+    float32 logits of the widened values."""
+    n_rows, C = x.shape
+    bad, denominator, scale, wsum = _ce_prologue(y, C, n_rows, opts)
+    if bad >= 0:
+        return bad, 0.0, denominator
+    per = _DIRECT_TASK_ROWS
+    for j in prange((n_rows + per - 1) // per):
+        buf = np.empty(C, np.float32)
+        for r in range(j * per, min(n_rows, (j + 1) * per)):
+            losses[r] = _ce_half_row(x, y, opts, wsum, scale, g, buf, brain, r)
+    return -1, lane_dot(losses, None, 0.0), denominator
 
 
 def _cross_entropy_direct_options(x, y, q, opts, g, inplace, losses, inner, lse_out, predicted):
@@ -1516,6 +1556,7 @@ class _Kernel:
 
 cross_entropy_direct = _Kernel(_cross_entropy_direct)
 cross_entropy_direct_options = _Kernel(_cross_entropy_direct_options)
+cross_entropy_direct_half = _Kernel(_cross_entropy_direct_half)
 cross_entropy_blocks = _Kernel(_cross_entropy_blocks)
 cross_entropy_tiles = _Kernel(_cross_entropy_tiles)
 nll = _Kernel(_nll)

@@ -1074,3 +1074,79 @@ TORCH_GRAPH: Dict[str, Callable[[Dict[str, np.ndarray]], Runner]] = {
     "inplace peak": _torch_graph("inplace", "peak"),
     "torch peak": _torch_graph("torch", "peak"),
 }
+
+
+# --------------------------------------------------------------------------
+# 16-bit logits (``python -m fastxent bench --half``, asv ``HalfPrecision``):
+# cross_entropy_with_grad in place on bfloat16 and float16 copies of the
+# float32 logits, against the float32 kernel on the float32 logits, the
+# 16-bit memory limit and PyTorch on bfloat16 tensors.
+
+#: The 16-bit section's shapes: the LLM vocabularies.
+HALF_SHAPES = ((8192, 32000), (2048, 128256))
+
+
+def _half_dtype(name):
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError as error:
+            raise PeerUnavailable("ml_dtypes is not installed (bfloat16 arrays)") from error
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(np.float16)
+
+
+def half_logits(inputs, name):
+    """The logits in the 16-bit dtype ``name``, kept in the inputs."""
+    key = "_x_" + name
+    if key not in inputs:
+        inputs[key] = inputs["x"].astype(_half_dtype(name))
+    return inputs[key]
+
+
+def _half_work(inputs, name):
+    """One 16-bit scratch buffer for both 16-bit dtypes, viewed as ``name``."""
+    if "_work16" not in inputs:
+        inputs["_work16"] = np.empty(inputs["x"].shape, np.uint16)
+    return inputs["_work16"].view(_half_dtype(name))
+
+
+def _half_in_place(name):
+    def build(inputs):
+        x, target = half_logits(inputs, name), inputs["target"]
+        work = _half_work(inputs, name)
+        return Runner(lambda: fastxent.cross_entropy_with_grad(work, target, inplace=True),
+                      reset=lambda: np.copyto(work, x))
+    return build
+
+
+def _half_copyto(name):
+    def build(inputs):
+        x, work = half_logits(inputs, name), _half_work(inputs, name)
+        return Runner(lambda: np.copyto(work, x))
+    return build
+
+
+def _torch_bf16(inputs):
+    torch, F = _torch()
+    x = torch.from_numpy(half_logits(inputs, "bfloat16").view(np.int16)).view(torch.bfloat16)
+    target = torch.from_numpy(inputs["target"])
+
+    def run():
+        leaf = x.detach().requires_grad_(True)
+        loss = F.cross_entropy(leaf, target)
+        loss.backward()
+        return loss, leaf.grad
+
+    return Runner(run)
+
+
+#: label -> builder(inputs) -> Runner; the inputs are float32 ``hard_target_inputs``.
+HALF: Dict[str, Callable[[Dict[str, np.ndarray]], Runner]] = {
+    "bf16": _half_in_place("bfloat16"),
+    "fp16": _half_in_place("float16"),
+    "f32": _fastxent_in_place(fastxent.cross_entropy_with_grad),
+    "copyto bf16": _half_copyto("bfloat16"),
+    "copyto fp16": _half_copyto("float16"),
+    "torch bf16": _torch_bf16,
+}

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _dispatch
+from ._half import half_dtype
 from ._host import as_host_array, on_gpu
 from ._spec import (BCESpec, ClassProblem, CrossEntropySpec, DivergenceSpec, ReductionSpec,
                     SoftmaxSpec)
@@ -148,15 +149,21 @@ def axis_arg(axis, ndim, name="logits") -> int:
     return axis % ndim
 
 
-def float_dtype(dtype, name="logits") -> np.dtype:
+def float_dtype(dtype, name="logits", half=False) -> np.dtype:
     """The float dtype computations run in for an input of ``dtype``.
 
     float32 and float64 are kept; integers and booleans become float64, as
-    NumPy's ufuncs would make them; anything else is refused.
+    NumPy's ufuncs would make them; float16 and bfloat16 compute in float32
+    where the function takes them (``half``); anything else is refused.
     """
     dtype = np.dtype(dtype)
     if dtype in FLOAT_DTYPES:
         return dtype
+    if half_dtype(dtype):
+        if half:
+            return np.dtype(np.float32)
+        raise TypeError(f"{name} of dtype {dtype} are not supported by this function yet: "
+                        f"cast them to float32")
     if dtype.kind in "iub":
         return np.dtype(np.float64)
     if dtype.kind == "f":
@@ -164,12 +171,12 @@ def float_dtype(dtype, name="logits") -> np.dtype:
     raise TypeError(f"{name} must be real numbers (float32 or float64), got dtype {dtype}")
 
 
-def class_problem(logits, axis, name="logits", allow_empty=False) -> ClassProblem:
+def class_problem(logits, axis, name="logits", allow_empty=False, half=False) -> ClassProblem:
     logits = _describe(logits)
     shape = tuple(logits.shape)
     if len(shape) == 0:
         raise ValueError(f"{name} must have at least one dimension (the class axis), got a scalar")
-    dtype = float_dtype(logits.dtype, name)
+    dtype = float_dtype(logits.dtype, name, half)
     axis = axis_arg(axis, len(shape), name)
     if shape[axis] == 0 and not allow_empty:
         raise ValueError(f"{name} have zero classes (axis {axis} of shape {shape} is empty)")
@@ -179,7 +186,8 @@ def class_problem(logits, axis, name="logits", allow_empty=False) -> ClassProble
 def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_smoothing,
                        axis, device, name="logits", z_loss=0.0, logit_scale=1.0, softcap=None,
                        return_stats=False) -> CrossEntropySpec:
-    problem = class_problem(logits, axis, name)
+    problem = class_problem(logits, axis, name, half=True)
+    half_on_cpu(device, logits, target, weight)
     target, weight = _describe(target), _describe(weight)
     reduction = reduction_arg(reduction)
     smoothing = smoothing_arg(label_smoothing)
@@ -193,12 +201,12 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
                          f"(a 64-bit integer), got {ignore_index}")
     t_dtype = np.dtype(target.dtype)
     t_shape = tuple(target.shape)
-    if t_dtype.kind == "f":
+    if t_dtype.kind == "f" or half_dtype(t_dtype):
         if t_shape != problem.shape:
             raise ValueError(
                 f"float targets are class probabilities and must have the {name}' shape "
                 f"{problem.shape}, got {t_shape}; class indices must be integers")
-        float_dtype(t_dtype, "target")
+        float_dtype(t_dtype, "target", half=True)
         if ignore_index >= 0:
             raise ValueError("ignore_index is not supported with class-probability targets "
                              f"(got ignore_index={ignore_index}), as in PyTorch")
@@ -218,23 +226,41 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
                             logit_scale, softcap, return_stats)
 
 
+def half_on_cpu(device, *arrays):
+    """16-bit float inputs run on the CPU only, for now."""
+    if device != "cpu":
+        for a in arrays:
+            if a is not None and half_dtype(a.dtype):
+                raise TypeError(f"float16 and bfloat16 inputs are not supported on the GPU "
+                                f"yet (got {a.dtype}): cast them to float32")
+
+
 def check_weight(weight, length, name):
     shape = tuple(weight.shape)
     if shape != (length,):
         raise ValueError(f"{name} must be a 1-D array of {length} values (one per class), "
                          f"got shape {shape}")
-    if np.dtype(weight.dtype).kind not in "iuf":
+    if np.dtype(weight.dtype).kind not in "iuf" and not half_dtype(weight.dtype):
         raise TypeError(f"{name} must hold real numbers, got dtype {weight.dtype}")
 
 
-def check_grad_out(out, shape, dtype, name="out"):
-    """``out=`` must take the gradient exactly: same shape and dtype, writable."""
+def check_grad_out(out, shape, dtype, name="out", storage=None):
+    """``out=`` must take the gradient exactly: same shape and dtype, writable.
+
+    Inputs of a 16-bit ``storage`` dtype (float16, bfloat16) compute in
+    float32 (``dtype``): their results go into either dtype, not the other
+    16-bit one."""
     if not hasattr(out, "shape") or not hasattr(out, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(out).__name__}")
     out = _describe(out)
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {tuple(shape)}")
-    if np.dtype(out.dtype) != dtype:
+    if storage is not None and half_dtype(storage) and np.dtype(out.dtype) in (storage, dtype):
+        pass
+    elif storage is not None and half_dtype(storage):
+        raise TypeError(f"{name} has dtype {out.dtype}, expected {storage} (the input's dtype) "
+                        f"or {dtype}")
+    elif np.dtype(out.dtype) != dtype:
         raise TypeError(f"{name} has dtype {out.dtype}, expected {dtype}")
     flags = getattr(out, "flags", None)
     if flags is not None and not getattr(flags, "writeable", True):
@@ -242,12 +268,14 @@ def check_grad_out(out, shape, dtype, name="out"):
 
 
 def check_inplace(logits, name="logits"):
-    """``inplace=True`` needs a writable float32/float64 array to write into."""
+    """``inplace=True`` needs a writable float array (float16, bfloat16,
+    float32, float64) to write into."""
     logits = _describe(logits)
     dtype = np.dtype(getattr(logits, "dtype", np.dtype(object)))
-    if not hasattr(logits, "shape") or dtype not in FLOAT_DTYPES:
+    if not hasattr(logits, "shape") or not (dtype in FLOAT_DTYPES or half_dtype(dtype)):
         raise TypeError(f"inplace=True needs {name} as a float32 or float64 array, "
-                        f"got {type(logits).__name__} of dtype {dtype}")
+                        f"got {type(logits).__name__} of dtype {dtype} (float16 and bfloat16 "
+                        f"work where the function takes them)")
     flags = getattr(logits, "flags", None)
     if flags is not None and not getattr(flags, "writeable", True):
         raise ValueError(f"inplace=True but {name} is read-only")
@@ -257,15 +285,16 @@ def bce_spec(logits, target, weight, pos_weight, reduction, device) -> BCESpec:
     logits, target = _describe(logits), _describe(target)
     weight, pos_weight = _describe(weight), _describe(pos_weight)
     shape = tuple(logits.shape)
-    dtype = float_dtype(logits.dtype)
+    dtype = float_dtype(logits.dtype, half=True)
+    half_on_cpu(device, logits, target, weight, pos_weight)
     reduction = reduction_arg(reduction)
     if tuple(target.shape) != shape:
         raise ValueError(f"target shape {tuple(target.shape)} must equal the logits' shape {shape}")
-    float_dtype(target.dtype, "target")
+    float_dtype(target.dtype, "target", half=True)
     for name, arr in (("weight", weight), ("pos_weight", pos_weight)):
         if arr is None:
             continue
-        float_dtype(arr.dtype, name)
+        float_dtype(arr.dtype, name, half=True)
         try:
             np.broadcast_shapes(tuple(arr.shape), shape)
         except ValueError:
@@ -284,7 +313,7 @@ def grad_destination(logits, out, inplace, shape, dtype):
             raise ValueError("pass either out= or inplace=True, not both")
         return logits
     if out is not None:
-        check_grad_out(out, shape, dtype)
+        check_grad_out(out, shape, dtype, storage=np.dtype(_describe(logits).dtype))
         return out
     return "new"
 
@@ -326,16 +355,19 @@ def softmax_call(x, axis, out, device):
     device = device_arg(device, x, out)
     (xa,) = _arrays((x,))
     # zero classes: an empty result, as torch.softmax gives
-    spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True), device)
+    spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True, half=True), device)
+    half_on_cpu(device, xa)
     if out is not None:
-        check_grad_out(out, spec.problem.shape, spec.problem.dtype)
+        check_grad_out(out, spec.problem.shape, spec.problem.dtype,
+                       storage=np.dtype(_describe(xa).dtype))
     return _dispatch.backend(device), spec, xa
 
 
 def logsumexp_call(x, axis, device):
     device = device_arg(device, x)
     (xa,) = _arrays((x,))
-    spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True), device)
+    spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True, half=True), device)
+    half_on_cpu(device, xa)
     return _dispatch.backend(device), spec, xa
 
 

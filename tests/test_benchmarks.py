@@ -173,6 +173,39 @@ def test_cli_bench_jacobian_section(capsys):
     assert "--jacobian" in _bench.command_line(jacobian=True)
 
 
+def test_cli_bench_half_section(capsys):
+    """``--half`` runs the 16-bit table alone, with its ratios."""
+    assert _bench.main(quick=True, rounds=1, shapes=["16x300"], half=True) == 0
+    out = capsys.readouterr().out
+    assert "16x300" in out
+    for label, _, _ in _bench.HALF.ratios:
+        assert label in out
+    assert "fwd/sum" not in out
+    assert "--half" in _bench.command_line(half=True)
+
+
+def test_half_section_columns_compute_the_same_gradient():
+    """The 16-bit columns and torch's bfloat16 one solve the float32
+    column's problem (to the 16-bit types' precision)."""
+    inputs = _peers.hard_target_inputs(16, 300, np.dtype(np.float32), np.random.default_rng(2))
+    for label in ("bf16", "fp16", "f32", "torch bf16"):
+        try:
+            runner = _peers.HALF[label](inputs)
+        except _peers.PeerUnavailable:
+            continue
+        x = {"bf16": "bfloat16", "fp16": "float16", "torch bf16": "bfloat16"}.get(label)
+        x = inputs["x"] if x is None else _peers.half_logits(inputs, x)
+        expected = ref.cross_entropy_with_grad(x.astype(np.float64), inputs["target"])
+        runner.prepare()
+        loss, grad = runner.run()
+        if hasattr(grad, "detach"):
+            loss, grad = loss.float().item(), grad.float().numpy()
+        tol = 1e-5 if label != "torch bf16" else 1e-2
+        np.testing.assert_allclose(float(loss), expected[0], rtol=tol, err_msg=label)
+        np.testing.assert_allclose(np.asarray(grad, np.float64), expected[1], rtol=0,
+                                   atol=np.abs(expected[1]).max() * 1e-2, err_msg=label)
+
+
 def test_parse_shape():
     assert _peers.parse_shape("8192x32000") == (8192, 32000)
     assert _peers.format_shape((8192, 32000)) == "8192x32000"

@@ -307,3 +307,38 @@ class SmallBatchRatio:
             for timing, runner, number in zip(timings, self.runners, numbers):
                 timing.samples.append(_bench.time_sample(runner, number))
         return timings[0].ratio_to(timings[1])
+
+
+class HalfPrecision:
+    """cross_entropy_with_grad(inplace=True) on bfloat16 and float16 logits
+    (:data:`fastxent._peers.HALF`) beside the float32 kernel on the same
+    values, ``np.copyto`` of the 16-bit array and PyTorch on bfloat16."""
+
+    params = (["8x32000"] if _peers.small_shapes_requested()
+              else [_peers.format_shape(s) for s in _peers.HALF_SHAPES], list(_peers.HALF))
+    param_names = ["shape", "implementation"]
+    number = 1
+    repeat = (3, 10, 30.0)
+    timeout = 600
+
+    def setup(self, shape, implementation):
+        n, c = _peers.parse_shape(shape)
+        key = ("half", shape)
+        if _current["key"] != key:
+            free_inputs()
+            _current["key"] = key
+            _current["inputs"] = _peers.hard_target_inputs(n, c, np.dtype(np.float32),
+                                                           np.random.default_rng(0))
+        if implementation not in _current["runners"]:
+            try:
+                runner = _peers.HALF[implementation](_current["inputs"])
+            except _peers.PeerUnavailable as missing:
+                raise NotImplementedError(str(missing)) from None
+            runner.prepare()
+            runner.run()  # compiles outside the timings
+            _current["runners"][implementation] = runner
+        self.runner = _current["runners"][implementation]
+        self.runner.prepare()
+
+    def time_half(self, shape, implementation):
+        self.runner.run()

@@ -1,0 +1,306 @@
+"""float16 and bfloat16 inputs (issue 19), against float64 PyTorch on the
+same (upcast) values.
+
+The kernels compute in float32, so the loss is held to 1e-5 relative and
+each gradient (softmax, log_softmax) element to one unit in the last place
+of the 16-bit type of the float64 value, or, where terms cancel, to 2e-6 of
+the largest magnitude of the float64 gradient (what float32 arithmetic can
+promise). The parity table's grid (``tests/parity.py``) runs on the 16-bit
+dtypes: every layout, weight, target kind, smoothing, reduction and LLM
+option, in place, into ``out=`` (16-bit and float32) and into a new array.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fastxent
+from tests import parity
+from tests import reference as ref
+from tests.parity import LAYOUTS, LLM_OPTIONS, REDUCTIONS, SMOOTHINGS, TARGETS
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+HALF = [F16, BF16]
+IDS = ["f16", "bf16"]
+#: explicit mantissa bits of each 16-bit type, and its smallest ulp (subnormals)
+MANTISSA = {F16: (10, 2.0 ** -24), BF16: (7, 2.0 ** -133)}
+LOSS_RTOL = 1e-5
+CANCEL = 2e-6
+
+
+def ulp(values, dtype):
+    """One unit in the last place of ``dtype`` at each of ``values`` (float64)."""
+    bits, smallest = MANTISSA[dtype]
+    a = np.abs(np.asarray(values, np.float64))
+    with np.errstate(divide="ignore"):
+        exponent = np.floor(np.log2(np.where(a > 0, a, 1.0)))
+    return np.maximum(2.0 ** (exponent - bits), smallest)
+
+
+def check_grad(ours, expect, dtype, what="grad"):
+    """Each element within one 16-bit ulp of the float64 value, or within
+    ``CANCEL`` of the largest magnitude."""
+    assert ours.dtype == dtype, (what, ours.dtype)
+    ours = np.asarray(ours, np.float64)
+    expect = np.asarray(expect, np.float64)
+    error = np.abs(ours - expect)
+    bound = np.maximum(ulp(expect, dtype), CANCEL * np.max(np.abs(expect), initial=0.0))
+    bad = ~(error <= bound)
+    assert not bad.any(), (f"{what}: {bad.sum()} element(s) off, worst at "
+                           f"{np.unravel_index(np.argmax(error - bound), error.shape)}: "
+                           f"{ours[bad][:4]} vs {expect[bad][:4]}")
+
+
+def check_loss(ours, expect, reduction, what="loss"):
+    """float32 losses within 1e-5 relative of float64."""
+    if reduction == "none":
+        assert isinstance(ours, np.ndarray) and ours.dtype == np.float32, (what, type(ours))
+    else:
+        assert type(ours) is np.float32, (what, type(ours))
+    np.testing.assert_allclose(np.asarray(ours, np.float64), expect, rtol=LOSS_RTOL, atol=1e-7,
+                               err_msg=what)
+
+
+def half_problem(layout, dtype, target, C=None, seed=0):
+    """``parity.target_problem`` in ``dtype`` (logits, soft targets and
+    weights rounded to it) and the same values in float64 for torch."""
+    x, y, w, axis, options = parity.target_problem(layout, np.float32, target, seed, C)
+    x = x.astype(dtype)
+    w = w.astype(dtype)
+    if y.dtype.kind == "f":
+        y = y.astype(dtype)
+    wide = lambda a: a.astype(np.float64) if a.dtype.kind != "i" else a  # noqa: E731
+    return (x, y, w), (wide(x), wide(y), wide(w)), axis, options
+
+
+def run_all_ways(x, y, axis, kw):
+    """cross_entropy_with_grad into a new array, in place, into 16-bit and
+    float32 ``out=``, plus cross_entropy: (loss, grad) of each, checked equal."""
+    results = {"new": fastxent.cross_entropy_with_grad(x, y, axis=axis, **kw)}
+    inplace = x.copy()
+    results["inplace"] = fastxent.cross_entropy_with_grad(inplace, y, axis=axis, inplace=True,
+                                                          **kw)
+    assert results["inplace"][1] is inplace
+    for name, dtype in (("out16", x.dtype), ("out32", np.float32)):
+        out = np.full(x.shape, np.nan, dtype)
+        results[name] = fastxent.cross_entropy_with_grad(x, y, axis=axis, out=out, **kw)
+        assert results[name][1] is out
+    loss_only = fastxent.cross_entropy(x, y, axis=axis, **kw)
+    stats = kw.get("return_stats", False)
+    for name, result in results.items():
+        loss = result[0]
+        np.testing.assert_array_equal(np.asarray(loss), np.asarray(results["new"][0]), name)
+        if name != "out32":  # float32 out= holds the unrounded gradient
+            np.testing.assert_array_equal(result[1].view(np.uint16),
+                                          results["new"][1].view(np.uint16), name)
+    np.testing.assert_allclose(np.asarray(loss_only[0] if stats else loss_only, np.float64),
+                               np.asarray(results["new"][0], np.float64), rtol=1e-6)
+    return results
+
+
+# --------------------------------------------------------------------------
+# cross-entropy: the parity table's grid
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+@pytest.mark.parametrize("layout,C", [(lay, None) for lay in LAYOUTS] + [("2d", 300)])
+@pytest.mark.parametrize("target", TARGETS)
+def test_cross_entropy_grid(dtype, layout, C, target):
+    (x, y, w), (x64, y64, w64), axis, options = half_problem(layout, dtype, target, C)
+    for weighted, smoothing, reduction in itertools.product([False, True], SMOOTHINGS,
+                                                            REDUCTIONS):
+        kw = dict(reduction=reduction, label_smoothing=smoothing, **options)
+        results = run_all_ways(x, y, axis, dict(kw, weight=w if weighted else None))
+        t_loss, t_grad = parity.torch_ce(x64, y64, axis=axis,
+                                         **dict(kw, weight=w64 if weighted else None))
+        case = f"{weighted=} {smoothing=} {reduction=}"
+        check_loss(results["new"][0], t_loss, reduction, case)
+        check_grad(results["new"][1], t_grad, dtype, case)
+        g32 = results["out32"][1]
+        np.testing.assert_allclose(g32, t_grad, rtol=0, atol=1e-6, err_msg=case)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+@pytest.mark.parametrize("llm", list(LLM_OPTIONS))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_cross_entropy_llm_options(dtype, llm, layout):
+    for target, reduction in itertools.product(TARGETS, REDUCTIONS):
+        (x, y, w), (x64, y64, w64), axis, options = half_problem(layout, dtype, target)
+        kw = dict(LLM_OPTIONS[llm], reduction=reduction, label_smoothing=0.2, **options)
+        stats = kw.pop("return_stats", False)
+        results = run_all_ways(x, y, axis, dict(kw, weight=w, return_stats=stats))
+        t_loss, t_grad, t_lse, t_z = parity.torch_ce_options(x64, y64, axis=axis, weight=w64,
+                                                             **kw)
+        case = f"{target=} {reduction=}"
+        check_loss(results["new"][0], t_loss, reduction, case)
+        check_grad(results["new"][1], t_grad, dtype, case)
+        if stats:
+            st = results["new"][2]
+            assert st.lse.dtype == np.float32
+            np.testing.assert_allclose(st.lse, t_lse, rtol=LOSS_RTOL, err_msg=case)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_strided_logits_and_module(dtype):
+    """A transposed (strided) 16-bit view, written in place through the
+    view; CrossEntropyLoss with backward() into the 16-bit dtype."""
+    (x, y, w), (x64, y64, w64), axis, _ = half_problem("2d", dtype, "hard", C=40)
+    base = np.ascontiguousarray(x.T)
+    view = base.T  # x's values, strided along the classes
+    t_loss, t_grad = parity.torch_ce(x64, y64, weight=w64)
+    loss, grad = fastxent.cross_entropy_with_grad(view, y, weight=w, inplace=True)
+    assert grad is view
+    check_loss(loss, t_loss, "mean")
+    check_grad(base.T, t_grad, dtype)
+    module = fastxent.CrossEntropyLoss(weight=w, label_smoothing=0.1)
+    t_loss, t_grad = parity.torch_ce(x64, y64, weight=w64, label_smoothing=0.1)
+    check_loss(module(x, y), t_loss, "mean")
+    check_grad(module.backward(), t_grad, dtype)
+
+
+def test_rounding_is_to_nearest_even():
+    """The gradient written is float32's value rounded to nearest even:
+    bit for bit what ml_dtypes and NumPy make of the float32 gradient."""
+    x, y, _, _ = parity.problem("2d", np.float32, soft=False, C=300)
+    for dtype in HALF:
+        xh = x.astype(dtype)
+        _, g16 = fastxent.cross_entropy_with_grad(xh, y, reduction="sum")
+        _, g32 = fastxent.cross_entropy_with_grad(xh, y, reduction="sum",
+                                                  out=np.empty(x.shape, np.float32))
+        np.testing.assert_array_equal(g16.view(np.uint16), g32.astype(dtype).view(np.uint16))
+
+
+# --------------------------------------------------------------------------
+# softmax, log_softmax, logsumexp, nll_loss, BCE
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+@pytest.mark.parametrize("layout,C", [(lay, None) for lay in LAYOUTS] + [("2d", 300)])
+def test_softmax_family(dtype, layout, C):
+    (x, y, _), (x64, _, _), axis, _ = half_problem(layout, dtype, "hard", C)
+    for fn, reference in ((fastxent.softmax, ref.softmax),
+                          (fastxent.log_softmax, ref.log_softmax)):
+        expect = reference(x64, axis=axis)
+        check_grad(fn(x, axis=axis), expect, dtype, fn.__name__)
+        out = np.empty(x.shape, dtype)
+        assert fn(x, axis=axis, out=out) is out
+        check_grad(out, expect, dtype, fn.__name__ + " out=")
+        out32 = np.empty(x.shape, np.float32)
+        fn(x, axis=axis, out=out32)
+        np.testing.assert_allclose(out32, expect, rtol=2e-6, atol=1e-6)
+    lse = fastxent.logsumexp(x, axis=axis)
+    assert lse.dtype == np.float32
+    np.testing.assert_allclose(lse, ref.logsumexp(x64, axis=axis), rtol=LOSS_RTOL)
+    lp = ref.log_softmax(x64, axis=axis).astype(dtype)
+    for reduction in REDUCTIONS:
+        ours = fastxent.nll_loss(lp, y, axis=axis, reduction=reduction)
+        check_loss(ours, ref.nll_loss(lp.astype(np.float64), y, axis=axis, reduction=reduction),
+                   reduction, "nll_loss")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+@pytest.mark.parametrize("shape", list(parity.BCE_SHAPES))
+def test_binary_cross_entropy(dtype, shape):
+    for weights, reduction in itertools.product(parity.BCE_WEIGHTS, REDUCTIONS):
+        x, t, kw = parity.bce_problem(shape, np.float32, weights)
+        x, t = x.astype(dtype), t.astype(dtype)
+        kw = {k: v.astype(dtype) for k, v in kw.items()}
+        kw64 = {k: v.astype(np.float64) for k, v in kw.items()}
+        x64, t64 = x.astype(np.float64), t.astype(np.float64)
+        r_loss, r_grad = ref.bce_with_logits_with_grad(x64, t64, reduction=reduction, **kw64)
+        loss, grad = fastxent.binary_cross_entropy_with_logits_with_grad(
+            x, t, reduction=reduction, **kw)
+        loss_only = fastxent.binary_cross_entropy_with_logits(x, t, reduction=reduction, **kw)
+        # the elementwise terms cancel (see parity.check_bce): held to their size
+        w_, pw_ = kw64.get("weight", 1.0), kw64.get("pos_weight", 1.0)
+        terms = (np.abs(x64) + (1 + (pw_ - 1) * t64) * (np.abs(x64) + 1.0)) * w_
+        scale = {"none": terms, "sum": terms.sum(), "mean": terms.mean()}[reduction]
+        for ours in (loss, loss_only):
+            assert np.asarray(ours).dtype == np.float32
+            assert np.all(np.abs(np.asarray(ours, np.float64) - r_loss)
+                          <= LOSS_RTOL * np.abs(r_loss) + 2e-7 * scale), (weights, reduction)
+        check_grad(grad, r_grad, dtype, f"{weights} {reduction}")
+        xi = x.copy()
+        _, gi = fastxent.binary_cross_entropy_with_logits_with_grad(
+            xi, t, reduction=reduction, inplace=True, **kw)
+        assert gi is xi
+        check_grad(xi, r_grad, dtype, f"in place {weights} {reduction}")
+
+
+# --------------------------------------------------------------------------
+# bad input, refused before anything is written
+
+
+def test_read_only_half_logits_refused_in_place():
+    x, y, _, _ = parity.problem("2d", np.float32, soft=False)
+    for dtype in HALF:
+        xh = x.astype(dtype)
+        xh.flags.writeable = False
+        before = xh.copy()
+        with pytest.raises(ValueError, match="read-only"):
+            fastxent.cross_entropy_with_grad(xh, y, inplace=True)
+        with pytest.raises(ValueError, match="read-only"):
+            fastxent.binary_cross_entropy_with_logits_with_grad(xh, xh, inplace=True)
+        np.testing.assert_array_equal(xh.view(np.uint16), before.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_out_of_another_dtype_refused(dtype):
+    x, y, _, _ = parity.problem("2d", np.float32, soft=False)
+    xh = x.astype(dtype)
+    for other in (BF16 if dtype == F16 else F16, np.float64):
+        out = np.full(x.shape, 7, other)
+        with pytest.raises(TypeError, match="out has dtype"):
+            fastxent.cross_entropy_with_grad(xh, y, out=out)
+        with pytest.raises(TypeError, match="out has dtype"):
+            fastxent.softmax(xh, out=out)
+        with pytest.raises(TypeError, match="out has dtype"):
+            fastxent.binary_cross_entropy_with_logits_with_grad(xh, xh, out=out)
+        assert np.all(out.astype(np.float64) == 7)
+
+
+def test_functions_without_half_refuse_by_name():
+    """The Jacobian family and the linear head do not take 16-bit inputs yet:
+    a TypeError that says so, not a wrong result."""
+    x = np.ones((3, 4), F16)
+    y = np.zeros(3, np.int64)
+    calls = [lambda: fastxent.softmax_backward(x, x),
+             lambda: fastxent.log_softmax_backward(x, x),
+             lambda: fastxent.softmax_jacobian(x),
+             lambda: fastxent.cross_entropy_hvp(x, y, x),
+             lambda: fastxent.linear_cross_entropy(x, np.ones((5, 4), F16), y)]
+    for call in calls:
+        with pytest.raises(TypeError, match="float16"):
+            call()
+
+
+def test_conversions_match_ml_dtypes_and_numpy():
+    """The 16-bit conversions, bit for bit, on every float16 / bfloat16 value
+    widened, and on float32 values at and around each rounding tie (ties to
+    even), NaN, infinities, overflow and subnormals."""
+    from fastxent import _half
+
+    rng = np.random.default_rng(3)
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ties = (rng.integers(0, 1 << 16, 4096, dtype=np.uint32) << 16)
+    near = np.concatenate([ties | 0x8000, ties | 0x7fff, ties | 0x8001])  # bf16 ties and neighbours
+    f16_ties = rng.integers(0, 1 << 32, 4096, dtype=np.uint64).astype(np.uint32) & ~np.uint32(0x1fff) | 0x1000
+    values = np.concatenate([near, f16_ties, rng.integers(0, 1 << 32, 8192, dtype=np.uint64)
+                             .astype(np.uint32)]).view(np.float32)
+    values = np.concatenate([values, np.float32([np.nan, np.inf, -np.inf, 7e4, -7e4, 1e-8,
+                                                 3e38, 6e-8, -0.0])])
+    for dtype in HALF:
+        halves = every.view(dtype)
+        wide = _half.widen(halves)
+        np.testing.assert_array_equal(wide, halves.astype(np.float32))
+        with np.errstate(all="ignore"):
+            expect = values.astype(dtype)
+        ours = _half.narrow(values, dtype)
+        nan = np.isnan(values)
+        np.testing.assert_array_equal(ours.view(np.uint16)[~nan], expect.view(np.uint16)[~nan])
+        assert np.isnan(ours.astype(np.float32)[nan]).all()
