@@ -6,6 +6,8 @@ from .losses import (BCEWithLogitsLoss, CrossEntropyLoss, binary_cross_entropy_w
                      cross_entropy_with_grad, log_softmax, logsumexp, nll_loss, softmax)
 from .jacobian import (cross_entropy_hvp, log_softmax_backward, softmax_backward,
                        softmax_jacobian)
+from .distillation import (DistillationLoss, distillation_loss,
+                           distillation_loss_with_grad)
 from .linear import (LinearCrossEntropyLoss, linear_cross_entropy,
                      linear_cross_entropy_with_grad)
 
@@ -32,4 +34,8 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "linear_cross_entropy",
     "linear_cross_entropy_with_grad",
+    # Distillation from teacher logits
+    "DistillationLoss",
+    "distillation_loss",
+    "distillation_loss_with_grad",
 ]

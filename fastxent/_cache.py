@@ -23,7 +23,7 @@ import os
 #: The files whose code ends up in the compiled CPU kernels.
 # ``_spec.py``: the kernels are compiled against its options record.
 KERNEL_SOURCES = ("_cpu_kernels.py", "_lanes.py", "_tiles.py", "_fastmath.py", "_formulas.py",
-                  "_host.py", "_spec.py", "_jacobian_kernels.py")
+                  "_host.py", "_spec.py", "_jacobian_kernels.py", "_distill_kernels.py")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
