@@ -131,6 +131,11 @@ def main(argv=None) -> int:
     p_bench.add_argument("--linear-shapes", nargs="+", metavar="NxHxC", default=None,
                          help="shapes of the linear table (default 8192x1024x32000 "
                               "4096x2048x128256; heavy: minutes per round)")
+    # Distillation
+    p_bench.add_argument("--distillation", action="store_true",
+                         help="only the distillation table: distillation_loss_with_grad (dense "
+                              "and top-k teachers) against np.copyto, PyTorch and "
+                              "cross_entropy_with_grad (8192x32000, or --shapes)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
@@ -143,6 +148,15 @@ def main(argv=None) -> int:
                   else list(L.QUICK_LINEAR_SHAPES if args.quick else L.LINEAR_SHAPES))
         rounds = args.rounds or (1 if args.quick else 3)
         L.bench_linear(shapes, args.dtype, rounds, args.threads)
+        return 0
+    if args.command == "bench" and args.distillation:
+        from fastxent import _bench_distill as DB
+
+        shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+                  if args.shapes else
+                  list(DB.QUICK_DISTILL_SHAPES if args.quick else DB.DISTILL_SHAPES))
+        DB.bench_distillation(shapes, args.dtype, args.rounds or (2 if args.quick else 5),
+                              args.threads)
         return 0
     from fastxent import _bench
 

@@ -18,8 +18,13 @@ import math
 import numpy as np
 from numba import prange
 
+from numba import types
+from numba.extending import intrinsic
+
 from . import _formulas as F
-from ._cpu_kernels import _Kernel, _jit, _row
+from ._cpu_kernels import _Kernel, _cast_like, _jit, _row
+from ._fastmath import _exp_ir
+from ._lanes import _access, _emit_lanes, _result, _setup, _is_row, _is_scalar, row_max
 
 forward_kl_element = _jit(F.forward_kl_element, inline=True)
 forward_kl_grad = _jit(F.forward_kl_grad, inline=True)
@@ -30,6 +35,173 @@ jsd_grad = _jit(F.jsd_grad, inline=True)
 distill_ce_grad = _jit(F.distill_ce_grad, inline=True)
 
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
+
+
+# --------------------------------------------------------------------------
+# The forward KL's fast sweeps, in fixed-order vector lanes (``_lanes``):
+# rows of finite logits. A row where a sum comes out non-finite (a logit of
+# -inf or inf, NaN) is computed again by the exact row routines below, which
+# give torch's xlogy answers; nothing is written before that check.
+
+
+def _tempered_sums(with_e1):
+    @intrinsic
+    def tempered_sums(typingctx, x, t, mx, mt, inv_t):
+        """(sum eq, sum ep, sum ep (t - x), sum exp(x - mx) or 0) in float64,
+        with eq = exp((x - mx) inv_t), ep = exp((t - mt) inv_t); ``t`` None:
+        (sum eq, sum exp(x - mx) or 0)."""
+        if not (_is_row(x) and (isinstance(t, types.NoneType) or _is_row(t, x.dtype))
+                and _is_scalar(mx) and _is_scalar(mt) and _is_scalar(inv_t)):
+            return None
+        dense = not isinstance(t, types.NoneType)
+        n_sums = (3 if dense else 1) + with_e1
+
+        def body(builder, values, scalars):
+            xv, tv = values
+            smx, smt, sinv = scalars
+            d = builder.fsub(xv, smx)
+            terms = [_exp_ir(builder, builder.fmul(d, sinv))]
+            if dense:
+                ep = _exp_ir(builder, builder.fmul(builder.fsub(tv, smt), sinv))
+                terms += [ep, builder.fmul(ep, builder.fsub(tv, xv))]
+            if with_e1:
+                terms.append(_exp_ir(builder, d))
+            return terms, None
+
+        def codegen(context, builder, sig, args):
+            rows, scalars = _setup(context, builder, sig, args, (0, 1), (2, 3, 4))
+            sums = _emit_lanes(context, builder, rows, scalars, body, n_sums)
+            if not with_e1:
+                sums.append(context.get_constant(types.float64, 0.0))
+            return _result(context, builder, sig, sums)
+
+        return types.UniTuple(types.float64, 4 if dense else 2)(x, t, mx, mt, inv_t), codegen
+
+    return tempered_sums
+
+
+tempered_sums = _tempered_sums(False)
+tempered_sums_ce = _tempered_sums(True)
+
+
+def _forward_kl_map(with_e1):
+    @intrinsic
+    def forward_kl_map(typingctx, x, t, mx, mt, inv_t, kq, kp, k1, g):
+        """g <- kq eq - kp ep + k1 exp(x - mx) (``t`` None: no ep term; the
+        last term only ``with_e1``); ``g`` may be ``x``. The forward KL's
+        gradient T (Q - P) and the CE's softmax, their row constants folded
+        into kq, kp, k1."""
+        if not (_is_row(x) and (isinstance(t, types.NoneType) or _is_row(t, x.dtype))
+                and _is_row(g, x.dtype) and g.mutable):
+            return None
+
+        def body(builder, values, scalars):
+            xv, tv = values
+            smx, smt, sinv, skq, skp, sk1 = scalars
+            d = builder.fsub(xv, smx)
+            out = builder.fmul(skq, _exp_ir(builder, builder.fmul(d, sinv)))
+            if with_e1:
+                out = builder.fadd(out, builder.fmul(sk1, _exp_ir(builder, d)))
+            if tv is not None:
+                ep = _exp_ir(builder, builder.fmul(builder.fsub(tv, smt), sinv))
+                out = builder.fsub(out, builder.fmul(skp, ep))
+            return [], out
+
+        def codegen(context, builder, sig, args):
+            rows, scalars = _setup(context, builder, sig, args, (0, 1), (2, 3, 4, 5, 6, 7))
+            _emit_lanes(context, builder, rows, scalars, body, 0,
+                        target=_access(context, builder, sig, args, 8))
+            return context.get_dummy_value()
+
+        return types.none(x, t, mx, mt, inv_t, kq, kp, k1, g), codegen
+
+    return forward_kl_map
+
+
+forward_kl_map = _forward_kl_map(False)
+forward_kl_map_ce = _forward_kl_map(True)
+
+
+@_jit(inline=True)
+def _sums(xr, tr, mx, mt, inv_t, with_ce):
+    if with_ce:
+        return tempered_sums_ce(xr, tr, mx, mt, inv_t)
+    return tempered_sums(xr, tr, mx, mt, inv_t)
+
+
+@_jit(inline=True)
+def _map(xr, tr, mx, mt, inv_t, kq, kp, k1, gr, with_ce):
+    if with_ce:
+        forward_kl_map_ce(xr, tr, mx, mt, inv_t, kq, kp, k1, gr)
+    else:
+        forward_kl_map(xr, tr, mx, mt, inv_t, kq, kp, k1, gr)
+
+
+@_jit
+def _fast_forward_dense(xr, tr, gr, target, temperature, alpha, scale, write):
+    """(done, loss): the forward KL of a row of finite values through the
+    vector sweeps; done False (nothing written) where a sum is not finite."""
+    inv_t = 1.0 / temperature
+    mx = row_max(xr, None)
+    mt = row_max(tr, None)
+    with_ce = target >= 0 and alpha > 0.0
+    sq, sp, a, s1 = _sums(xr, tr, mx, mt, _cast_like(inv_t, xr), with_ce)
+    log_sq, log_sp = math.log(sq), math.log(sp)
+    divergence = inv_t * a / sp - (float(mt) - float(mx)) * inv_t - log_sp + log_sq
+    loss = (1.0 - alpha) * temperature * temperature * divergence
+    if with_ce:
+        loss += alpha * ((float(mx) + math.log(s1)) - float(xr[target]))
+    if not (math.isfinite(loss) and math.isfinite(float(mx)) and math.isfinite(float(mt))):
+        return False, 0.0
+    if write:
+        kt = scale * (1.0 - alpha) * temperature
+        ka = scale * alpha if with_ce else 0.0
+        _map(xr, tr, mx, mt, _cast_like(inv_t, xr), _cast_like(kt / sq, xr),
+             _cast_like(kt / sp, xr), _cast_like(ka / s1 if with_ce else 0.0, xr), gr, with_ce)
+        if with_ce:
+            gr[target] = gr[target] - ka
+    return True, loss
+
+
+@_jit
+def _fast_forward_topk(xr, ir, vr, gr, target, temperature, alpha, scale, write):
+    """As ``_fast_forward_dense``, the teacher's k pairs: the sweeps over the
+    student, then the k classes of the teacher one by one (its P is 0
+    elsewhere, so they add to the gradient's P = 0 form)."""
+    inv_t = 1.0 / temperature
+    mx = row_max(xr, None)
+    with_ce = target >= 0 and alpha > 0.0
+    sq, s1 = _sums(xr, None, mx, mx, _cast_like(inv_t, xr), with_ce)
+    log_sq = math.log(sq)
+    k = ir.shape[0]
+    mt = -np.inf
+    for i in range(k):
+        mt = max(mt, float(vr[i]))
+    sp = 0.0
+    for i in range(k):
+        sp += math.exp((float(vr[i]) - mt) * inv_t)
+    log_sp = math.log(sp)
+    divergence = 0.0
+    for i in range(k):
+        log_p = (float(vr[i]) - mt) * inv_t - log_sp
+        log_q = (float(xr[ir[i]]) - float(mx)) * inv_t - log_sq
+        divergence += forward_kl_element(math.exp(log_p), log_p, log_q)
+    loss = (1.0 - alpha) * temperature * temperature * divergence
+    if with_ce:
+        loss += alpha * ((float(mx) + math.log(s1)) - float(xr[target]))
+    if not (math.isfinite(loss) and math.isfinite(float(mx)) and math.isfinite(mt)):
+        return False, 0.0
+    if write:
+        kt = scale * (1.0 - alpha) * temperature
+        ka = scale * alpha if with_ce else 0.0
+        _map(xr, None, mx, mx, _cast_like(inv_t, xr), _cast_like(kt / sq, xr),
+             _cast_like(0.0, xr), _cast_like(ka / s1 if with_ce else 0.0, xr), gr, with_ce)
+        for i in range(k):
+            p = math.exp((float(vr[i]) - mt) * inv_t - log_sp)
+            gr[ir[i]] = gr[ir[i]] - kt * p
+        if with_ce:
+            gr[target] = gr[target] - ka
+    return True, loss
 
 
 @_jit(inline=True)
@@ -198,6 +370,18 @@ def _distill(x, teacher, indices, g, y, n_rows, inner, kind, beta, temperature, 
             if write:
                 _zero_row(_row(g, r, inner))
             continue
+        if kind == FORWARD_KL:
+            if topk:
+                done, loss = _fast_forward_topk(_row(x, r, inner), _row(indices, r, inner),
+                                                _row(teacher, r, inner), _row(g, r, inner), t,
+                                                temperature, alpha, scale, write)
+            else:
+                done, loss = _fast_forward_dense(_row(x, r, inner), _row(teacher, r, inner),
+                                                 _row(g, r, inner), t, temperature, alpha,
+                                                 scale, write)
+            if done:
+                losses[r] = loss
+                continue
         if topk:
             losses[r] = _topk_row(_row(x, r, inner), _row(indices, r, inner),
                                   _row(teacher, r, inner), _row(g, r, inner), t, kind, beta,
