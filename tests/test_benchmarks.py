@@ -406,3 +406,14 @@ def test_torch_section_columns_compute_the_same_loss_and_gradient():
         runner = _peers.TORCH_GRAPH[label](inputs)
         runner.prepare()
         assert runner.run() is not None
+
+
+def test_cli_bench_distillation_section(capsys):
+    """``--distillation`` runs the distillation table alone, with its three ratios."""
+    from fastxent.__main__ import main
+
+    assert main(["bench", "--distillation", "--shapes", "16x200", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "distillation 16x200 float32" in out
+    for label in ("dense / copyto", "torch / dense", "top-k / cross-entropy"):
+        assert label in out
