@@ -8,6 +8,8 @@ from .divergences import (KLDivLoss, binary_cross_entropy, binary_cross_entropy_
                           kl_div, kl_div_with_grad)
 from .jacobian import (cross_entropy_hvp, log_softmax_backward, softmax_backward,
                        softmax_jacobian)
+from .distillation import (DistillationLoss, distillation_loss,
+                           distillation_loss_with_grad)
 from .linear import (LinearCrossEntropyLoss, linear_cross_entropy,
                      linear_cross_entropy_with_grad)
 
@@ -40,4 +42,8 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "linear_cross_entropy",
     "linear_cross_entropy_with_grad",
+    # Distillation from teacher logits
+    "DistillationLoss",
+    "distillation_loss",
+    "distillation_loss_with_grad",
 ]

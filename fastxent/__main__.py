@@ -139,6 +139,11 @@ def main(argv=None) -> int:
                          help="only the dask table: fastxent.dask on a LocalCluster (2 worker "
                               "processes x 1 thread) against one NumPy call, row and class "
                               "chunks, and throughput against workers (8192x32000, or --shapes)")
+    # Distillation
+    p_bench.add_argument("--distillation", action="store_true",
+                         help="only the distillation table: distillation_loss_with_grad (dense "
+                              "and top-k teachers) against np.copyto, PyTorch and "
+                              "cross_entropy_with_grad (8192x32000, or --shapes)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
@@ -157,6 +162,15 @@ def main(argv=None) -> int:
 
         return _bench_dask.main(quick=args.quick, rounds=args.rounds, shapes=args.shapes,
                                 threads=args.threads, dtype=args.dtype)
+    if args.command == "bench" and args.distillation:
+        from fastxent import _bench_distill as DB
+
+        shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+                  if args.shapes else
+                  list(DB.QUICK_DISTILL_SHAPES if args.quick else DB.DISTILL_SHAPES))
+        DB.bench_distillation(shapes, args.dtype, args.rounds or (2 if args.quick else 5),
+                              args.threads)
+        return 0
     from fastxent import _bench
 
     return _bench.main(quick=args.quick, rounds=args.rounds, shapes=args.shapes,

@@ -24,7 +24,7 @@ import os
 # ``_spec.py``: the kernels are compiled against its options record.
 KERNEL_SOURCES = ("_cpu_kernels.py", "_lanes.py", "_tiles.py", "_fastmath.py", "_formulas.py",
                   "_half.py", "_host.py", "_spec.py", "_jacobian_kernels.py",
-                  "_dask_kernels.py", "_divergence_kernels.py")
+                  "_dask_kernels.py", "_divergence_kernels.py", "_distill_kernels.py")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -719,3 +719,61 @@ def divergence_small(input, target, kind, reduction, axis, inplace, with_grad):
 
 
 from ._cpu_linear import linear_cross_entropy  # noqa: E402,F401  (after the names it uses)
+
+
+# --------------------------------------------------------------------------
+# Distillation losses (``_distill_kernels``)
+
+
+def distillation(spec, student, teacher, indices, target, dest):
+    """(loss, gradient or None). ``dest``: None (loss only), ``"new"``, or
+    an array (``out=``, or the student's logits for ``inplace=True``).
+    Targets and top-k indices are checked before anything is written."""
+    from . import _distill_kernels as D
+
+    problem = spec.problem
+    dtype = problem.dtype
+    x = np.asarray(student, dtype=dtype)
+    x_rows, form = rows_of(x, problem)
+    inner = _inner(problem, form)
+    n_rows = problem.n_rows
+    if spec.topk:
+        k_problem = ClassProblem(problem.shape[:problem.axis] + (spec.topk,)
+                                 + problem.shape[problem.axis + 1:], problem.axis, dtype)
+        t_rows = rows_of(np.asarray(teacher, dtype=dtype), k_problem, form)[0]
+        i_rows = rows_of(np.asarray(indices, dtype=np.int64), k_problem, form)[0]
+        bad, flag = D.bad_topk(i_rows, n_rows, inner, problem.n_classes,
+                               np.empty(n_rows, np.int8))
+        if bad >= 0:
+            position = tuple(int(i) for i in np.unravel_index(bad, problem.batch_shape))
+            problem_text = ("a class out of range (valid: 0 to "
+                            f"{problem.n_classes - 1})" if flag == 1 else "a class twice")
+            raise ValueError(f"top-k teacher indices hold {problem_text} in the row at "
+                             f"position {position}")
+    else:
+        t_rows = rows_of(np.asarray(teacher, dtype=dtype), problem, form)[0]
+        i_rows = np.empty((0,) * x_rows.ndim, np.int64)
+    if spec.has_target:
+        y = _hard_targets(np.asarray(target), spec)
+        bad, kept = scan_hard_targets(y, problem.n_classes, spec.ignore_index, None)
+        if bad >= 0:
+            raise_bad_target(bad, y, problem.batch_shape, problem.n_classes, spec.ignore_index)
+    else:
+        y, kept = np.empty(0, np.int64), float(n_rows)
+    out = None
+    g = x_rows
+    if dest is not None:
+        out = _Output(None if isinstance(dest, str) else dest, x_rows, problem, form,
+                      (x, teacher, indices, target))
+        g = out.rows
+    scale = mean_scale(spec.reduction == "batchmean", kept)
+    losses = np.empty(n_rows)
+    total = D.distill(x_rows, t_rows, i_rows, g, y, n_rows, inner, spec.kind, spec.beta,
+                      spec.temperature, spec.alpha, spec.ignore_index, scale, out is not None,
+                      spec.topk > 0, losses)
+    if spec.reduction == "none":
+        loss = losses.astype(dtype).reshape(problem.batch_shape)
+    else:
+        loss = finish_loss(total, kept, "mean" if spec.reduction == "batchmean" else "sum",
+                           dtype)
+    return loss, (None if out is None else out.result())

@@ -772,3 +772,67 @@ def divergence(spec, input, target, weight, grad):
 # Fused linear + cross-entropy (the loop is ``_linear``'s; unverified on hardware)
 
 from ._cuda_linear import linear_cross_entropy  # noqa: E402,F401  (after the names it uses)
+
+
+# --------------------------------------------------------------------------
+# Distillation losses (``_cuda_distill_kernels``)
+
+
+def distillation(spec, student, teacher, indices, target, dest):
+    """(loss, gradient or None), as ``_cpu.distillation``. Targets and top-k
+    indices are checked on host copies before a kernel writes."""
+    from . import _cuda_distill_kernels as D
+
+    device_x, t, ti, y = to_device_args((student, teacher, indices, target))
+    dest = _gradient_destination(dest, (student, device_x))
+    problem = spec.problem
+    dtype = problem.dtype
+    n_rows, C, k = problem.n_rows, problem.n_classes, spec.topk
+    if k:
+        # each row's classes sorted (N x k values, on the host): the kernel
+        # finds a class's teacher logit by binary search
+        axis = problem.axis
+        host_idx = np.asarray(_host_copy(ti)).astype(np.int64)
+        order = np.argsort(host_idx, axis=axis, kind="stable")
+        sorted_idx = np.take_along_axis(host_idx, order, axis)
+        rows = np.moveaxis(sorted_idx, axis, -1).reshape(-1, k)
+        out_of_range = ((rows[:, 0] < 0) | (rows[:, -1] >= C))
+        twice = (rows[:, 1:] == rows[:, :-1]).any(axis=1)
+        if out_of_range.any() or twice.any():
+            row = int(np.argmax(out_of_range | twice))
+            position = tuple(int(i) for i in np.unravel_index(row, problem.batch_shape))
+            what = (f"a class out of range (valid: 0 to {C - 1})" if out_of_range[row]
+                    else "a class twice")
+            raise ValueError(f"top-k teacher indices hold {what} in the row at position "
+                             f"{position}")
+        idx = cuda.to_device(np.ascontiguousarray(sorted_idx).reshape(-1))
+        t = cuda.to_device(np.ascontiguousarray(
+            np.take_along_axis(np.asarray(_host_copy(t), dtype=dtype), order, axis)))
+    else:
+        idx = cuda.device_array(0, dtype=np.int64)
+    if spec.has_target:
+        y, kept = _hard_targets(spec, y, None)
+    else:
+        y, kept = cuda.device_array(0, dtype=np.int64), float(n_rows)
+    x = _contiguous(device_x, dtype)
+    tv = _contiguous(t, dtype)
+    write = dest is not None
+    if write:
+        written, caller_dest = _destination(dest, device_x, x, problem.shape, dtype,
+                                            tuple(a for a in (x, tv, idx, device_x, t)
+                                                  if a is not None))
+    else:
+        written, caller_dest = cuda.device_array(0, dtype=dtype), None
+    scale = mean_scale(spec.reduction == "batchmean", kept)
+    losses = cuda.device_array(n_rows, dtype=np.float64)
+    if n_rows:
+        _launch_rows(lambda cached: D.distill(dtype, cached, k > 0), problem, 1 if k else 2,
+                     lambda group: (_flat(x), _flat(tv), idx, _flat(written), y, losses,
+                                    n_rows, C, max(k, 1), problem.inner, group, spec.kind,
+                                    spec.beta, spec.temperature, spec.alpha, spec.ignore_index,
+                                    scale, write))
+    loss = _reduce(losses, kept, "mean" if spec.reduction == "batchmean" else spec.reduction,
+                   problem, device_x)
+    if not write:
+        return loss, None
+    return loss, _finish_destination(written, caller_dest, device_x)

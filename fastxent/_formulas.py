@@ -277,3 +277,70 @@ def bce_prob_element(x, t, log_x, log_1mx, one, eps):
     d = x * (one - x)
     d = d if d > eps else eps
     return loss, (x - t) / d
+
+
+# Distillation divergences (``fastxent.distillation``). Per row, with
+# temperature T, P = softmax(teacher / T), Q = softmax(student / T), and
+# log P, log Q those of the row (-inf where a logit is -inf). Each pair: the
+# element's share of the divergence, and its gradient with respect to the
+# student's logit s_c (b = s / T, so d/ds = (1/T) d/db), before the T**2
+# factor: both are multiplied by ``t2`` = T**2 (loss) and T**2 / T = T
+# (gradient) by the caller through ``kt``. Shares use torch's xlogy: a
+# probability of 0 contributes 0 times the other log (nan where that is
+# -inf), as ``torch.nn.functional.kl_div`` does.
+
+
+def forward_kl_element(p, log_p, log_q):
+    """KL(P || Q) = sum_c xlogy(p, p) - p log q (``kl_div(log Q, P)``)."""
+    own = p * log_p if p > 0.0 else 0.0
+    return own - p * log_q
+
+
+def forward_kl_grad(p, q, kt):
+    """d/db_c sum_j p_j (log p_j - log q_j) = q_c sum_j p_j - p_c = q_c - p_c
+    (d log q_j / d b_c = [j = c] - q_c, sum p = 1); times ``kt``."""
+    return kt * (q - p)
+
+
+def reverse_kl_element(q, log_q, log_p):
+    """KL(Q || P) = sum_c xlogy(q, q) - q log p (``kl_div(log P, Q)``)."""
+    own = q * log_q if q > 0.0 else 0.0
+    return own - q * log_p
+
+
+def reverse_kl_grad(q, log_q, log_p, divergence, kt):
+    """With f_j = log q_j - log p_j and D = sum_j q_j f_j:
+    d/db_c D = sum_j q_j ([j = c] - q_c) f_j + sum_j q_j ([j = c] - q_c)
+    = q_c (f_c - D) (the second sum is q_c - q_c = 0); times ``kt``. A class
+    of q_c = 0 gets 0."""
+    if q > 0.0:
+        return kt * q * ((log_q - log_p) - divergence)
+    return 0.0 * log_p * kt
+
+
+def jsd_element(p, q, log_p, log_q, beta):
+    """beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q.
+    Returns (share, q's share of KL(Q || M), log m): the gradient needs the
+    row's KL(Q || M) and log m."""
+    m = beta * p + (1.0 - beta) * q
+    log_m = math.log(m) if m > 0.0 else -math.inf
+    p_share = p * (log_p - log_m) if p > 0.0 else 0.0
+    q_share = q * (log_q - log_m) if q > 0.0 else 0.0
+    return beta * p_share + (1.0 - beta) * q_share, q_share, log_m
+
+
+def jsd_grad(q, log_q, log_m, kl_qm, beta, kt):
+    """d/dq_j of the JSD is (1 - beta) log(q_j / m_j) (the other terms,
+    -beta p_j/m_j (1-beta) + (1-beta)(1 - q_j (1-beta)/m_j), sum to
+    (1-beta)(1 - m_j/m_j) = 0); through the softmax,
+    d/db_c = q_c (g_c - sum_j q_j g_j) = (1 - beta) q_c (log(q_c/m_c) - KL(Q || M));
+    times ``kt``."""
+    if q > 0.0:
+        return kt * (1.0 - beta) * q * ((log_q - log_m) - kl_qm)
+    return 0.0
+
+
+def distill_ce_grad(e1, inv_s1, hit, ka):
+    """The cross-entropy share at T = 1: ka (softmax(s)_c - [c = target]),
+    ``e1`` = exp(s_c - max s), ``hit`` 1.0 at the target's class."""
+    return ka * (e1 * inv_s1 - hit)

@@ -196,4 +196,26 @@ class DivergenceSpec:
     reduction: str
     kind: str
     n_rows: int
+
+
+# --------------------------------------------------------------------------
+# Distillation losses (``distillation``)
+
+
+@dataclass(frozen=True)
+class DistillationSpec:
+    """A checked distillation call. ``problem`` is the student's logits;
+    ``topk`` the teacher's k for a (indices, values) teacher, 0 for a dense
+    one; ``kind`` 0 forward KL, 1 reverse KL, 2 JSD; ``has_target``: class
+    indices given (their range is checked by the backend)."""
+
+    problem: ClassProblem
+    kind: int
+    beta: float
+    temperature: float
+    alpha: float
+    ignore_index: int
+    reduction: str
+    topk: int
+    has_target: bool
     device: str

@@ -23,8 +23,8 @@ import numpy as np
 from . import _dispatch
 from ._half import half_dtype
 from ._host import as_host_array, on_gpu
-from ._spec import (BCESpec, ClassProblem, CrossEntropySpec, DivergenceSpec, ReductionSpec,
-                    SoftmaxSpec)
+from ._spec import (BCESpec, ClassProblem, CrossEntropySpec, DistillationSpec, DivergenceSpec,
+                    ReductionSpec, SoftmaxSpec)
 
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -607,3 +607,101 @@ def raise_outside_unit(count):
     raise ValueError(f"input must hold probabilities in [0, 1] (binary_cross_entropy takes "
                      f"probabilities; use binary_cross_entropy_with_logits for logits): "
                      f"{count} element(s) outside [0, 1] or NaN")
+
+
+# Distillation losses (``distillation``)
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DISTILL_REDUCTIONS = ("none", "batchmean", "sum")
+
+
+def _unit_float(value, name, low_open, high_open):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    low_ok = value > 0.0 if low_open else value >= 0.0
+    high_ok = value < 1.0 if high_open else value <= 1.0
+    if not (low_ok and high_ok):
+        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return value
+
+
+def distillation_call(student_logits, teacher_logits, divergence, beta, temperature, target,
+                      alpha, ignore_index, reduction, axis, device, out, inplace, with_grad):
+    """(backend, spec, (student, teacher values, teacher indices or None,
+    target or None), gradient destination or None).
+
+    A tuple teacher is ``(indices, values)`` of the student's shape with k
+    in place of the classes; a dense teacher has the student's shape."""
+    if with_grad and inplace:
+        check_inplace(student_logits, "student_logits")
+    topk_teacher = isinstance(teacher_logits, tuple)
+    if topk_teacher:
+        if len(teacher_logits) != 2:
+            raise ValueError("a top-k teacher_logits must be a tuple (indices, values), got a "
+                             f"tuple of {len(teacher_logits)} items")
+        t_indices, t_values = teacher_logits
+    else:
+        t_indices, t_values = None, teacher_logits
+    device = device_arg(device, student_logits, t_values, t_indices, target, out)
+    x, tv, ti, y = _arrays((student_logits, t_values, t_indices, target))
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    kind = DIVERGENCES.index(divergence)
+    beta = _unit_float(beta, "beta", True, True)
+    alpha = _unit_float(alpha, "alpha", False, False)
+    if isinstance(temperature, bool) or not isinstance(
+            temperature, (int, float, np.integer, np.floating)):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not (temperature > 0.0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if not isinstance(reduction, str) or reduction not in DISTILL_REDUCTIONS:
+        raise ValueError(f"reduction must be 'none', 'batchmean' or 'sum', got {reduction!r}")
+    ignore_index = index_arg(ignore_index, "ignore_index")
+    problem = class_problem(x, axis, "student_logits")
+    xd, vd = _describe(x), _describe(tv)
+    vdtype = float_dtype(vd.dtype, "teacher_logits")
+    dtype = problem.dtype
+    if vdtype == np.dtype(np.float64) and dtype != vdtype:
+        dtype = vdtype
+        problem = ClassProblem(problem.shape, problem.axis, dtype)
+    if inplace and with_grad and np.dtype(xd.dtype) != dtype:
+        raise TypeError(f"inplace=True needs student_logits of the dtype the loss computes in "
+                        f"({dtype}), got {xd.dtype}")
+    k = 0
+    if topk_teacher:
+        idd = _describe(ti)
+        if np.dtype(idd.dtype).kind not in "iu":
+            raise TypeError(f"top-k teacher indices must be integers, got dtype {idd.dtype}")
+        _same_shape(idd, vd, "the top-k teacher's indices", "the top-k teacher's values")
+        ax, vshape = problem.axis, tuple(vd.shape)
+        if (len(vshape) != len(problem.shape) or vshape[:ax] != problem.shape[:ax]
+                or vshape[ax + 1:] != problem.shape[ax + 1:]):
+            raise ValueError(f"top-k teacher of shape {vshape} does not match "
+                             f"student_logits of shape {problem.shape}: it must have that shape "
+                             f"with k in place of the class axis {ax}")
+        k = vd.shape[problem.axis]
+        if not 1 <= k <= problem.n_classes:
+            raise ValueError(f"top-k teacher must hold between 1 and {problem.n_classes} "
+                             f"classes per row, got k={k}")
+    else:
+        _same_shape(xd, vd, "student_logits", "teacher_logits")
+    if y is not None:
+        yd = _describe(y)
+        if np.dtype(yd.dtype).kind not in "iu":
+            raise TypeError(f"target must hold integer class indices, got dtype {yd.dtype}")
+        if tuple(yd.shape) != problem.batch_shape:
+            raise ValueError(f"target shape {tuple(yd.shape)} does not match the batch shape "
+                             f"{problem.batch_shape} of student_logits with shape "
+                             f"{problem.shape} (class axis {problem.axis})")
+    elif alpha > 0.0:
+        raise ValueError(f"alpha={alpha} weighs a cross-entropy against target, but target "
+                         "is None")
+    dest = None
+    if with_grad:
+        dest = grad_destination(x, out, inplace, problem.shape, dtype)
+    spec = DistillationSpec(problem, kind, beta, temperature, alpha, ignore_index, reduction, k,
+                            y is not None, device)
+    return _dispatch.backend(device), spec, (x, tv, ti, y), dest

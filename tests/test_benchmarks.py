@@ -461,3 +461,14 @@ def test_cli_bench_dask_section():
     out = result.stdout
     for label in ("numpy call", "rows/128", "4 chunks of C", "1 worker(s)", "2 worker(s)"):
         assert label in out, label
+
+
+def test_cli_bench_distillation_section(capsys):
+    """``--distillation`` runs the distillation table alone, with its three ratios."""
+    from fastxent.__main__ import main
+
+    assert main(["bench", "--distillation", "--shapes", "16x200", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "distillation 16x200 float32" in out
+    for label in ("dense / copyto", "torch / dense", "top-k / cross-entropy"):
+        assert label in out

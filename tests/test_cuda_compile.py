@@ -270,3 +270,44 @@ def test_divergence_kernels_load_twice_and_store_once_per_element(dtype, kind):
     loops = innermost_loops(check)
     assert loops and max(lp.loads_per_element for lp in loops) == 1, loops
     assert all(lp.stores_per_element == 0 for lp in loops), loops
+
+
+# Distillation (``_cuda_distill_kernels``)
+
+from fastxent import _cuda_distill_kernels as DK  # noqa: E402
+
+
+def _distill_sig(ft):
+    """x, t, idx, g, y, losses, n_rows, n_classes, k, inner, group, kind,
+    beta, temperature, alpha, ignore_index, scale, write."""
+    a = ft[::1]
+    return (a, a, i64[::1], a, i64[::1], f64[::1], i64, i64, i64, i64, i64, i64, f64, f64, f64,
+            i64, f64, T.boolean)
+
+
+def test_distillation_kernels_compile_without_spills():
+    """Every variant in float32 (float64's dense ones are compiled below)."""
+    dtype = "float32"
+    for cached in (False, True):
+        for topk in (False, True):
+            ptx = _ptx(DK.distill_py(dtype, cached, topk), _distill_sig(FLOATS[dtype]))
+            name = f"distill cached={cached} topk={topk}"
+            assert ".target sm_90" in ptx, name
+            assert "ld.local" not in ptx and "st.local" not in ptx, f"{name} spills"
+            assert "shfl.sync.bfly" in ptx, f"{name} reduces without warp shuffles"
+            assert not re.search(r"\s(atom|red)\.", ptx), f"{name} uses atomics"
+
+
+@pytest.mark.parametrize("dtype", sorted(FLOATS))
+def test_cached_dense_distillation_reads_two_arrays_once_and_writes_once(dtype):
+    """Dense teacher, rows in shared memory: two global loads (student,
+    teacher) and one store per element; the divergence pass runs on shared
+    memory. Read twice (uncached): the gradient pass reads both again."""
+    sig = _distill_sig(FLOATS[dtype])
+    loads, stores, loops = _traffic(_ptx(DK.distill_py(dtype, True, False), sig), 2)
+    assert loads == 2 and stores == 1, loops
+    assert len([lp for lp in loops if lp.stores == 0]) == 1, loops
+    ptx = _ptx(DK.distill_py(dtype, False, False), sig)
+    loads, stores, loops = _traffic(ptx, 0)
+    assert loads <= 4 and stores == 1, loops
+    assert "ld.local" not in ptx and "st.local" not in ptx

@@ -1,0 +1,225 @@
+"""distillation_loss(_with_grad) and DistillationLoss against PyTorch in
+float64 with autograd: ``log_softmax`` at temperature, ``kl_div``, the JSD
+formula, and the top-k teacher as a dense tensor of -inf with its k values
+scattered in. The GPU kernels run the same table in the simulator
+(``tests/cuda_sim/test_distillation_gpu.py``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastxent
+from fastxent import DistillationLoss, distillation_loss, distillation_loss_with_grad
+
+N, C, D = 7, 13, 3
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+IGNORE = -100
+
+
+def torch_twin(student, teacher, *, divergence="forward_kl", beta=0.5, temperature=1.0,
+               target=None, alpha=0.0, ignore_index=IGNORE, reduction="batchmean", axis=-1):
+    """(loss, gradient wrt the student) in float64 torch autograd; ``teacher``
+    dense (-inf outside a top-k teacher's classes)."""
+    s = torch.tensor(np.moveaxis(np.asarray(student, np.float64), axis, -1),
+                     requires_grad=True)
+    t = torch.tensor(np.moveaxis(np.asarray(teacher, np.float64), axis, -1))
+    T = temperature
+    log_q, log_p = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "forward_kl":
+        div = F.kl_div(log_q, p, reduction="none").sum(-1)
+    elif divergence == "reverse_kl":
+        div = F.kl_div(log_p, q, reduction="none").sum(-1)
+    else:
+        log_m = (beta * p + (1 - beta) * q).log()
+        div = (beta * F.kl_div(log_m, p, reduction="none").sum(-1)
+               + (1 - beta) * F.kl_div(log_m, q, reduction="none").sum(-1))
+    row = (1 - alpha) * T * T * div
+    count = row.numel()
+    if target is not None:
+        y = torch.tensor(np.asarray(target, np.int64))
+        keep = y != ignore_index
+        ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), y.clamp(min=0).reshape(-1),
+                             reduction="none").reshape(y.shape)
+        row = torch.where(keep, row + alpha * ce, torch.zeros_like(row))
+        count = keep.sum()
+    loss = {"sum": row.sum(), "batchmean": row.sum() / count, "none": row}[reduction]
+    (loss if reduction != "none" else loss.sum()).backward()
+    return loss.detach().numpy(), np.moveaxis(s.grad.numpy(), -1, axis)
+
+
+def inputs(layout, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (N, C) if layout == "rows" else (N, C, D)
+    s = (rng.normal(size=shape) * 2).astype(dtype)
+    t = (rng.normal(size=shape) * 2).astype(dtype)
+    y = rng.integers(0, C, size=(N,) if layout == "rows" else (N, D))
+    y.reshape(-1)[[1, 4]] = IGNORE
+    return s, t, y, (-1 if layout == "rows" else 1)
+
+
+def topk_of(teacher, k, axis):
+    """(indices, values) of the k largest, shuffled within each row, and the
+    dense teacher of -inf with those values scattered in."""
+    idx = np.argsort(-teacher, axis=axis, kind="stable").take(np.arange(k), axis=axis)
+    idx = np.flip(idx, axis=axis).copy()  # not in class order
+    vals = np.take_along_axis(teacher, idx, axis=axis)
+    dense = np.full_like(teacher, -np.inf)
+    np.put_along_axis(dense, idx, vals, axis=axis)
+    return idx, vals, dense
+
+
+def close(dtype):
+    return dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", (np.float64, np.float32))
+@pytest.mark.parametrize("layout", ("rows", "slabs"))
+@pytest.mark.parametrize("reduction", ("batchmean", "sum", "none"))
+@pytest.mark.parametrize("alpha", (0.0, 0.3))
+@pytest.mark.parametrize("temperature", (0.5, 1.0, 4.0))
+@pytest.mark.parametrize("divergence", KINDS)
+def test_dense_teacher_matches_torch(divergence, temperature, alpha, reduction, layout, dtype):
+    s, t, y, axis = inputs(layout, dtype)
+    target = y if alpha else None
+    opts = dict(divergence=divergence, beta=0.3, temperature=temperature, target=target,
+                alpha=alpha, reduction=reduction, axis=axis)
+    loss, grad = distillation_loss_with_grad(s, t, **opts)
+    want_loss, want_grad = torch_twin(s, t, **opts)
+    assert grad.dtype == dtype and grad.shape == s.shape
+    np.testing.assert_allclose(loss, want_loss, **close(dtype))
+    np.testing.assert_allclose(grad, want_grad, **close(dtype))
+    np.testing.assert_allclose(distillation_loss(s, t, **opts), want_loss, **close(dtype))
+
+
+@pytest.mark.parametrize("dtype", (np.float64, np.float32))
+@pytest.mark.parametrize("layout", ("rows", "slabs"))
+@pytest.mark.parametrize("k", (1, 5, C))
+@pytest.mark.parametrize("divergence", KINDS)
+def test_topk_teacher_matches_torch(divergence, k, layout, dtype):
+    s, t, y, axis = inputs(layout, dtype, seed=1)
+    idx, vals, dense = topk_of(t, k, axis)
+    # reverse KL against a teacher of zero mass where the student has some is
+    # inf, its gradient nan/inf, as torch's; without targets there, as the
+    # twin's ``where`` would carry those nans into the ignored rows
+    infinite = divergence == "reverse_kl" and k < C
+    opts = dict(divergence=divergence, temperature=2.0, target=None if infinite else y,
+                alpha=0.0 if infinite else 0.25, axis=axis)
+    loss, grad = distillation_loss_with_grad(s, (idx, vals), **opts)
+    want_loss, want_grad = torch_twin(s, dense, **opts)
+    assert np.isinf(loss) == infinite
+    np.testing.assert_allclose(loss, want_loss, **close(dtype))
+    np.testing.assert_allclose(grad, want_grad, **close(dtype))
+
+
+def test_topk_indices_of_any_integer_dtype_and_batchmean_counts_kept_rows():
+    s, t, y, axis = inputs("rows", np.float64)
+    idx, vals, dense = topk_of(t, 5, axis)
+    loss = distillation_loss(s, (idx.astype(np.int32), vals), target=y)
+    want, _ = torch_twin(s, dense, target=y)
+    np.testing.assert_allclose(loss, want, rtol=1e-12)
+    # every row ignored: 0 / 0, as torch's mean of nothing
+    assert np.isnan(distillation_loss(s, t, target=np.full(N, IGNORE)))
+
+
+def test_inplace_out_and_loss_object():
+    s, t, y, axis = inputs("slabs", np.float32)
+    opts = dict(divergence="jsd", beta=0.7, temperature=4.0, target=y, alpha=0.5, axis=axis)
+    want_loss, want_grad = torch_twin(s, t, **opts)
+    out = np.empty_like(s)
+    loss, grad = distillation_loss_with_grad(s, t, out=out, **opts)
+    assert grad is out
+    np.testing.assert_allclose(out, want_grad, **close(np.float32))
+    x = s.copy()
+    loss2, grad2 = distillation_loss_with_grad(x, t, inplace=True, **opts)
+    assert grad2 is x
+    np.testing.assert_array_equal(x, out)
+    assert loss2 == loss
+    crit = DistillationLoss(divergence="jsd", beta=0.7, temperature=4.0, alpha=0.5, axis=1)
+    np.testing.assert_allclose(crit(s, t, y), want_loss, **close(np.float32))
+    np.testing.assert_array_equal(crit.backward(), out)
+
+
+def test_minus_infinity_as_torch():
+    s, t, _, _ = inputs("rows", np.float64)
+    s[0, 3] = -np.inf   # the teacher has mass there: inf
+    s[1, 2] = t[1, 2] = -np.inf  # both: torch's 0 * -inf, nan
+    loss, grad = distillation_loss_with_grad(s, t, reduction="none")
+    want_loss, want_grad = torch_twin(s, t, reduction="none")
+    assert np.isinf(loss[0]) and np.isnan(loss[1])
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_many_rows_run_in_parallel_with_the_same_bits():
+    """Above the serial threshold (65536 elements) the rows run in parallel;
+    the result matches torch and is the same for any thread count."""
+    import numba
+    rng = np.random.default_rng(5)
+    s = rng.normal(size=(300, 257)).astype(np.float32)
+    t = rng.normal(size=(300, 257)).astype(np.float32)
+    y = rng.integers(0, 257, 300)
+    opts = dict(divergence="forward_kl", temperature=2.0, target=y, alpha=0.5)
+    loss, grad = distillation_loss_with_grad(s, t, **opts)
+    want_loss, want_grad = torch_twin(s, t, **opts)
+    np.testing.assert_allclose(loss, want_loss, **close(np.float32))
+    np.testing.assert_allclose(grad, want_grad, **close(np.float32))
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        loss1, grad1 = distillation_loss_with_grad(s, t, **opts)
+    finally:
+        numba.set_num_threads(threads)
+    assert loss1 == loss
+    np.testing.assert_array_equal(grad1, grad)
+
+
+# --------------------------------------------------------------------------
+# Bad input, refused before anything is written
+
+
+def _refused(exc, match, student, teacher, **opts):
+    before = student.copy()
+    with pytest.raises(exc, match=match):
+        distillation_loss_with_grad(student, teacher, inplace=True, **opts)
+    np.testing.assert_array_equal(student, before)
+
+
+def test_bad_inputs_refused_before_any_write():
+    s, t, y, _ = inputs("rows", np.float64)
+    idx, vals, _ = topk_of(t, 5, -1)
+    bad = idx.copy()
+    bad[3, 2] = C
+    _refused(ValueError, "out of range", s, (bad, vals))
+    bad = idx.copy()
+    bad[3, 2] = -1
+    _refused(ValueError, "out of range", s, (bad, vals))
+    bad = idx.copy()
+    bad[5, 1] = bad[5, 4]
+    _refused(ValueError, "a class twice.*\\(5,\\)", s, (bad, vals))
+    _refused(ValueError, "shape", s, t[:, :-1])
+    _refused(ValueError, "does not match", s, (idx[:-1], vals[:-1]))
+    _refused(ValueError, "shape", s, (idx[:, :4], vals))
+    _refused(TypeError, "integers", s, (idx.astype(float), vals))
+    _refused(ValueError, "k=14", s, (np.zeros((N, C + 1), np.int64), np.zeros((N, C + 1))))
+    for beta in (0.0, 1.0, -0.5, 2.0):
+        _refused(ValueError, "beta must be in \\(0, 1\\)", s, t, divergence="jsd", beta=beta)
+    _refused(ValueError, "divergence", s, t, divergence="kl")
+    _refused(ValueError, "temperature", s, t, temperature=0.0)
+    _refused(ValueError, "alpha", s, t, alpha=1.5, target=y)
+    _refused(ValueError, "target is None", s, t, alpha=0.5)
+    _refused(ValueError, "batch shape", s, t, target=y[:-1], alpha=0.5)
+    bad_y = y.copy()
+    bad_y[6] = C
+    _refused(IndexError, "out of range", s, t, target=bad_y, alpha=0.5)
+    _refused(ValueError, "reduction", s, t, reduction="mean")
+    with pytest.raises(TypeError, match="inplace=True needs student_logits"):
+        distillation_loss_with_grad(s.astype(np.float32), t, inplace=True)
+
+
+def test_exported():
+    assert {"distillation_loss", "distillation_loss_with_grad",
+            "DistillationLoss"} <= set(fastxent.__all__)
