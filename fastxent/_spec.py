@@ -196,6 +196,7 @@ class DivergenceSpec:
     reduction: str
     kind: str
     n_rows: int
+    device: str
 
 
 # --------------------------------------------------------------------------

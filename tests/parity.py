@@ -611,7 +611,11 @@ GRIDS.update(_jacobian.GRIDS)
 #: the fused linear head takes a weight matrix, not logits (its grid against
 #: ``F.linear_cross_entropy``: ``tests/test_linear.py``; on the GPU:
 #: ``tests/cuda_sim/test_linear_gpu.py``).
-OWN_SUITES = {"linear_cross_entropy", "linear_cross_entropy_with_grad"}
+OWN_SUITES = {"linear_cross_entropy", "linear_cross_entropy_with_grad",
+              # tests/test_divergences.py, tests/test_distillation.py (and their simulator twins)
+              "kl_div", "kl_div_with_grad", "binary_cross_entropy",
+              "binary_cross_entropy_with_grad", "distillation_loss",
+              "distillation_loss_with_grad"}
 
 
 def public_functions():
