@@ -89,8 +89,9 @@ def _as_logits(logits, name="logits"):
 
 
 def _as_target(target, x):
-    t = target if isinstance(target, da.Array) else da.asarray(target)
-    return t
+    """A Dask array as given; anything else as a NumPy array (class indices
+    held here are checked at graph construction)."""
+    return target if isinstance(target, da.Array) else np.asarray(target)
 
 
 def _check(x, t, weight, ignore_index, reduction, label_smoothing, z_loss, logit_scale,
@@ -218,19 +219,19 @@ def _merge(parts, t, weight, ignore_index, smoothing, z_loss, n_classes, soft, o
     return losses, coefs, denominator
 
 
-def _scale(denominators, reduction):
-    total = float(np.sum(np.asarray(denominators, dtype=np.float64)))
-    return 1.0 / total if reduction == "mean" and total != 0.0 else 1.0
-
-
-def _grad_block(x, merged, scale, t, q, w, c0, keep, uniform, soft):
+def _grad_block(x, parts, t, offset, merge_options, denominator, reduction, q, w, c0, keep,
+                uniform):
+    """A gradient block from the partials of its row block (merged here)."""
     from . import _dask_kernels as K
-    numba_threads()
+    weight, ignore_index, smoothing, z_loss, n_classes, soft, n_rows = merge_options
+    coefs = _merge(parts, t, weight, ignore_index, smoothing, z_loss, n_classes, soft, offset,
+                   n_rows)[1]
+    scale = 1.0 / denominator if reduction == "mean" and denominator != 0.0 else 1.0
     x = _row_contiguous(x)
     # in the logits' type, as the fused kernel: float32 blocks run float32 vectors
     # (m is a logit; k1, k2, kt round to 6e-8 relative)
     element = x.dtype.type
-    coefs, scale, keep, uniform = merged[1].astype(x.dtype), element(scale), element(keep), \
+    coefs, scale, keep, uniform = coefs.astype(x.dtype), element(scale), element(keep), \
         element(uniform)
     g = np.empty(x.shape, x.dtype)
     if soft:
@@ -290,27 +291,46 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     soft = t.dtype.kind == "f"
     n_rows, n_classes = x.shape
     delayed = dask.delayed
-    if soft:
-        t = t.astype(x.dtype).rechunk(x.chunks)
-    else:
-        t = t.rechunk((x.chunks[0],))
     row_offsets, class_offsets = _offsets(x.chunks[0]), _offsets(x.chunks[1])
-    xd, td = _delayed_blocks(x), _delayed_blocks(t)
     n_row_blocks, n_class_blocks = x.numblocks
+    xd = _delayed_blocks(x)
+    if soft:
+        td = _delayed_blocks(da.asarray(t).astype(x.dtype).rechunk(x.chunks))
+        target_rows = [None] * n_row_blocks
+        target_blocks = [[td[i, k] for k in range(n_class_blocks)] for i in range(n_row_blocks)]
+    elif isinstance(t, da.Array):
+        td = _delayed_blocks(t.rechunk((x.chunks[0],)))
+        target_rows = list(td)
+        target_blocks = [[None] * n_class_blocks] * n_row_blocks
+    else:
+        # class indices held here: checked now, and each task gets its slice
+        # (a few KB in the graph) instead of waiting on a chain of target tasks
+        bad = _bad_row(t, n_classes, ignore_index)
+        if bad >= 0:
+            _raise_bad(t, bad, 0, n_rows, n_classes, ignore_index)
+        target_rows = [t[row_offsets[i]:row_offsets[i + 1]] for i in range(n_row_blocks)]
+        target_blocks = [[None] * n_class_blocks] * n_row_blocks
+
+    # the mean's denominator comes from the targets alone, so no block waits
+    # on the others' logits: known now (probabilities, or indices held here)
+    # or one small task on the target blocks
+    if reduction != "mean":
+        denominator = 0.0
+    elif soft:
+        denominator = float(n_rows)
+    elif isinstance(t, da.Array):
+        denominator = delayed(_denominator, pure=True)(target_rows, w, ignore_index, n_classes)
+    else:
+        denominator = _denominator([t], w, ignore_index, n_classes)
 
     if n_class_blocks == 1:
         options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
                        z_loss=z_loss, logit_scale=logit_scale, softcap=softcap)
-        if reduction != "mean":
-            denominator = 0.0
-        elif soft:
-            denominator = float(n_rows)
-        else:
-            denominator = delayed(_denominator, pure=True)(list(td), w, ignore_index, n_classes)
         post_scale = soft and z_loss > 0.0
         blocks = [delayed(_row_block, nout=2, pure=True)(
-            xd[i, 0], td[i, 0] if soft else td[i], w, options, reduction, with_grad,
-            denominator, post_scale, int(row_offsets[i]), n_rows) for i in range(n_row_blocks)]
+            xd[i, 0], target_blocks[i][0] if soft else target_rows[i], w, options, reduction,
+            with_grad, denominator, post_scale, int(row_offsets[i]), n_rows)
+            for i in range(n_row_blocks)]
         if reduction == "none":
             loss = da.concatenate([da.from_delayed(b[0], (x.chunks[0][i],), x.dtype)
                                    for i, b in enumerate(blocks)])
@@ -332,16 +352,16 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     keep, uniform = 1.0 - smoothing, smoothing / n_classes
     w_blocks = [None if w is None else w[class_offsets[k]:class_offsets[k + 1]]
                 for k in range(n_class_blocks)]
-    merged = []
+    partials, merged = [], []
     for i in range(n_row_blocks):
         parts = [delayed(_partials, pure=True)(
-            xd[i, k], None if soft else td[i], td[i, k] if soft else None, w_blocks[k],
+            xd[i, k], target_rows[i], target_blocks[i][k], w_blocks[k],
             int(class_offsets[k]), keep, uniform, smoothing > 0.0, soft)
             for k in range(n_class_blocks)]
+        partials.append(parts)
         merged.append(delayed(_merge, nout=3, pure=True)(
-            parts, None if soft else td[i], w, ignore_index, smoothing, z_loss, n_classes,
+            parts, target_rows[i], w, ignore_index, smoothing, z_loss, n_classes,
             soft, int(row_offsets[i]), n_rows))
-    denominators = [m[2] for m in merged]
     if reduction == "none":
         loss = da.concatenate([da.from_delayed(m[0], (x.chunks[0][i],), np.float64)
                                for i, m in enumerate(merged)]).astype(x.dtype)
@@ -351,18 +371,22 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
         total = delayed(_total, pure=True)([delayed(np.sum)(m[0]) for m in merged], 0.0, "sum",
                                            np.float64)
         if reduction == "mean":
-            result = delayed(_mean, pure=True)(total, delayed(sum)(denominators), x.dtype)
+            result = delayed(_mean, pure=True)(total, denominator, x.dtype)
         else:
             result = delayed(np.asarray, pure=True)(total, x.dtype)
         loss = da.from_delayed(result, (), x.dtype)
     if not with_grad:
         return loss
-    scale = delayed(_scale, pure=True)(denominators, reduction)
+    # each gradient block merges its row's partials itself (a few microseconds
+    # a row, the same bits as the loss's merge): it starts when its row's
+    # partials are done, not after a merge task and a barrier over all rows
+    merge_options = (w, ignore_index, smoothing, z_loss, n_classes, soft, n_rows)
     rows = []
     for i in range(n_row_blocks):
         rows.append([da.from_delayed(delayed(_grad_block, pure=True)(
-            xd[i, k], merged[i], scale, None if soft else td[i], td[i, k] if soft else None,
-            w_blocks[k], int(class_offsets[k]), keep, uniform, soft),
+            xd[i, k], partials[i], target_rows[i], int(row_offsets[i]), merge_options,
+            denominator, reduction,
+            target_blocks[i][k], w_blocks[k], int(class_offsets[k]), keep, uniform),
             (x.chunks[0][i], x.chunks[1][k]), x.dtype) for k in range(n_class_blocks)])
     return loss, da.block(rows)
 

@@ -201,15 +201,17 @@ def test_shape_errors_at_construction():
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_bad_target_at_compute(layout):
-    """An out-of-range class index builds a graph, and computing it raises
-    the NumPy function's error, with the row's position in the whole array."""
+def test_bad_target(layout):
+    """An out-of-range class index raises the NumPy function's error, with
+    the row's position in the whole array: at graph construction when the
+    targets are a NumPy array, at compute when they are a Dask array."""
     x, t, _ = _inputs(np.float64, False)
     t[20] = C + 2
     X = da.from_array(x, chunks=LAYOUTS[layout])
-    loss, grad = fxd.cross_entropy_with_grad(X, t)
     want = _message(lambda: fx.cross_entropy(x, t))
     assert want[0] is IndexError
+    assert _message(lambda: fxd.cross_entropy_with_grad(X, t)) == want
+    loss, grad = fxd.cross_entropy_with_grad(X, da.from_array(t, chunks=7))
     assert _message(lambda: dask.compute(loss, grad, scheduler="sync")) == want
 
 
