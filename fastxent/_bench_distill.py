@@ -44,22 +44,27 @@ def _runners(n, c, dtype):
     target = rng.integers(0, c, n)
     work = np.empty_like(source)
 
+    def timed(fn, *args, **kwargs):
+        start = time.perf_counter()
+        fn(*args, **kwargs)
+        return time.perf_counter() - start
+
     def copyto():
-        np.copyto(work, source)
+        return timed(np.copyto, work, source)
 
     def dense():
-        np.copyto(work, source)  # the untimed refill is subtracted below
-        fastxent.distillation_loss_with_grad(work, teacher, temperature=TEMPERATURE,
-                                             inplace=True)
+        np.copyto(work, source)  # the refill, untimed
+        return timed(fastxent.distillation_loss_with_grad, work, teacher,
+                     temperature=TEMPERATURE, inplace=True)
 
     def topk():
         np.copyto(work, source)
-        fastxent.distillation_loss_with_grad(work, (indices, values), temperature=TEMPERATURE,
-                                             inplace=True)
+        return timed(fastxent.distillation_loss_with_grad, work, (indices, values),
+                     temperature=TEMPERATURE, inplace=True)
 
     def cross_entropy():
         np.copyto(work, source)
-        fastxent.cross_entropy_with_grad(work, target, inplace=True)
+        return timed(fastxent.cross_entropy_with_grad, work, target, inplace=True)
 
     runners = {"copyto": copyto, "dense": dense, "top-k": topk, "cross-entropy": cross_entropy}
     try:
@@ -76,15 +81,17 @@ def _runners(n, c, dtype):
         loss = F.kl_div(log_q, p, reduction="batchmean") * TEMPERATURE ** 2
         loss.backward()
 
-    runners["torch"] = torch_loss
+    def torch_timed():
+        return timed(torch_loss)
+
+    runners["torch"] = torch_timed
     return runners
 
 
 def bench_distillation(shapes: Sequence[tuple], dtype: str = "float32", rounds: int = 5,
                        threads: Optional[int] = None) -> Dict[tuple, Dict[str, float]]:
     """Print and return, per shape, the median seconds of each implementation
-    (the in-place ones without their refill: ``copyto``'s time subtracted
-    per round)."""
+    (the in-place ones timed without their refill)."""
     import numba
 
     if threads:
@@ -98,12 +105,8 @@ def bench_distillation(shapes: Sequence[tuple], dtype: str = "float32", rounds: 
         times: Dict[str, List[float]] = {name: [] for name in runners}
         for _ in range(rounds):
             for name, fn in runners.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(fn())
         copy = times["copyto"]
-        for name in ("dense", "top-k", "cross-entropy"):
-            times[name] = [t - u for t, u in zip(times[name], copy)]
         medians = {name: statistics.median(v) for name, v in times.items()}
         results[(n, c)] = medians
         print(f"distillation {n}x{c} {dtype.name}, {rounds} rounds, "

@@ -22,9 +22,10 @@ from numba import types
 from numba.extending import intrinsic
 
 from . import _formulas as F
-from ._cpu_kernels import _Kernel, _cast_like, _jit, _row
-from ._fastmath import _exp_ir
-from ._lanes import _access, _emit_lanes, _result, _setup, _is_row, _is_scalar, row_max
+from ._cpu_kernels import _Kernel, _cast_like, _jit, _next_row, _row
+from ._fastmath import _exp_ir, fast_exp
+from ._lanes import (_access, _emit_lanes, _is_ahead, _is_row, _is_scalar, _result, _setup,
+                     row_max, scale_minus)
 
 forward_kl_element = _jit(F.forward_kl_element, inline=True)
 forward_kl_grad = _jit(F.forward_kl_grad, inline=True)
@@ -122,6 +123,29 @@ forward_kl_map = _forward_kl_map(False)
 forward_kl_map_ce = _forward_kl_map(True)
 
 
+@intrinsic
+def tempered_exp_store(typingctx, x, g, mx, inv_t, ahead):
+    """``g <- exp((x - mx) inv_t)`` (``g`` may be ``x``); returns their sum in
+    float64, the same lanes and bits as ``tempered_sums``'s first. ``ahead``
+    is prefetched on the way. With a top-k teacher (P = 0 off its k classes)
+    the forward KL's gradient is then one product and k corrections."""
+    if not (_is_row(x) and _is_row(g, x.dtype) and g.mutable and _is_scalar(mx)
+            and _is_scalar(inv_t) and _is_ahead(ahead, x)):
+        return None
+
+    def body(builder, values, scalars):
+        e = _exp_ir(builder, builder.fmul(builder.fsub(values[0], scalars[0]), scalars[1]))
+        return [e], e
+
+    def codegen(context, builder, sig, args):
+        rows, scalars = _setup(context, builder, sig, args, (0,), (2, 3))
+        return _result(context, builder, sig, _emit_lanes(
+            context, builder, rows, scalars, body, 1, target=_access(context, builder, sig, args, 1),
+            ahead=_access(context, builder, sig, args, 4)))
+
+    return types.float64(x, g, mx, inv_t, ahead), codegen
+
+
 @_jit(inline=True)
 def _sums(xr, tr, mx, mt, inv_t, with_ce):
     if with_ce:
@@ -164,41 +188,63 @@ def _fast_forward_dense(xr, tr, gr, target, temperature, alpha, scale, write):
 
 
 @_jit
-def _fast_forward_topk(xr, ir, vr, gr, target, temperature, alpha, scale, write):
+def _fast_forward_topk(xr, ir, vr, gr, target, temperature, alpha, scale, write, ahead):
     """As ``_fast_forward_dense``, the teacher's k pairs: the sweeps over the
     student, then the k classes of the teacher one by one (its P is 0
-    elsewhere, so they add to the gradient's P = 0 form)."""
+    elsewhere, so they add to the gradient's P = 0 form). Without the
+    cross-entropy share the student's exponentials are stored in the
+    gradient's row, whose last sweep is then one product (the student's k
+    logits are read first: in place, that sweep overwrites them)."""
     inv_t = 1.0 / temperature
     mx = row_max(xr, None)
     with_ce = target >= 0 and alpha > 0.0
-    sq, s1 = _sums(xr, None, mx, mx, _cast_like(inv_t, xr), with_ce)
-    log_sq = math.log(sq)
     k = ir.shape[0]
+    x_top = np.empty(k)  # the student's logits at the teacher's k classes
+    finite = math.isfinite(float(mx))
+    for i in range(k):
+        x_top[i] = float(xr[ir[i]])
+        finite = finite and math.isfinite(x_top[i]) and math.isfinite(float(vr[i]))
+    # stored only when nothing can send the row to the exact routine, which
+    # reads the logits: a NaN in the row makes everything NaN in both
+    store = write and not with_ce and finite
+    if store:
+        sq, s1 = tempered_exp_store(xr, gr, mx, _cast_like(inv_t, xr), ahead), 0.0
+    else:
+        sq, s1 = _sums(xr, None, mx, mx, _cast_like(inv_t, xr), with_ce)
+    log_sq = math.log(sq)
     mt = -np.inf
     for i in range(k):
         mt = max(mt, float(vr[i]))
+    p = np.empty(k)  # the teacher's exponentials, then its probabilities
+    for i in range(k):  # apart from the sum: a loop of vectors
+        p[i] = fast_exp((float(vr[i]) - mt) * inv_t)
     sp = 0.0
     for i in range(k):
-        sp += math.exp((float(vr[i]) - mt) * inv_t)
+        sp += p[i]
     log_sp = math.log(sp)
     divergence = 0.0
     for i in range(k):
         log_p = (float(vr[i]) - mt) * inv_t - log_sp
-        log_q = (float(xr[ir[i]]) - float(mx)) * inv_t - log_sq
-        divergence += forward_kl_element(math.exp(log_p), log_p, log_q)
+        log_q = (x_top[i] - float(mx)) * inv_t - log_sq
+        p[i] = p[i] / sp
+        divergence += forward_kl_element(p[i], log_p, log_q)
     loss = (1.0 - alpha) * temperature * temperature * divergence
+    xt = float(xr[target]) if with_ce else 0.0
     if with_ce:
-        loss += alpha * ((float(mx) + math.log(s1)) - float(xr[target]))
-    if not (math.isfinite(loss) and math.isfinite(float(mx)) and math.isfinite(mt)):
+        loss += alpha * ((float(mx) + math.log(s1)) - xt)
+    if not store and not (math.isfinite(loss) and math.isfinite(float(mx))
+                          and math.isfinite(mt)):
         return False, 0.0
     if write:
         kt = scale * (1.0 - alpha) * temperature
         ka = scale * alpha if with_ce else 0.0
-        _map(xr, None, mx, mx, _cast_like(inv_t, xr), _cast_like(kt / sq, xr),
-             _cast_like(0.0, xr), _cast_like(ka / s1 if with_ce else 0.0, xr), gr, with_ce)
+        if store:
+            scale_minus(gr, gr, _cast_like(kt / sq, gr), _cast_like(0.0, gr), None)
+        else:
+            _map(xr, None, mx, mx, _cast_like(inv_t, xr), _cast_like(kt / sq, xr),
+                 _cast_like(0.0, xr), _cast_like(ka / s1 if with_ce else 0.0, xr), gr, with_ce)
         for i in range(k):
-            p = math.exp((float(vr[i]) - mt) * inv_t - log_sp)
-            gr[ir[i]] = gr[ir[i]] - kt * p
+            gr[ir[i]] = gr[ir[i]] - kt * p[i]
         if with_ce:
             gr[target] = gr[target] - ka
     return True, loss
@@ -374,7 +420,8 @@ def _distill(x, teacher, indices, g, y, n_rows, inner, kind, beta, temperature, 
             if topk:
                 done, loss = _fast_forward_topk(_row(x, r, inner), _row(indices, r, inner),
                                                 _row(teacher, r, inner), _row(g, r, inner), t,
-                                                temperature, alpha, scale, write)
+                                                temperature, alpha, scale, write,
+                                                _next_row(x, r, inner))
             else:
                 done, loss = _fast_forward_dense(_row(x, r, inner), _row(teacher, r, inner),
                                                  _row(g, r, inner), t, temperature, alpha,

@@ -115,6 +115,32 @@ def test_topk_teacher_matches_torch(divergence, k, layout, dtype):
     np.testing.assert_allclose(grad, want_grad, **close(dtype))
 
 
+@pytest.mark.parametrize("dtype", (np.float64, np.float32))
+@pytest.mark.parametrize("k", (1, 5, C))
+def test_topk_forward_kl_without_targets(k, dtype):
+    """The forward KL against a top-k teacher without the cross-entropy share
+    (the exponentials stored in the gradient's row), new and in place; rows
+    with -inf at a teacher's class in the student or the teacher (the exact
+    routine, which must still see the logits) and one holding a NaN."""
+    s, t, _, axis = inputs("rows", dtype, seed=2)
+    idx, vals, dense = topk_of(t, k, axis)
+    s[0, idx[0, 0]] = -np.inf
+    s[2, 5] = np.nan
+    if k > 1:  # a teacher's value of -inf: P = 0 there, as torch's xlogy
+        vals[3, 0] = dense[3, idx[3, 0]] = -np.inf
+    loss, grad = distillation_loss_with_grad(s, (idx, vals), temperature=2.0, reduction="none")
+    want_loss, want_grad = torch_twin(s, dense, temperature=2.0, reduction="none")
+    assert np.isinf(loss[0]) and np.isnan(loss[2]) and np.isnan(grad[2]).all()
+    np.testing.assert_allclose(loss, want_loss, **close(dtype))
+    np.testing.assert_allclose(grad, want_grad, **close(dtype))
+    x = s.copy()
+    loss2, grad2 = distillation_loss_with_grad(x, (idx, vals), temperature=2.0,
+                                               reduction="none", inplace=True)
+    assert grad2 is x
+    np.testing.assert_array_equal(loss2, loss)
+    np.testing.assert_array_equal(x, grad)
+
+
 def test_topk_indices_of_any_integer_dtype_and_batchmean_counts_kept_rows():
     s, t, y, axis = inputs("rows", np.float64)
     idx, vals, dense = topk_of(t, 5, axis)
