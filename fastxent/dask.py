@@ -32,8 +32,12 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
     raise ImportError("fastxent.dask needs dask: pip install 'fastxent[dask]' "
                       "(dask[array] and distributed)") from error
 
+import operator
+
 import numba
 import numpy as np
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
 
 from . import _validate
 from . import losses as _losses
@@ -281,6 +285,32 @@ def _offsets(chunks):
     return np.concatenate([[0], np.cumsum(chunks)]).astype(int)
 
 
+class _Blocks:
+    """A Dask array built task by task: each block's key is the array's own
+    (name, i[, k]), computed by its task directly. ``from_delayed`` and
+    ``block`` would add an alias task per block, and on a small cluster each
+    task costs a scheduler round trip (about 2 ms here) beside its work."""
+
+    def __init__(self, prefix, token):
+        self.name = f"{prefix}-{dask.base.tokenize(*token)}"
+        self.layer, self.deps = {}, []
+
+    def _arg(self, value):
+        if isinstance(value, Delayed):
+            self.deps.append(value)
+            return value.key
+        if isinstance(value, list):
+            return [self._arg(v) for v in value]
+        return value
+
+    def put(self, index, fn, *args):
+        self.layer[(self.name,) + tuple(index)] = (fn,) + tuple(self._arg(a) for a in args)
+
+    def array(self, chunks, dtype):
+        graph = HighLevelGraph.from_collections(self.name, self.layer, dependencies=self.deps)
+        return da.Array(graph, self.name, chunks, dtype=dtype)
+
+
 def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                    logit_scale, softcap, with_grad):
     x = _as_logits(logits)
@@ -331,18 +361,22 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
             xd[i, 0], target_blocks[i][0] if soft else target_rows[i], w, options, reduction,
             with_grad, denominator, post_scale, int(row_offsets[i]), n_rows)
             for i in range(n_row_blocks)]
+        token = [b.key for b in blocks]
         if reduction == "none":
-            loss = da.concatenate([da.from_delayed(b[0], (x.chunks[0][i],), x.dtype)
-                                   for i, b in enumerate(blocks)])
+            losses = _Blocks("fastxent-losses", token)
+            for i, b in enumerate(blocks):
+                losses.put((i,), operator.getitem, b, 0)
+            loss = losses.array((x.chunks[0],), x.dtype)
         else:
             loss = da.from_delayed(delayed(_total, pure=True)([b[0] for b in blocks],
                                                               denominator, reduction, x.dtype),
                                    (), x.dtype)
         if not with_grad:
             return loss
-        grad = da.concatenate([da.from_delayed(b[1], (x.chunks[0][i], n_classes), x.dtype)
-                               for i, b in enumerate(blocks)])
-        return loss, grad
+        grad = _Blocks("fastxent-grad", token)
+        for i, b in enumerate(blocks):
+            grad.put((i, 0), operator.getitem, b, 1)
+        return loss, grad.array(x.chunks, x.dtype)
 
     if logit_scale != 1.0 or softcap is not None:
         raise NotImplementedError("logit_scale and softcap are not supported with logits "
@@ -380,15 +414,15 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     # each gradient block merges its row's partials itself (a few microseconds
     # a row, the same bits as the loss's merge): it starts when its row's
     # partials are done, not after a merge task and a barrier over all rows
-    merge_options = (w, ignore_index, smoothing, z_loss, n_classes, soft, n_rows)
-    rows = []
+    merge_options = [w, ignore_index, smoothing, z_loss, n_classes, soft, n_rows]
+    grad = _Blocks("fastxent-grad", [[p.key for p in parts] for parts in partials]
+                   + [merge_options, reduction, denominator])
     for i in range(n_row_blocks):
-        rows.append([da.from_delayed(delayed(_grad_block, pure=True)(
-            xd[i, k], partials[i], target_rows[i], int(row_offsets[i]), merge_options,
-            denominator, reduction,
-            target_blocks[i][k], w_blocks[k], int(class_offsets[k]), keep, uniform),
-            (x.chunks[0][i], x.chunks[1][k]), x.dtype) for k in range(n_class_blocks)])
-    return loss, da.block(rows)
+        for k in range(n_class_blocks):
+            grad.put((i, k), _grad_block, xd[i, k], partials[i], target_rows[i],
+                     int(row_offsets[i]), merge_options, denominator, reduction,
+                     target_blocks[i][k], w_blocks[k], int(class_offsets[k]), keep, uniform)
+    return loss, grad.array(x.chunks, x.dtype)
 
 
 def _mean(total, denominator, dtype):
@@ -487,12 +521,12 @@ def _softmax(x, log):
     if x.numblocks[1] == 1:
         return _numpy_rows(fn, x, drop=False)
     xd = _delayed_blocks(x)
-    rows = []
-    for i, merged in enumerate(_lse_parts(x)):
-        rows.append([da.from_delayed(dask.delayed(_softmax_task, pure=True)(xd[i, k], merged, log),
-                                     (x.chunks[0][i], x.chunks[1][k]), x.dtype)
-                     for k in range(x.numblocks[1])])
-    return da.block(rows)
+    parts = _lse_parts(x)
+    out = _Blocks("fastxent-log-softmax" if log else "fastxent-softmax", [m.key for m in parts])
+    for i, merged in enumerate(parts):
+        for k in range(x.numblocks[1]):
+            out.put((i, k), _softmax_task, xd[i, k], merged, log)
+    return out.array(x.chunks, x.dtype)
 
 
 def log_softmax(x: Any) -> Any:
