@@ -8,7 +8,9 @@ Side by side in one process, rounds interleaved, medians reported:
   LocalCluster of ``workers`` processes x 1 thread, logits in row chunks
   (``row_chunk`` rows), already on the workers; the gradient stays there
   (persisted, as a training step keeps it) and the loss comes back;
-* ``dask classes``: the same with ``class_chunks`` chunks along the classes.
+* ``dask classes``: the same with ``class_chunks`` chunks along the classes
+  (the vocabulary-sharded layout: all rows in one chunk), and with the
+  classes' chunks and the rows' chunks of ``row_chunk`` both.
 
 Then the throughput (rows per second) of the row layout against the
 number of workers (1 .. ``workers``), one cluster each.
@@ -95,34 +97,40 @@ def bench_dask(shape: Sequence[int] = SHAPE, row_chunk: int = 1024, class_chunks
     cluster, client = _cluster(workers)
     try:
         rows, local = _logits_on_workers(client, shape, row_chunk, dtype)
-        by_classes = client.persist(rows.rechunk((row_chunk, -(-n_classes // class_chunks))))
-        times = {"numpy": [], "dask rows": [], "dask classes": []}
-        _time_numpy(local, target), _time_dask(client, rows, target)  # compile, warm up
-        _time_dask(client, by_classes, target)
+        class_width = -(-n_classes // class_chunks)
+        layouts = {"dask rows": rows,
+                   "dask classes": client.persist(rows.rechunk((n_rows, class_width))),
+                   "dask both": client.persist(rows.rechunk((row_chunk, class_width)))}
+        times = {"numpy": [], **{name: [] for name in layouts}}
+        _time_numpy(local, target)  # compile, warm up
+        for logits in layouts.values():
+            _time_dask(client, logits, target)
         for _ in range(rounds):
             t_np, want = _time_numpy(local, target)
-            t_rows, got_rows = _time_dask(client, rows, target)
-            t_classes, got_classes = _time_dask(client, by_classes, target)
-            for got in (got_rows, got_classes):
-                assert abs(got - want) <= 2e-6 * abs(want) + 1e-12, (got, want)
             times["numpy"].append(t_np)
-            times["dask rows"].append(t_rows)
-            times["dask classes"].append(t_classes)
-        del rows, by_classes
+            for name, logits in layouts.items():
+                seconds, got = _time_dask(client, logits, target)
+                assert abs(got - want) <= 2e-6 * abs(want) + 1e-12, (name, got, want)
+                times[name].append(seconds)
+        del rows, layouts
     finally:
         client.close()
         cluster.close()
     medians = {k: statistics.median(v) for k, v in times.items()}
     # ratios of each round's pair, then their median (drift between rounds cancels)
     ratios = {k: statistics.median(t / n for t, n in zip(times[k], times["numpy"]))
-              for k in ("dask rows", "dask classes")}
+              for k in times if k != "numpy"}
     print(f"fastxent.dask: cross_entropy_with_grad, {n_rows}x{n_classes} {dtype}, "
           f"{rounds} rounds (medians)")
-    print(f"  numpy call, {threads} Numba threads           {medians['numpy'] * 1e3:9.1f} ms")
-    print(f"  dask, {workers} workers x 1 thread, rows/{row_chunk}     "
-          f"{medians['dask rows'] * 1e3:9.1f} ms   {ratios['dask rows']:.2f}x numpy")
-    print(f"  dask, {workers} workers x 1 thread, {class_chunks} chunks of C  "
-          f"{medians['dask classes'] * 1e3:9.1f} ms   {ratios['dask classes']:.2f}x numpy")
+    labels = {"numpy": f"numpy call, {threads} Numba threads",
+              "dask rows": f"dask, {workers} workers x 1 thread, rows/{row_chunk}",
+              "dask classes": f"dask, {workers} workers x 1 thread, {class_chunks} chunks of C",
+              "dask both": f"dask, {workers} workers x 1 thread, rows/{row_chunk} x "
+                           f"{class_chunks} chunks of C"}
+    width = max(len(label) for label in labels.values())
+    for name, label in labels.items():
+        ratio = "" if name == "numpy" else f"   {ratios[name]:.2f}x numpy"
+        print(f"  {label:{width}s} {medians[name] * 1e3:9.1f} ms{ratio}")
     result = {"medians": medians, "ratios": ratios, "throughput": {}}
     if scaling:
         del local

@@ -459,7 +459,8 @@ def test_cli_bench_dask_section():
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for label in ("numpy call", "rows/128", "4 chunks of C", "1 worker(s)", "2 worker(s)"):
+    for label in ("numpy call", "rows/128", "4 chunks of C", "rows/128 x 4 chunks of C",
+                  "1 worker(s)", "2 worker(s)"):
         assert label in out, label
 
 
