@@ -35,7 +35,8 @@ def _scale(a, s):
     np.multiply(a, a.dtype.type(s), out=a)
 
 
-OPS = _linear.MatrixOps(_matmul, np.empty, np.zeros, _add_rows, _col_sum, _add_into, _scale)
+OPS = _linear.MatrixOps(_matmul, np.empty, np.zeros, _add_rows, _col_sum, _add_into, _scale,
+                        np.copyto)
 
 
 def _denominator(spec: LinearCrossEntropySpec, target, weight):

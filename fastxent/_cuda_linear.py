@@ -44,7 +44,8 @@ def _cupy_ops(like, dtype):
     def scale(a, s):
         cp.multiply(a, a.dtype.type(s), out=a)
 
-    return _linear.MatrixOps(matmul, cp.empty, cp.zeros, add_rows, col_sum, add_into, scale)
+    return _linear.MatrixOps(matmul, cp.empty, cp.zeros, add_rows, col_sum, add_into, scale,
+                             cp.copyto)
 
 
 def _torch_ops(like, dtype):
@@ -73,7 +74,10 @@ def _torch_ops(like, dtype):
     def scale(a, s):
         a.mul_(s)
 
-    return _linear.MatrixOps(matmul, empty, zeros, add_rows, col_sum, add_into, scale)
+    def copy(dst, src):
+        dst.copy_(src)
+
+    return _linear.MatrixOps(matmul, empty, zeros, add_rows, col_sum, add_into, scale, copy)
 
 
 def matrix_ops(like, dtype) -> _linear.MatrixOps:

@@ -190,14 +190,13 @@ def test_default_chunk_rows():
 
 
 @pytest.mark.parametrize("chunk", (1, 3, 7, N + 1))
-def test_inner_blocks_of_grad_input(monkeypatch, chunk):
-    """The product for grad_input taken in blocks of classes (4 here, with a
-    remainder of 2), and grad_linear_weight's shares in blocks of 4 classes
-    too, give torch's figures, with chunks of more rows than the last share's
-    2 classes (three chunks and more: the third reuses the second's buffers)."""
+def test_class_blocks_of_grad_linear_weight(monkeypatch, chunk):
+    """grad_linear_weight's shares in blocks of 4 classes (with a remainder
+    of 2) give torch's figures, with chunks of more rows than the last
+    share's 2 classes (three chunks and more: the third reuses the second's
+    buffers, and grad_input's transposed scratch)."""
     import fastxent._linear
 
-    monkeypatch.setattr(fastxent._linear, "INNER_BLOCK", 4)
     monkeypatch.setattr(fastxent._linear, "ACCUMULATE_BYTES", 4 * H * 8)  # 4-class blocks
     x, w, b, t, ignore_index = _inputs("ignored", seed=11)
     ours = fastxent.linear_cross_entropy_with_grad(x, w, t, linear_bias=b, chunk_size=chunk,

@@ -34,14 +34,14 @@ def _numpy_stand_in(like, dtype):
         lambda z, b: put(z, _host(z) + _host(b)),
         lambda z, acc: put(acc, _host(acc) + _host(z).sum(axis=0)),
         lambda a, b: put(a, _host(a) + _host(b)),
-        lambda a, s: put(a, _host(a) * a.dtype.type(s)))
+        lambda a, s: put(a, _host(a) * a.dtype.type(s)),
+        lambda dst, src: put(dst, _host(src)))
 
 
 @pytest.fixture(autouse=True)
 def numpy_products(monkeypatch):
     monkeypatch.setattr(_cuda_linear, "STAND_INS",
                         [(lambda a: type(a).__name__ == "FakeCUDAArray", _numpy_stand_in)])
-    monkeypatch.setattr(_linear, "INNER_BLOCK", 4)  # the blocked grad_input product too
 
 
 @pytest.mark.parametrize("chunk", (4, N + 1))
