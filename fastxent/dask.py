@@ -463,7 +463,8 @@ def cross_entropy(logits: Any, target: Any, *, weight: Optional[Any] = None,
     Raises
     ------
     The NumPy function's errors: those its checks find from shapes, dtypes
-    and options now, an out-of-range class index when computed.
+    and options now; an out-of-range class index now when ``target`` is a
+    NumPy array, when computed when it is a Dask array.
     """
     return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing,
                           z_loss, logit_scale, softcap, with_grad=False)
