@@ -17,6 +17,14 @@ broadcasts) are gathered into C-contiguous device buffers by a kernel
 written through such a buffer and scattered into at the end: the same
 results as contiguous inputs, for one more read and write of each element.
 
+16-bit floats. float16 and bfloat16 logits (cross-entropy, softmax,
+log_softmax, logsumexp) stay 16-bit on the device: the kernels read them,
+compute in float32 and write 16-bit results (``_cuda_kernels._io``);
+losses are float32. Numba types no bfloat16 array, so bfloat16 arrays are
+handed to kernels, copied and gathered as their ``uint16`` bits
+(``_kernel_array``, ``_bits``); 16-bit soft targets and weights are widened
+to float32 first (``_contiguous``).
+
 Target checks copy the class indices to the host (N integers) and scan
 them there (``_host.scan_hard_targets``), so an out-of-range target raises
 ``IndexError`` before any kernel writes.

@@ -6,8 +6,9 @@ CPU's 16-bit result on the same inputs: losses (float32) within float32
 rounding of a different summation order (``SUM_ORDER``), each 16-bit
 element within one unit in the last place of the CPU's (or, where terms
 cancel, within ``CANCEL`` of the largest, the bound the CPU tests allow
-against float64), a float32 ``out=`` within float32 rounding. The float64 PyTorch twins of ``tests/test_half.py``
-hold both to the same bounds as the CPU tests. The cases are a 2-wise
+against float64), a float32 ``out=`` within float32 rounding. The float64
+PyTorch twins of ``tests/test_half.py`` hold the GPU to the same bounds as
+the CPU tests hold the CPU. The cases are a 2-wise
 covering array (``parity.covering``) of the CPU half tests' grid: dtype,
 layout, C (a thread, a "warp", a block per row), target kind, weights,
 smoothing, reduction, the LLM options, and the gradient's destination.
