@@ -17,6 +17,14 @@ broadcasts) are gathered into C-contiguous device buffers by a kernel
 written through such a buffer and scattered into at the end: the same
 results as contiguous inputs, for one more read and write of each element.
 
+16-bit floats. float16 and bfloat16 logits (cross-entropy, softmax,
+log_softmax, logsumexp) stay 16-bit on the device: the kernels read them,
+compute in float32 and write 16-bit results (``_cuda_kernels._io``);
+losses are float32. Numba types no bfloat16 array, so bfloat16 arrays are
+handed to kernels, copied and gathered as their ``uint16`` bits
+(``_kernel_array``, ``_bits``); 16-bit soft targets and weights are widened
+to float32 first (``_contiguous``).
+
 Target checks copy the class indices to the host (N integers) and scan
 them there (``_host.scan_hard_targets``), so an out-of-range target raises
 ``IndexError`` before any kernel writes.
@@ -60,6 +68,7 @@ from numba import cuda
 
 from . import _cuda_kernels as K
 from ._formulas import mean_scale
+from ._half import half_dtype
 from ._host import (bad_uint64_target, finish_loss, on_gpu, raise_bad_target, row_stats,
                     scan_hard_targets)
 from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec, ReductionSpec
@@ -108,9 +117,31 @@ def _to_device(a):
         return d
     host = np.asarray(a)
     # copy(order="C"), not ascontiguousarray, which turns 0-d into 1-d
-    d = cuda.to_device(host if host.flags.c_contiguous else host.copy(order="C"))
+    host = host if host.flags.c_contiguous else host.copy(order="C")
+    if half_dtype(host.dtype):  # copied as bits: Numba knows no bfloat16
+        d = cuda.to_device(host.view(np.uint16)).view(host.dtype)
+    else:
+        d = cuda.to_device(host)
     setattr(d, _ORIGIN, a)
     return d
+
+
+def _bits(d):
+    """A 16-bit float device array as its ``uint16`` bits (any strides), for
+    copies (Numba types no bfloat16 array); other arrays as they are."""
+    return d.view(np.uint16) if half_dtype(d.dtype) else d
+
+
+def _kernel_array(d):
+    """``d`` as a kernel reads it: bfloat16 as its bits (``_cuda_kernels._io``)."""
+    return d.view(np.uint16) if np.dtype(d.dtype).name == "bfloat16" else d
+
+
+def _to_host(d):
+    """A host copy of device array ``d`` (16-bit floats copied as bits)."""
+    if half_dtype(d.dtype):
+        return d.view(np.uint16).copy_to_host().view(d.dtype)
+    return d.copy_to_host()
 
 
 def to_device_args(arrays):
@@ -128,7 +159,7 @@ def _to_caller(d, like):
     """Device array ``d`` in the form of the caller's input ``like``."""
     origin = _origin(like)
     if not on_gpu(origin):
-        return d.copy_to_host()
+        return _to_host(d)
     package = type(origin).__module__.split(".")[0]
     if package == "torch":
         return sys.modules["torch"].as_tensor(d, device=origin.device)
@@ -142,7 +173,7 @@ def _deliver(dest):
     origin = _origin(dest)
     if on_gpu(origin):
         return origin
-    host = dest.copy_to_host()
+    host = _to_host(dest)
     if isinstance(origin, np.ndarray):
         np.copyto(origin, host.reshape(origin.shape))
         return origin
@@ -152,7 +183,7 @@ def _deliver(dest):
 def _host_copy(a):
     """A host NumPy copy (device arrays) or view (host arrays)."""
     if _is_numba_array(a):
-        return _contiguous(a, a.dtype).copy_to_host()
+        return _to_host(_contiguous(a, a.dtype))
     return np.asarray(a)
 
 
@@ -201,6 +232,8 @@ def _copy_strided(src, dst) -> None:
     """``dst`` <- ``src`` (same shape, any strides), converted to ``dst``'s dtype."""
     n = src.size
     if n:
+        if np.dtype(src.dtype) == np.dtype(dst.dtype):  # 16-bit floats: their bits
+            src, dst = _bits(src), _bits(dst)
         threads = _threads()
         blocks = min(math.ceil(n / threads), MAX_BLOCKS)
         K.strided_copy(len(src.shape))[blocks, threads](src, dst, n)
@@ -214,6 +247,16 @@ def _contiguous(d, dtype):
     contiguous = _is_contiguous(d)
     if contiguous and np.dtype(d.dtype) == dtype:
         return d
+    if half_dtype(d.dtype) and np.dtype(d.dtype) != dtype:
+        # 16-bit floats widened: gathered as bits first, then converted
+        d = _contiguous(d, d.dtype)
+        out = cuda.device_array(d.shape, dtype=dtype)
+        if d.size:
+            threads = _threads()
+            blocks = min(math.ceil(d.size / threads), MAX_BLOCKS)
+            K.widen(np.dtype(d.dtype).name)[blocks, threads](_flat(_kernel_array(d)),
+                                                             _flat(out))
+        return out
     out = cuda.device_array(d.shape, dtype=dtype)
     if d.size == 0:
         return out
@@ -478,6 +521,12 @@ def _hard_targets(spec: CrossEntropySpec, target, w_host):
     return cuda.to_device(y), denominator
 
 
+def _storage_dtype(d, dtype):
+    """The dtype a kernel reads ``d`` in: its own if 16-bit (computed in
+    float32), else ``dtype``, the problem's."""
+    return np.dtype(d.dtype) if half_dtype(d.dtype) else np.dtype(dtype)
+
+
 def _gradient_destination(grad, logits):
     """``grad`` as a device array (``"new"`` and None as they are), the
     logits' own device array when the gradient goes over them."""
@@ -508,22 +557,28 @@ def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
         denominator = float(problem.n_rows)
     else:
         (y, denominator), q = _hard_targets(spec, target, w_host), None
-    x = _contiguous(logits, dtype)
+    # 16-bit logits stay 16-bit: the kernel reads them (2 bytes an element)
+    # and computes in float32 (``dtype``)
+    storage = _storage_dtype(logits, dtype)
+    x = _contiguous(logits, storage)
     options = CEOptions(w, spec.ignore_index, spec.smoothing, spec.reduction == "mean",
                         spec.z_loss, spec.logit_scale, spec.softcap)
     scale = mean_scale(options.mean, denominator)
     g = dest = None
     if grad is not None:
-        g, dest = _destination(grad, logits, x, problem.shape, dtype, (x, q))
+        g_dtype = storage if isinstance(grad, str) else np.dtype(grad.dtype)
+        g, dest = _destination(grad, logits, x, problem.shape, g_dtype, (x, q))
     losses = cuda.device_array(problem.n_rows, dtype=np.float64)
     lse = predicted = None
     if spec.stats:
         lse = cuda.device_array(problem.n_rows, dtype=np.float64)
         predicted = cuda.device_array(problem.n_rows, dtype=np.int64)
     if problem.n_rows:
-        g_flat = None if g is None else _flat(g)
-        _launch_rows(lambda cached: K.ce(dtype, cached), problem, 2 if spec.soft else 1,
-                     lambda group: (_flat(x), y, q, g_flat, losses, lse, predicted,
+        g_flat = None if g is None else _flat(_kernel_array(g))
+        g_storage = None if g is None else np.dtype(g.dtype).name
+        _launch_rows(lambda cached: K.ce(dtype, cached, storage.name, g_storage), problem,
+                     2 if spec.soft else 1,
+                     lambda group: (_flat(_kernel_array(x)), y, q, g_flat, losses, lse, predicted,
                                     problem.n_rows, C, problem.inner, group, wsum, scale,
                                     *options))
     loss = _reduce(losses, denominator, spec.reduction, problem, logits)
@@ -556,13 +611,15 @@ def softmax(problem: ClassProblem, x, out, log: bool):
     device_x = _to_device(x)
     out = _gradient_destination(out, (x, device_x))
     x = device_x
-    xd = _contiguous(x, problem.dtype)
+    storage = _storage_dtype(x, problem.dtype)
+    xd = _contiguous(x, storage)
     written, dest = _destination("new" if out is None else out, x, xd, problem.shape,
-                                 problem.dtype, (xd,))
+                                 storage if out is None else np.dtype(out.dtype), (xd,))
     if problem.n_rows and problem.n_classes:  # zero classes: an empty result
-        _launch_rows(lambda cached: K.softmax(problem.dtype, cached, log), problem, 1,
-                     lambda group: (_flat(xd), _flat(written), problem.n_rows,
-                                    problem.n_classes, problem.inner, group))
+        _launch_rows(lambda cached: K.softmax(problem.dtype, cached, log, storage.name,
+                                              np.dtype(written.dtype).name), problem, 1,
+                     lambda group: (_flat(_kernel_array(xd)), _flat(_kernel_array(written)),
+                                    problem.n_rows, problem.n_classes, problem.inner, group))
     return _finish_destination(written, dest, x)
 
 
@@ -571,11 +628,12 @@ def logsumexp(problem: ClassProblem, x):
     if problem.n_classes == 0 or problem.n_rows == 0:
         empty = np.full(problem.batch_shape, -np.inf, dtype=problem.dtype)
         return _to_caller(cuda.to_device(empty), x)
-    xd = _contiguous(x, problem.dtype)
+    storage = _storage_dtype(x, problem.dtype)
+    xd = _contiguous(x, storage)
     out = cuda.device_array(problem.n_rows, dtype=problem.dtype)
-    _launch_rows(lambda cached: K.logsumexp(problem.dtype), problem, 0,
-                 lambda group: (_flat(xd), out, problem.n_rows, problem.n_classes,
-                                problem.inner, group))
+    _launch_rows(lambda cached: K.logsumexp(problem.dtype, storage.name), problem, 0,
+                 lambda group: (_flat(_kernel_array(xd)), out, problem.n_rows,
+                                problem.n_classes, problem.inner, group))
     return _to_caller(out.reshape(problem.batch_shape), x)
 
 

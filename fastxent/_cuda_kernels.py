@@ -235,6 +235,82 @@ def _finish_sum(m, s):
 
 
 # --------------------------------------------------------------------------
+# 16-bit storage (float16, bfloat16), computed in float32.
+#
+# numba-cuda types float16 arrays (loads and stores convert with
+# ``cvt.f32.f16`` and ``cvt.rn.f16.f32``, round to nearest even, on the GPU;
+# NumPy's conversions in the simulator), but no bfloat16 array: bfloat16
+# arrays reach the kernels as their ``uint16`` bits, converted as the CPU
+# does (``_half``): widening is a 16-bit shift, narrowing adds ``0x7fff``
+# plus the lowest kept bit before the shift and keeps a NaN a quiet NaN.
+# Only the float32 <-> bits reinterpretation differs between the targets.
+
+if SIMULATED:
+    def _f32_from_bits(u):
+        return np.array(u, np.uint32).view(np.float32)[()]
+
+    def _bits_of_f32(v):
+        return np.array(v, np.float32).view(np.uint32)[()]
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def _f32_from_bits(u):
+        return libdevice.int_as_float(np.int32(u))
+
+    @cuda.jit(device=True, inline=True)
+    def _bits_of_f32(v):
+        return np.uint32(libdevice.float_as_int(v))
+
+
+@cuda.jit(device=True, inline=True)
+def bf16_to_f32(bits):
+    """The float32 value of bfloat16 ``bits`` (a uint16)."""
+    return _f32_from_bits(np.uint32(bits) << np.uint32(16))
+
+
+@cuda.jit(device=True, inline=True)
+def f32_to_bf16(value):
+    """The bfloat16 bits (uint16) of float32 ``value``, rounded to nearest even."""
+    u = _bits_of_f32(value)
+    if (u & np.uint32(0x7fffffff)) > np.uint32(0x7f800000):  # NaN: keep it, quiet
+        return np.uint16((u >> np.uint32(16)) | np.uint32(0x40))
+    rounding = np.uint32(0x7fff) + ((u >> np.uint32(16)) & np.uint32(1))
+    return np.uint16((u + rounding) >> np.uint32(16))
+
+
+#: Storage dtypes (names) a kernel may read or write in place of its float type.
+STORAGE = ("float32", "float64", "float16", "bfloat16")
+
+
+@lru_cache(maxsize=None)
+def _io(storage, ft):
+    """(load, store) device functions of an array holding ``storage`` values
+    (a dtype name; bfloat16 as uint16 bits) computed in float type ``ft``:
+    ``load(a, i)`` is ``a[i]`` as ``ft``, ``store(a, i, v)`` writes ``v``
+    (an ``ft``) rounded to nearest even into a 16-bit array."""
+    if storage not in STORAGE:
+        raise ValueError(f"internal error: no GPU storage for dtype {storage}")
+    if storage == "bfloat16":
+        @cuda.jit(device=True, inline=True)
+        def load(a, i):
+            return bf16_to_f32(a[i])
+
+        @cuda.jit(device=True, inline=True)
+        def store(a, i, v):
+            a[i] = f32_to_bf16(np.float32(v))
+    else:
+        @cuda.jit(device=True, inline=True)
+        def load(a, i):
+            return ft(a[i])
+
+        @cuda.jit(device=True, inline=True)
+        def store(a, i, v):
+            a[i] = ft(v)
+    return load, store
+
+
+# --------------------------------------------------------------------------
 # Kernels. Those with float constants are built per float type (``FT``), so
 # float32 inputs are computed in float32; ``cached`` picks the variant that
 # keeps the row in dynamic shared memory. Python functions are returned too
@@ -255,8 +331,12 @@ _F64_SHARED = _shared_type(np.float64)
 
 
 @lru_cache(maxsize=None)
-def ce_py(dtype, cached):
+def ce_py(dtype, cached, x_storage=None, g_storage=None):
     """Fused cross-entropy: loss per row and, when ``g`` is given, gradient.
+
+    ``dtype``: the float type computed in; ``x_storage``, ``g_storage``:
+    the dtype names of the logits and the gradient when they differ from it
+    (16-bit logits computed in float32, see ``_io``).
 
     ``y``: int64 targets (hard) or None; ``q``: class probabilities of the
     logits' form (soft) or None; ``g``: the gradient (may be ``x`` itself)
@@ -271,6 +351,8 @@ def ce_py(dtype, cached):
     """
     FT = _float_type(dtype)
     ST = _shared_type(FT)
+    load_x = _io(x_storage or np.dtype(dtype).name, FT)[0]
+    store_g = _io(g_storage or np.dtype(dtype).name, FT)[1]
 
     def ce(x, y, q, g, losses, lse, predicted, n_rows, n_classes, inner, group, wsum, scale,
            w, ignore_index, smooth, mean, z_loss, logit_scale, softcap):
@@ -312,7 +394,7 @@ def ce_py(dtype, cached):
             if take or (lse is not None and active):
                 for c in range(lane, n_classes, group):
                     i = start + c * inner
-                    v = x[i]
+                    v = load_x(x, i)
                     if predicted is not None:
                         if _beats(best, best_at, v, np.int64(c), n_classes):
                             best, best_at = v, np.int64(c)
@@ -378,7 +460,7 @@ def ce_py(dtype, cached):
                         if cached:
                             v = cache[c]
                         else:
-                            v = x[i]
+                            v = load_x(x, i)
                             if transform:
                                 if cap != zero:
                                     v = softcapped(math.tanh(v * cap_arg), cap)
@@ -397,7 +479,8 @@ def ce_py(dtype, cached):
                                 qc = smoothed_target(q[i], keep_q, uniform_q)
                                 if w is not None:
                                     qc *= w[c]
-                            g[i] = slope * gradient_element(math.exp(v - m), k1_f, scale_f * qc)
+                            store_g(g, i, slope * gradient_element(math.exp(v - m), k1_f,
+                                                                   scale_f * qc))
                         else:
                             k2w = k2_f
                             if w is not None:
@@ -405,22 +488,23 @@ def ce_py(dtype, cached):
                             e = gradient_element(math.exp(v - m), k1_f, k2w)
                             if c == t:
                                 e -= kt_f
-                            g[i] = slope * e
+                            store_g(g, i, slope * e)
                 elif active:
                     for c in range(lane, n_classes, group):
-                        g[start + c * inner] = zero
+                        store_g(g, start + c * inner, zero)
             base += step
 
     return ce
 
 
 @lru_cache(maxsize=None)
-def _online_row_pass(dtype, cached):
+def _online_row_pass(dtype, cached, x_storage=None):
     """Device function: the first pass of ``softmax`` and ``logsumexp`` over
     a row (the elements ``lane, lane + group, ...`` of each thread, when
     ``active``), keeping the values in ``cache`` when ``cached``; returns the
     row's running (max, sum of exp) merged over the group."""
     FT = _float_type(dtype)
+    load_x = _io(x_storage or np.dtype(dtype).name, FT)[0]
 
     @cuda.jit(device=True, inline=True)
     def online_row_pass(x, start, active, lane, group, n_classes, inner, cache, scratch):
@@ -429,7 +513,7 @@ def _online_row_pass(dtype, cached):
         s = FT(0.0)
         if active:
             for c in range(lane, n_classes, group):
-                v = x[start + c * inner]
+                v = load_x(x, start + c * inner)
                 if cached:
                     cache[c] = v
                 m, s = _online(m, s, v, one)
@@ -439,12 +523,15 @@ def _online_row_pass(dtype, cached):
 
 
 @lru_cache(maxsize=None)
-def softmax_py(dtype, cached, log):
+def softmax_py(dtype, cached, log, x_storage=None, out_storage=None):
     """``out`` <- softmax or log_softmax of the rows of ``x`` (``out`` may be
-    ``x``); the formulas of ``_cpu_kernels._softmax``."""
+    ``x``); the formulas of ``_cpu_kernels._softmax``. Storage as in
+    ``ce_py``."""
     FT = _float_type(dtype)
     ST = _shared_type(FT)
-    first_pass = _online_row_pass(dtype, cached)
+    first_pass = _online_row_pass(dtype, cached, x_storage)
+    load_x = _io(x_storage or np.dtype(dtype).name, FT)[0]
+    store_out = _io(out_storage or np.dtype(dtype).name, FT)[1]
 
     def softmax(x, out, n_rows, n_classes, inner, group):
         scratch = cuda.shared.array(SCRATCH, ST)
@@ -466,21 +553,21 @@ def softmax_py(dtype, cached, log):
                     if cached:
                         v = cache[c]
                     else:
-                        v = x[i]
+                        v = load_x(x, i)
                     if log:
-                        out[i] = log_softmax_element(v, m, log_s)
+                        store_out(out, i, log_softmax_element(v, m, log_s))
                     else:
-                        out[i] = softmax_element(math.exp(v - m), inv_s)
+                        store_out(out, i, softmax_element(math.exp(v - m), inv_s))
             base += step
 
     return softmax
 
 
 @lru_cache(maxsize=None)
-def logsumexp_py(dtype):
+def logsumexp_py(dtype, x_storage=None):
     """``out[r]`` <- log(sum(exp(row r))), as ``torch.logsumexp``."""
     ST = _shared_type(_float_type(dtype))
-    first_pass = _online_row_pass(dtype, False)
+    first_pass = _online_row_pass(dtype, False, x_storage)
 
     def logsumexp(x, out, n_rows, n_classes, inner, group):
         scratch = cuda.shared.array(SCRATCH, ST)
@@ -563,6 +650,19 @@ def sum_py(values, out):
         out[0] = acc
 
 
+@lru_cache(maxsize=None)
+def widen_py(storage):
+    """``dst`` <- the values of 16-bit ``src`` (``storage``: its dtype name;
+    bfloat16 as bits), into float32 or float64 ``dst`` (flat arrays)."""
+    load = _io(storage, np.float32)[0]
+
+    def widen(src, dst):
+        for i in range(cuda.grid(1), dst.shape[0], cuda.gridsize(1)):
+            dst[i] = load(src, i)
+
+    return widen
+
+
 def cast_py(src, dst):
     """``dst`` <- ``src`` converted to ``dst``'s dtype (flat arrays)."""
     for i in range(cuda.grid(1), dst.shape[0], cuda.gridsize(1)):
@@ -597,19 +697,31 @@ def strided_copy_py(ndim):
 
 # Compiled (lazily, per argument types) kernels.
 
-@lru_cache(maxsize=None)
-def ce(dtype, cached):
-    return cuda.jit(ce_py(np.dtype(dtype).name, cached))
+def _storage(name, dtype):
+    """None where the storage is the compute dtype itself (one cache key)."""
+    return None if name is None or name == np.dtype(dtype).name else name
 
 
 @lru_cache(maxsize=None)
-def softmax(dtype, cached, log):
-    return cuda.jit(softmax_py(np.dtype(dtype).name, cached, log))
+def ce(dtype, cached, x_storage=None, g_storage=None):
+    return cuda.jit(ce_py(np.dtype(dtype).name, cached, _storage(x_storage, dtype),
+                          _storage(g_storage, dtype)))
 
 
 @lru_cache(maxsize=None)
-def logsumexp(dtype):
-    return cuda.jit(logsumexp_py(np.dtype(dtype).name))
+def softmax(dtype, cached, log, x_storage=None, out_storage=None):
+    return cuda.jit(softmax_py(np.dtype(dtype).name, cached, log, _storage(x_storage, dtype),
+                               _storage(out_storage, dtype)))
+
+
+@lru_cache(maxsize=None)
+def logsumexp(dtype, x_storage=None):
+    return cuda.jit(logsumexp_py(np.dtype(dtype).name, _storage(x_storage, dtype)))
+
+
+@lru_cache(maxsize=None)
+def widen(storage):
+    return cuda.jit(widen_py(storage))
 
 
 @lru_cache(maxsize=None)

@@ -185,9 +185,9 @@ def class_problem(logits, axis, name="logits", allow_empty=False, half=False) ->
 
 def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_smoothing,
                        axis, device, name="logits", z_loss=0.0, logit_scale=1.0, softcap=None,
-                       return_stats=False) -> CrossEntropySpec:
+                       return_stats=False, function="cross_entropy") -> CrossEntropySpec:
     problem = class_problem(logits, axis, name, half=True)
-    half_on_cpu(device, logits, target, weight)
+    half_on_gpu(device, function, logits, target, weight)
     target, weight = _describe(target), _describe(weight)
     reduction = reduction_arg(reduction)
     smoothing = smoothing_arg(label_smoothing)
@@ -226,13 +226,20 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
                             logit_scale, softcap, return_stats)
 
 
-def half_on_cpu(device, *arrays):
-    """16-bit float inputs run on the CPU only, for now."""
-    if device != "cpu":
+#: The public functions whose GPU kernels take float16 and bfloat16 inputs
+#: (the others take them on the CPU only, for now).
+GPU_HALF_FUNCTIONS = frozenset(("cross_entropy", "cross_entropy_with_grad", "softmax",
+                                "log_softmax", "logsumexp"))
+
+
+def half_on_gpu(device, function, *arrays):
+    """Refuse 16-bit float inputs on the GPU for ``function`` unless its GPU
+    kernels take them (``GPU_HALF_FUNCTIONS``)."""
+    if device != "cpu" and function not in GPU_HALF_FUNCTIONS:
         for a in arrays:
             if a is not None and half_dtype(a.dtype):
-                raise TypeError(f"float16 and bfloat16 inputs are not supported on the GPU "
-                                f"yet (got {a.dtype}): cast them to float32")
+                raise TypeError(f"{function} does not take float16 or bfloat16 inputs on the "
+                                f"GPU yet (got {a.dtype}): cast them to float32")
 
 
 def check_weight(weight, length, name):
@@ -286,7 +293,7 @@ def bce_spec(logits, target, weight, pos_weight, reduction, device) -> BCESpec:
     weight, pos_weight = _describe(weight), _describe(pos_weight)
     shape = tuple(logits.shape)
     dtype = float_dtype(logits.dtype, half=True)
-    half_on_cpu(device, logits, target, weight, pos_weight)
+    half_on_gpu(device, "binary_cross_entropy_with_logits", logits, target, weight, pos_weight)
     reduction = reduction_arg(reduction)
     if tuple(target.shape) != shape:
         raise ValueError(f"target shape {tuple(target.shape)} must equal the logits' shape {shape}")
@@ -331,7 +338,8 @@ def cross_entropy_call(logits, target, weight, ignore_index, reduction, label_sm
     arrays = _arrays((logits, target, weight))
     spec = cross_entropy_spec(*arrays, ignore_index, reduction, label_smoothing, axis, device,
                               z_loss=z_loss, logit_scale=logit_scale, softcap=softcap,
-                              return_stats=return_stats)
+                              return_stats=return_stats,
+                              function="cross_entropy_with_grad" if with_grad else "cross_entropy")
     grad = None
     if with_grad:
         grad = grad_destination(arrays[0], out, inplace, spec.problem.shape, spec.problem.dtype)
@@ -344,7 +352,8 @@ def nll_call(log_probs, target, weight, ignore_index, reduction, axis, device):
     t_dtype = np.dtype(_describe(arrays[1]).dtype)
     if t_dtype.kind not in "iu":
         raise TypeError(f"nll_loss needs integer class indices as target, got dtype {t_dtype}")
-    spec = cross_entropy_spec(*arrays, ignore_index, reduction, 0.0, axis, device, "log_probs")
+    spec = cross_entropy_spec(*arrays, ignore_index, reduction, 0.0, axis, device, "log_probs",
+                              function="nll_loss")
     return _dispatch.backend(device), spec, arrays
 
 
@@ -356,7 +365,7 @@ def softmax_call(x, axis, out, device):
     (xa,) = _arrays((x,))
     # zero classes: an empty result, as torch.softmax gives
     spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True, half=True), device)
-    half_on_cpu(device, xa)
+    half_on_gpu(device, "softmax", xa)
     if out is not None:
         check_grad_out(out, spec.problem.shape, spec.problem.dtype,
                        storage=np.dtype(_describe(xa).dtype))
@@ -367,7 +376,7 @@ def logsumexp_call(x, axis, device):
     device = device_arg(device, x)
     (xa,) = _arrays((x,))
     spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True, half=True), device)
-    half_on_cpu(device, xa)
+    half_on_gpu(device, "logsumexp", xa)
     return _dispatch.backend(device), spec, xa
 
 
@@ -430,7 +439,8 @@ def cross_entropy_hvp_call(logits, target, vector, weight, ignore_index, reducti
     device = device_arg(device, logits, target, vector, weight, out)
     x, t, v, w = _arrays((logits, target, vector, weight))
     spec = cross_entropy_spec(x, t, w, ignore_index, reduction, label_smoothing, axis, device,
-                              z_loss=z_loss, logit_scale=logit_scale, softcap=softcap)
+                              z_loss=z_loss, logit_scale=logit_scale, softcap=softcap,
+                              function="cross_entropy_hvp")
     vd = _describe(v)
     _same_shape(_describe(x), vd, "logits", "vector")
     float_dtype(vd.dtype, "vector")
@@ -509,7 +519,8 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
             raise TypeError(f"linear_bias has dtype {b.dtype}, but input has dtype {dtype}")
     params = list(inspect.signature(cross_entropy_spec).parameters)
     # the options after the arguments (the per-row statistics are not gathered across chunks)
-    known = [p for p in params[params.index("name") + 1:] if p != "return_stats"]
+    known = [p for p in params[params.index("name") + 1:]
+             if p not in ("return_stats", "function")]
     unknown = sorted(set(ce_options) - set(known))
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)} for linear_cross_entropy "
@@ -517,7 +528,7 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
     batch_shape = x_shape[:-1]
     logits = _Described(batch_shape + (n_classes,), dtype)
     ce = cross_entropy_spec(logits, t, cw, ignore_index, reduction, label_smoothing, -1, device,
-                            **ce_options)
+                            function="linear_cross_entropy", **ce_options)
     n_rows = ce.problem.n_rows
     rows_problem = ClassProblem((n_rows, n_classes), 1, dtype)
     ce = dataclasses.replace(ce, problem=rows_problem)  # keeps every option field

@@ -311,3 +311,87 @@ def test_cached_dense_distillation_reads_two_arrays_once_and_writes_once(dtype):
     loads, stores, loops = _traffic(ptx, 0)
     assert loads <= 4 and stores == 1, loops
     assert "ld.local" not in ptx and "st.local" not in ptx
+
+
+# --------------------------------------------------------------------------
+# float16 and bfloat16 logits (computed in float32; bfloat16 as uint16 bits)
+
+#: the kernels' array type of each 16-bit storage
+HALF_ARRAYS = {"float16": T.float16[::1], "bfloat16": T.uint16[::1]}
+_WIDTH = re.compile(r"\b(ld|st)\.global(?:\.nc)?(?:\.v[24])?\.([a-z]+\d+)")
+
+
+def _global_widths(ptx, loops):
+    """The (op, type) of every global load and store in ``loops``' bodies."""
+    lines = ptx.splitlines()
+    return {m.groups() for lp in loops for line in lines[lp.first:lp.last + 1]
+            for m in _WIDTH.finditer(line)}
+
+
+def _half_ce_sig(storage, soft, llm=False):
+    """``_ce_sig`` with 16-bit logits and gradient (float32 targets, no weights)."""
+    sig = list(_sig(*_ce_sig(T.float32, soft, False, True, llm)))
+    sig[0] = sig[3] = HALF_ARRAYS[storage]
+    return tuple(sig)
+
+
+@pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("llm", [False, True], ids=["plain", "llm_options"])
+def test_half_cross_entropy_moves_two_bytes_per_element(storage, cached, llm):
+    """16-bit logits, class indices, gradient over 16-bit: the loops load and
+    store each element as 16 bits (``ld.global.u16``/``b16``,
+    ``st.global.u16``/``b16``, never a 32-bit value), as often as the
+    float32 kernel does: at most 2 loads (1 cached) and 1 store."""
+    ptx = _ptx(K.ce_py("float32", cached, storage, storage), _half_ce_sig(storage, False, llm))
+    assert ".target sm_90" in ptx
+    assert "ld.local" not in ptx and "st.local" not in ptx
+    loops = innermost_loops(ptx)
+    first = [lp for lp in loops if lp.stores == 0]
+    second = [lp for lp in loops if lp.stores > 0]
+    assert first and second, loops
+    loads = max(lp.loads_per_element for lp in first) + max(lp.loads_per_element
+                                                            for lp in second)
+    assert loads <= (1 if cached else 2), loops
+    assert all(lp.stores_per_element <= 1 for lp in loops), loops
+    widths = _global_widths(ptx, loops)
+    assert widths and all(t in ("u16", "b16") for _, t in widths), widths
+    assert {op for op, _ in widths} == {"ld", "st"}, widths
+    if storage == "float16":  # converted by the hardware, rounded to nearest even
+        assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx
+    assert "shfl.sync.bfly" in ptx and not re.search(r"\s(atom|red)\.", ptx)
+
+
+@pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))
+def test_half_kernels_compile_without_spills(storage):
+    """Every 16-bit variant: soft targets (float32), class weights, the
+    statistics, softmax and log_softmax (16-bit and float32 results),
+    logsumexp; a softmax row of 16-bit values is read and written as 16 bits."""
+    a, f32 = HALF_ARRAYS[storage], T.float32[::1]
+    kernels = []
+    for cached in (False, True):
+        for soft in (False, True):
+            sig = list(_sig(*_ce_sig(T.float32, soft, True, True, True)))
+            sig[0] = sig[3] = a
+            kernels.append((f"ce soft={soft} cached={cached}",
+                            K.ce_py("float32", cached, storage, storage), tuple(sig)))
+            sig[3] = f32  # a float32 out=
+            kernels.append((f"ce out32 soft={soft} cached={cached}",
+                            K.ce_py("float32", cached, storage, None), tuple(sig)))
+        for log in (False, True):
+            kernels.append((f"softmax log={log} cached={cached}",
+                            K.softmax_py("float32", cached, log, storage, storage),
+                            (a, a, i64, i64, i64, i64)))
+            kernels.append((f"softmax out32 log={log} cached={cached}",
+                            K.softmax_py("float32", cached, log, storage, None),
+                            (a, f32, i64, i64, i64, i64)))
+    kernels.append(("logsumexp", K.logsumexp_py("float32", storage), (a, f32, i64, i64, i64, i64)))
+    kernels.append(("widen", K.widen_py(storage), (a, f32)))
+    for name, fn, sig in kernels:
+        ptx = _ptx(fn, sig)
+        assert ".target sm_90" in ptx, name
+        assert "ld.local" not in ptx and "st.local" not in ptx, f"{name} spills to local memory"
+        if name.startswith("softmax") and "out32" not in name:
+            loops = innermost_loops(ptx)
+            widths = _global_widths(ptx, loops)
+            assert widths and all(t in ("u16", "b16") for _, t in widths), (name, widths)

@@ -307,6 +307,8 @@ def _bad_calls():
         (dict(input=x, linear_weight=w, target=t, z_loss=-1.0), ValueError, "z_loss"),
         (dict(input=x, linear_weight=w, target=t, softcapp=3.0), TypeError, "unknown option"),
         (dict(input=x, linear_weight=w, target=t, name="x"), TypeError, "unknown option"),
+        (dict(input=x, linear_weight=w, target=t, function="cross_entropy"), TypeError,
+         "unknown option"),
     ]
 
 

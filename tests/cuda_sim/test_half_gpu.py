@@ -1,0 +1,305 @@
+"""float16 and bfloat16 logits on the GPU (issue 19), under the CUDA simulator.
+
+The GPU kernels read the 16-bit values, compute in float32 and round their
+16-bit results to nearest even, as the CPU does, so each case is held to the
+CPU's 16-bit result on the same inputs: losses (float32) within float32
+rounding of a different summation order (``SUM_ORDER``), each 16-bit
+element within one unit in the last place of the CPU's (or, where terms
+cancel, within ``CANCEL`` of the largest, the bound the CPU tests allow
+against float64), a float32 ``out=`` within float32 rounding. The float64
+PyTorch twins of ``tests/test_half.py`` hold the GPU to the same bounds as
+the CPU tests hold the CPU. The cases are a 2-wise
+covering array (``parity.covering``) of the CPU half tests' grid: dtype,
+layout, C (a thread, a "warp", a block per row), target kind, weights,
+smoothing, reduction, the LLM options, and the gradient's destination.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from numba import cuda
+
+import fastxent
+from fastxent import _cuda
+from fastxent import _cuda_kernels as K
+from tests import parity
+from tests import reference as ref
+from tests.parity import GPU_CLASSES, LAYOUTS, LLM_OPTIONS, REDUCTIONS, SMOOTHINGS, TARGETS
+from tests.test_half import CANCEL, HALF, IDS, check_grad, check_loss, half_problem, ulp
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+#: float32 losses of the two devices: the same row values summed in another order
+SUM_ORDER = 1e-6
+DESTINATIONS = ["new", "inplace", "out16", "out32"]
+
+
+def put(a):
+    """A host array as a device array (16-bit floats copied as their bits)."""
+    if a is None or not isinstance(a, np.ndarray):
+        return a
+    a = np.ascontiguousarray(a)
+    if a.dtype in (F16, BF16):
+        return cuda.to_device(a.view(np.uint16)).view(a.dtype)
+    return cuda.to_device(a)
+
+
+def get(a):
+    return _cuda._to_host(a) if hasattr(a, "copy_to_host") else a
+
+
+def within_one_ulp(ours, cpu, dtype, what):
+    """16-bit ``ours`` and ``cpu``: same dtype, each element within one ulp
+    of the CPU's, or, where terms cancel (the float32 arithmetic's order
+    differs), within ``CANCEL`` of the largest magnitude, as ``check_grad``."""
+    assert ours.dtype == dtype and cpu.dtype == dtype, (what, ours.dtype, cpu.dtype)
+    a, b = ours.astype(np.float64), cpu.astype(np.float64)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    bound = np.maximum(ulp(b, dtype), CANCEL * np.max(np.abs(b), initial=0.0, where=~np.isnan(b)))
+    close = np.abs(a - b) <= bound
+    assert (same | close).all(), (what, a[~(same | close)][:4], b[~(same | close)][:4])
+
+
+def _call(x, y, axis, kw, dest, on_gpu):
+    """cross_entropy_with_grad into ``dest``; (loss, grad, stats or None) on the host."""
+    x = x.copy()
+    if on_gpu:
+        xd, yd = put(x), put(y)
+        kw = {k: put(v) for k, v in kw.items()}
+    else:
+        xd, yd = x, y
+    extra = {}
+    out = None
+    if dest == "inplace":
+        extra["inplace"] = True
+    elif dest in ("out16", "out32"):
+        host = np.full(x.shape, np.nan, x.dtype if dest == "out16" else np.float32)
+        out = put(host) if on_gpu else host
+        extra["out"] = out
+    result = fastxent.cross_entropy_with_grad(xd, yd, axis=axis, **kw, **extra)
+    loss, grad = result[0], result[1]
+    if dest == "inplace":
+        assert grad is xd
+    elif out is not None:
+        assert grad is out
+    if on_gpu:
+        assert _cuda._is_numba_array(grad), type(grad)
+        if kw.get("reduction") == "none":
+            assert _cuda._is_numba_array(loss) and loss.dtype == np.float32, loss.dtype
+        else:
+            assert type(loss) is np.float32, type(loss)
+    return get(loss), get(grad), (result[2] if len(result) > 2 else None)
+
+
+CE_CASES = parity.covering(dict(dtype=HALF, layout=list(LAYOUTS), C=GPU_CLASSES, target=TARGETS,
+                                weighted=[False, True], smoothing=SMOOTHINGS,
+                                reduction=REDUCTIONS, dest=DESTINATIONS,
+                                llm=[None] + list(LLM_OPTIONS)), strength=2)
+
+
+def _case_id(case):
+    return "-".join(f"{IDS[HALF.index(v)]}" if k == "dtype" else f"{k}={v}"
+                    for k, v in case.items())
+
+
+@pytest.mark.parametrize("case", CE_CASES, ids=_case_id)
+def test_cross_entropy_matches_the_cpu(case):
+    dtype, dest, llm = case["dtype"], case["dest"], case["llm"]
+    (x, y, w), (x64, y64, w64), axis, options = half_problem(case["layout"], dtype,
+                                                             case["target"], case["C"])
+    kw = dict(reduction=case["reduction"], label_smoothing=case["smoothing"],
+              weight=w if case["weighted"] else None, **options, **LLM_OPTIONS.get(llm, {}))
+    g_loss, g_grad, g_stats = _call(x, y, axis, kw, dest, on_gpu=True)
+    c_loss, c_grad, c_stats = _call(x, y, axis, kw, dest, on_gpu=False)
+    np.testing.assert_allclose(g_loss, c_loss, rtol=SUM_ORDER, atol=1e-7, err_msg="loss")
+    if dest == "out32":
+        assert g_grad.dtype == np.float32
+        np.testing.assert_allclose(g_grad, c_grad, rtol=1e-5, atol=1e-7, err_msg="grad")
+    else:
+        within_one_ulp(g_grad, c_grad, dtype, "grad")
+    # and both as the CPU's 16-bit tests hold the CPU, against float64 torch
+    t_kw = {k: v for k, v in kw.items() if k != "return_stats"}
+    t_kw["weight"] = w64 if case["weighted"] else None
+    if llm is None:
+        t_loss, t_grad = parity.torch_ce(x64, y64, axis=axis, **t_kw)
+    else:
+        t_loss, t_grad, t_lse, _ = parity.torch_ce_options(x64, y64, axis=axis, **t_kw)
+    check_loss(np.float32(g_loss) if case["reduction"] != "none" else g_loss, t_loss,
+               case["reduction"])
+    if dest != "out32":
+        check_grad(g_grad, t_grad, dtype)
+    if g_stats is not None:
+        assert get(g_stats.lse).dtype == np.float32
+        np.testing.assert_allclose(get(g_stats.lse), c_stats.lse, rtol=SUM_ORDER)
+        np.testing.assert_array_equal(get(g_stats.predicted), c_stats.predicted)
+
+
+def test_cross_entropy_cases_cover_the_grid():
+    """Every value of every dimension runs at least once (2-wise: every pair)."""
+    dims = dict(dtype=HALF, layout=list(LAYOUTS), C=GPU_CLASSES, target=TARGETS,
+                dest=DESTINATIONS, llm=[None] + list(LLM_OPTIONS))
+    for name, values in dims.items():
+        assert {repr(c[name]) for c in CE_CASES} == {repr(v) for v in values}, name
+
+
+@pytest.mark.parametrize("cache_bytes", [0, None])
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_block_rows_cached_or_read_twice(dtype, cache_bytes, monkeypatch):
+    """C = 40: the whole block on a row, the row kept in shared memory (as
+    float32) or read twice from the 16-bit logits; soft 16-bit targets."""
+    monkeypatch.setattr(_cuda, "SHARED_BYTES_CAP", cache_bytes)
+    for target in ("hard_ignored", "soft"):
+        (x, y, w), _, axis, options = half_problem("2d", dtype, target, 40)
+        kw = dict(weight=w, label_smoothing=0.1, softcap=3.0, **options)
+        g_loss, g_grad, _ = _call(x, y, axis, kw, "inplace", on_gpu=True)
+        c_loss, c_grad, _ = _call(x, y, axis, kw, "inplace", on_gpu=False)
+        np.testing.assert_allclose(g_loss, c_loss, rtol=SUM_ORDER)
+        within_one_ulp(g_grad, c_grad, dtype, target)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_loss_only_host_inputs_and_strided_views(dtype):
+    """cross_entropy; host 16-bit arrays with device="cuda" (NumPy results
+    of the logits' dtype); a transposed device view written in place."""
+    (x, y, w), (x64, y64, w64), _, _ = half_problem("2d", dtype, "hard", 12)
+    loss = fastxent.cross_entropy(put(x), put(y), weight=put(w))
+    assert type(loss) is np.float32
+    np.testing.assert_allclose(loss, fastxent.cross_entropy(x, y, weight=w), rtol=SUM_ORDER)
+    loss, grad = fastxent.cross_entropy_with_grad(x, y, weight=w, device="cuda")
+    c_loss, c_grad = fastxent.cross_entropy_with_grad(x, y, weight=w)
+    assert isinstance(grad, np.ndarray)
+    np.testing.assert_allclose(loss, c_loss, rtol=SUM_ORDER)
+    within_one_ulp(grad, c_grad, dtype, "host")
+    base = put(np.ascontiguousarray(x.T))
+    view = base.T  # x's values, strided along the classes
+    loss, grad = fastxent.cross_entropy_with_grad(view, put(y), weight=put(w), inplace=True)
+    assert grad is view
+    np.testing.assert_allclose(loss, c_loss, rtol=SUM_ORDER)
+    within_one_ulp(get(base).T, c_grad, dtype, "strided in place")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+@pytest.mark.parametrize("layout,C", [(lay, 12) for lay in LAYOUTS] + [("2d", 3), ("2d", 40)])
+def test_softmax_family_matches_the_cpu(dtype, layout, C):
+    """softmax and log_softmax new, into 16-bit and float32 ``out=``, in
+    place; logsumexp in float32."""
+    (x, _, _), (x64, _, _), axis, _ = half_problem(layout, dtype, "hard", C)
+    for fn, reference in ((fastxent.softmax, ref.softmax),
+                          (fastxent.log_softmax, ref.log_softmax)):
+        cpu = fn(x, axis=axis)
+        ours = get(fn(put(x), axis=axis))
+        within_one_ulp(ours, cpu, dtype, fn.__name__)
+        check_grad(ours, reference(x64, axis=axis), dtype, fn.__name__)
+        out = put(np.empty(x.shape, dtype))
+        assert fn(put(x), axis=axis, out=out) is out
+        within_one_ulp(get(out), cpu, dtype, fn.__name__ + " out=")
+        out32 = put(np.empty(x.shape, np.float32))
+        fn(put(x), axis=axis, out=out32)
+        np.testing.assert_allclose(get(out32), fn(x, axis=axis, out=np.empty(x.shape, np.float32)),
+                                   rtol=1e-6, atol=1e-7)
+        xd = put(x)
+        assert fn(xd, axis=axis, out=xd) is xd
+        within_one_ulp(get(xd), cpu, dtype, fn.__name__ + " in place")
+    lse = get(fastxent.logsumexp(put(x), axis=axis))
+    assert lse.dtype == np.float32
+    np.testing.assert_allclose(lse, fastxent.logsumexp(x, axis=axis), rtol=SUM_ORDER)
+
+
+def test_rounding_is_to_nearest_even():
+    """The 16-bit gradient is the float32 gradient (a float32 ``out=``)
+    rounded as ml_dtypes and NumPy round it, bit for bit."""
+    x, y, _, _ = parity.problem("2d", np.float32, soft=False, C=40)
+    for dtype in HALF:
+        xh = x.astype(dtype)
+        _, g16 = fastxent.cross_entropy_with_grad(put(xh), put(y), reduction="sum")
+        out = put(np.empty(x.shape, np.float32))
+        fastxent.cross_entropy_with_grad(put(xh), put(y), reduction="sum", out=out)
+        np.testing.assert_array_equal(get(g16).view(np.uint16),
+                                      get(out).astype(dtype).view(np.uint16))
+
+
+def test_device_conversions_match_ml_dtypes_and_numpy():
+    """The kernels' conversions (``_cuda_kernels._io``), bit for bit: every
+    16-bit value widened, float32 values at and around each rounding tie,
+    NaN, infinities, overflow, subnormals narrowed."""
+    rng = np.random.default_rng(3)
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ties = rng.integers(0, 1 << 16, 512, dtype=np.uint32) << 16
+    f16_ties = (rng.integers(0, 1 << 32, 512, dtype=np.uint64).astype(np.uint32)
+                & ~np.uint32(0x1fff)) | 0x1000
+    values = np.concatenate([ties | 0x8000, ties | 0x7fff, ties | 0x8001, f16_ties,
+                             rng.integers(0, 1 << 32, 512, dtype=np.uint64).astype(np.uint32)])
+    values = np.concatenate([values.view(np.float32),
+                             np.float32([np.nan, np.inf, -np.inf, 7e4, -7e4, 1e-8, 3e38, 6e-8,
+                                         -0.0])])
+    for dtype in HALF:
+        halves = every.view(dtype)
+        wide = cuda.device_array(every.size, np.float32)
+        K.widen(dtype.name)[64, 8](put(halves).view(np.uint16) if dtype == BF16 else put(halves),
+                                   wide)
+        np.testing.assert_array_equal(wide.copy_to_host(), halves.astype(np.float32))
+        narrow = put(np.zeros(values.size, dtype))
+        _store_kernel(dtype.name)[64, 8](cuda.to_device(values), narrow.view(np.uint16)
+                                         if dtype == BF16 else narrow)
+        ours = get(narrow)
+        with np.errstate(all="ignore"):
+            expect = values.astype(dtype)
+        nan = np.isnan(values)
+        np.testing.assert_array_equal(ours.view(np.uint16)[~nan], expect.view(np.uint16)[~nan])
+        assert np.isnan(ours.astype(np.float32)[nan]).all()
+
+
+def _store_kernel(storage):
+    store = K._io(storage, np.float32)[1]
+
+    @cuda.jit
+    def kernel(values, dst):
+        for i in range(cuda.grid(1), values.shape[0], cuda.gridsize(1)):
+            store(dst, i, values[i])
+
+    return kernel
+
+
+# --------------------------------------------------------------------------
+# bad input, refused before anything is written
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_out_of_another_dtype_refused_before_writes(dtype):
+    x, y, _, _ = parity.problem("2d", np.float32, soft=False)
+    xh = x.astype(dtype)
+    for other in (BF16 if dtype == F16 else F16, np.float64):
+        out = put(np.full(x.shape, 7, other))
+        with pytest.raises(TypeError, match="out has dtype"):
+            fastxent.cross_entropy_with_grad(put(xh), put(y), out=out)
+        with pytest.raises(TypeError, match="out has dtype"):
+            fastxent.softmax(put(xh), out=out)
+        assert np.all(get(out).astype(np.float64) == 7)
+    xd = put(xh)
+    bad = y.copy()
+    bad[-1] = 99
+    with pytest.raises(IndexError):
+        fastxent.cross_entropy_with_grad(xd, put(bad), inplace=True)
+    np.testing.assert_array_equal(get(xd).view(np.uint16), xh.view(np.uint16))
+
+
+def test_functions_without_gpu_half_refuse_by_name():
+    """On the GPU only cross_entropy(_with_grad), softmax, log_softmax and
+    logsumexp take 16-bit inputs; the others say which function refuses."""
+    x = np.ones((3, 4), F16)
+    y = np.zeros(3, np.int64)
+    xd, yd = put(x), put(y)
+    calls = {"nll_loss": lambda: fastxent.nll_loss(xd, yd),
+             "binary_cross_entropy_with_logits":
+                 lambda: fastxent.binary_cross_entropy_with_logits(xd, xd),
+             "cross_entropy_hvp": lambda: fastxent.cross_entropy_hvp(xd, yd, put(x.astype(
+                 np.float32)))}
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"{name} does not take float16"):
+            call()
+    for call in (lambda: fastxent.softmax_backward(xd, xd),
+                 lambda: fastxent.kl_div(xd, xd)):
+        with pytest.raises(TypeError, match="float16"):
+            call()
