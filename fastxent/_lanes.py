@@ -54,11 +54,12 @@ strided one is gathered (and scattered) lane by lane: same order, same bits.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
+from numba.core import cgutils, codegen, config
 from numba.extending import intrinsic
 
 from ._fastmath import _call, _const, _exp_ir, _prefer_wide_vectors, _tanh_ir, native_vector_bytes
@@ -183,9 +184,9 @@ class _HalfAccess(_RowAccess):
     float16 is LLVM's ``fpext``/``fptrunc`` of ``half`` (F16C's
     ``vcvtph2ps``/``vcvtps2ph``); bfloat16 a shift left by 16 to widen and,
     to narrow, ``(u + 0x7fff + ((u >> 16) & 1)) >> 16`` with a NaN kept
-    quiet, ``(u >> 16) | 0x40``, in integer vector instructions (AVX-512
-    BF16's ``vcvtneps2bf16`` would be one instruction, but it flushes
-    subnormals to zero).
+    quiet, ``(u >> 16) | 0x40``, in integer vector instructions, or where
+    the CPU has AVX-512 BF16 by its conversion instruction, save for
+    subnormals (``_bf16_bits_avx512``).
     """
 
     def __init__(self, context, builder, aryty, value, brain):
@@ -207,20 +208,87 @@ class _HalfAccess(_RowAccess):
 
     def store(self, builder, index, value, contiguous, mask=None, remaining=None):
         n = value.type.count
-        if self.brain:
-            i32 = ir.VectorType(ir.IntType(32), n)
-            u = builder.bitcast(value, i32)
-            lowest_kept = builder.and_(builder.lshr(u, _splat_int(i32, 16)), _splat_int(i32, 1))
-            rounded = builder.add(u, builder.add(_splat_int(i32, 0x7fff), lowest_kept))
-            nan = builder.fcmp_unordered("uno", value, value)
-            quiet = builder.or_(u, _splat_int(i32, 0x40 << 16))
-            halves = builder.bitcast(builder.select(nan, quiet, rounded),
-                                     ir.VectorType(ir.IntType(16), 2 * n))
-            bits = builder.shuffle_vector(halves, halves, _indices(range(1, 2 * n, 2)))
+        if self.brain and n % 32 == 0 and bf16_instructions():
+            bits = _bf16_bits_avx512(builder, value)
+        elif self.brain:
+            bits = _bf16_bits(builder, value)
         else:
             bits = builder.bitcast(builder.fptrunc(value, ir.VectorType(ir.HalfType(), n)),
                                    ir.VectorType(ir.IntType(16), n))
         super().store(builder, index, bits, contiguous, mask, remaining)
+
+
+def _bf16_bits(builder, value):
+    """The bfloat16 bits of a float32 vector, rounded to nearest even, NaN
+    kept quiet (``_half._f32_to_bf16``), in integer instructions."""
+    n = value.type.count
+    i32 = ir.VectorType(ir.IntType(32), n)
+    u = builder.bitcast(value, i32)
+    lowest_kept = builder.and_(builder.lshr(u, _splat_int(i32, 16)), _splat_int(i32, 1))
+    rounded = builder.add(u, builder.add(_splat_int(i32, 0x7fff), lowest_kept))
+    nan = builder.fcmp_unordered("uno", value, value)
+    quiet = builder.or_(u, _splat_int(i32, 0x40 << 16))
+    halves = builder.bitcast(builder.select(nan, quiet, rounded),
+                             ir.VectorType(ir.IntType(16), 2 * n))
+    return builder.shuffle_vector(halves, halves, _indices(range(1, 2 * n, 2)))
+
+
+def _bf16_bits_avx512(builder, value):
+    """``_bf16_bits`` by AVX-512 BF16's ``vcvtne2ps2bf16`` (two registers
+    into one, the same rounding and NaN), where no lane is subnormal: the
+    instruction flushes those to zero, ``_bf16_bits`` rounds them (a branch
+    that gradients of ordinary rows never take)."""
+    n = value.type.count
+    i32, i16 = ir.VectorType(ir.IntType(32), n), ir.IntType(16)
+    f16x = ir.VectorType(ir.FloatType(), 16)
+    convert = ir.FunctionType(ir.VectorType(_BFloat(), 32), [f16x, f16x])
+    fn = builder.module.declare_intrinsic("llvm.x86.avx512bf16.cvtne2ps2bf16.512", (), convert)
+    parts = []
+    for k in range(0, n, 32):
+        lo = builder.shuffle_vector(value, value, _indices(range(k, k + 16)))
+        hi = builder.shuffle_vector(value, value, _indices(range(k + 16, k + 32)))
+        # the first operand goes to the upper half
+        parts.append(builder.bitcast(builder.call(fn, [hi, lo]), ir.VectorType(i16, 32)))
+    while len(parts) > 1:
+        parts = [builder.shuffle_vector(a, b, _indices(range(2 * a.type.count)))
+                 for a, b in zip(parts[0::2], parts[1::2])]
+    u = builder.bitcast(value, i32)
+    zero = _splat_int(i32, 0)
+    subnormal = builder.and_(
+        builder.icmp_unsigned("==", builder.and_(u, _splat_int(i32, 0x7f800000)), zero),
+        builder.icmp_unsigned("!=", builder.and_(u, _splat_int(i32, 0x007fffff)), zero))
+    any_subnormal = builder.icmp_unsigned("!=", builder.bitcast(subnormal, ir.IntType(n)),
+                                          ir.Constant(ir.IntType(n), 0))
+    result = cgutils.alloca_once_value(builder, parts[0])
+    with builder.if_then(any_subnormal, likely=False):
+        builder.store(_bf16_bits(builder, value), result)
+    return builder.load(result)
+
+
+class _BFloat(ir.types._BaseFloatType):
+    """LLVM's ``bfloat`` (llvmlite has no such type): only to declare the
+    conversion intrinsic, whose result is bit-cast to integers at once."""
+
+    null = "0.0"
+    intrinsic_name = "bf16"
+
+    def __str__(self):
+        return "bfloat"
+
+
+_BFloat._create_instance()
+
+
+@functools.cache
+def bf16_instructions() -> bool:
+    """Whether the CPU Numba compiles for has AVX-512 BF16 (not known, so
+    not used, where ``NUMBA_CPU_NAME`` names a CPU without its features)."""
+    features = config.CPU_FEATURES
+    if features is None:
+        if config.CPU_NAME is not None:
+            return False
+        features = codegen.get_host_cpu_features()
+    return "+avx512bf16" in features.split(",")
 
 
 def _splat_int(ty, v):

@@ -440,6 +440,26 @@ def test_half_sweeps_round_like_half_and_read_strided_rows(n, dtype):
     np.testing.assert_array_equal(_bits(a), _bits(b))
 
 
+def test_bfloat16_rounding_without_avx512_bf16(monkeypatch):
+    """The integer rounding of bfloat16 (what CPUs without AVX-512 BF16
+    run, and others for subnormal lanes) compiled alone: the same bits."""
+    from fastxent import _lanes
+
+    monkeypatch.setattr(_lanes, "bf16_instructions", lambda: False)
+
+    @njit(fastmath=FASTMATH)
+    def integer_rounding(e, g, k1, k2):
+        scale_minus_half(e, g, k1, k2, None, True)
+
+    e = _special_float32(3 * BLOCK + 37, 5)
+    k1, k2 = np.float32(0.75), np.float32(2.0 ** -130)
+    out, expect = np.zeros(e.size, np.uint16), np.zeros(e.size, np.uint16)
+    integer_rounding(e, out, k1, k2)
+    _half_scale(e, expect, k1, k2, None, True)
+    np.testing.assert_array_equal(out, expect)
+    assert _lanes.bf16_instructions() is False
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=IDS)
 def test_direct_half_kernel_is_the_float32_path_bit_for_bit(dtype):
     """The 16-bit direct kernel (long contiguous rows, class indices) gives
