@@ -39,10 +39,11 @@ from . import _cache
 from . import _formulas as F
 from ._fastmath import (FASTMATH, TANH_SMALL, fast_exp, fast_log, fast_tanh, log1p_unit,
                         tanh_small)
-from ._half import narrow_row, widen_row
+from ._half import _bf16_to_f32, _f16_to_f32, _f32_to_bf16, _f32_to_f16
 from ._host import scan_hard_targets
 from ._lanes import (capped_exp_slopes, capped_exp_sums, capped_grad, exp_sum, exp_sum_inplace,
-                     lane_dot, row_argmax, row_max, scale_minus, soft_sums)
+                     half_exp_sum, half_row_max, lane_dot, row_argmax, row_max, scale_minus,
+                     scale_minus_half, soft_sums)
 from ._tiles import TILE, tile_dot, tile_exp_sums, tile_in, tile_max, tile_out, tile_scale_minus
 
 # Before any kernel is defined: their cache entries depend on every source
@@ -1332,24 +1333,91 @@ def _ce_tiles_any_impl(x, y, q, opts, wsum, scale, g, losses, inner, k0, k1, lse
     return _ce_tiles_plain if _plain(opts, lse_out) else _ce_tiles_general
 
 
+def _element(a, c):
+    """``a[c:c + 1]``, or None when ``a`` is None (typed None, not Optional)."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_element, jit_options=_JIT_OPTIONS, inline="always")
+def _element_impl(a, c):
+    if isinstance(a, types.NoneType):
+        return lambda a, c: None
+    return lambda a, c: a[c:c + 1]
+
+
+# The 16-bit sweeps take the format as a literal: one branch per call here.
+@_jit(inline=True)
+def _half_max(x, copy_to, brain):
+    if brain:
+        return half_row_max(x, copy_to, True)
+    return half_row_max(x, copy_to, False)
+
+
+@_jit(inline=True)
+def _half_exp(x, g, m, ahead, brain):
+    if brain:
+        return half_exp_sum(x, g, m, ahead, True)
+    return half_exp_sum(x, g, m, ahead, False)
+
+
+@_jit(inline=True)
+def _half_scale(e, g, k1, k2, w, brain):
+    if brain:
+        scale_minus_half(e, g, k1, k2, w, True)
+    else:
+        scale_minus_half(e, g, k1, k2, w, False)
+
+
+@_jit
+def _ce_half_hard_row(x, buf, g, t, opts, wsum, scale, ahead, brain):
+    """``_ce_hard_row`` of a row of 16-bit bits ``x`` (``brain``: bfloat16,
+    else float16) through the float32 scratch row ``buf``, its gradient
+    rounded into ``g`` (16-bit bits, may be ``x``; or None). The 16-bit
+    row is read by the max sweep, widened in registers again by the
+    exponentials' (which store them into ``buf``), and written by the
+    gradient's, which rounds in registers: no sweep of its own for either
+    conversion. The same operations as the float32 routine on the widened
+    row, so the same bits; the next row, ``ahead``, is prefetched during
+    the exponentials."""
+    w = opts.weight
+    xt = np.float64(_bf16_to_f32(x[t]) if brain else _f16_to_f32(x[t]))
+    if opts.smoothing > 0.0:
+        # sum(w * (x - m)) wants the widened row: stored by the max sweep
+        m = _half_max(x, buf, brain)
+        sx = lane_dot(buf, w, m)
+        s = exp_sum(buf, m, ahead) if g is None else exp_sum_inplace(buf, m, ahead)
+    else:
+        m = _half_max(x, None, brain)
+        sx = 0.0
+        s = _half_exp(x, None, m, ahead, brain) if g is None else _half_exp(x, buf, m, ahead, brain)
+    log_s = np.log(s)
+    loss, k1, k2, kt = hard_target_row(np.float64(m), log_s, s, xt, _class_weight(w, t),
+                                       wsum, sx, opts, scale, buf.shape[0])
+    if g is not None:
+        k1f, k2f = np.float32(k1), np.float32(k2)
+        _half_scale(buf, g, k1f, k2f, w, brain)
+        # the target's element as the float32 routine makes it: the same
+        # vector code on it alone, then its own term
+        scale_minus(buf[t:t + 1], buf[t:t + 1], k1f, k2f, _element(w, t))
+        buf[t] = buf[t] - kt
+        g[t] = _f32_to_bf16(buf[t]) if brain else _f32_to_f16(buf[t])
+    return loss
+
+
 @_jit(inline=True)
 def _ce_half_row(x, y, opts, wsum, scale, g, buf, brain, r):
     """``_ce_hard_direct`` on row ``r`` of 16-bit bits ``x`` (``brain``:
-    bfloat16, else float16): widened into the float32 scratch row ``buf``,
-    the float32 row routine in place there, the gradient narrowed into
-    ``g``'s row (16-bit bits, or None)."""
+    bfloat16, else float16) through the float32 scratch row ``buf``, the
+    gradient into ``g``'s row (16-bit bits, or None)."""
     t = y[r]
     if t == opts.ignore_index:
         if g is not None:
             for c in range(g.shape[1]):
                 g[r, c] = 0
         return 0.0
-    widen_row(x[r], buf, brain)
     if g is None:
-        return _ce_hard_row(buf, None, False, t, opts, wsum, scale, None, False)[0]
-    loss = _ce_hard_row(buf, buf, True, t, opts, wsum, scale, None, False)[0]
-    narrow_row(buf, g[r], brain)
-    return loss
+        return _ce_half_hard_row(x[r], buf, None, t, opts, wsum, scale, _next_row(x, r, 1), brain)
+    return _ce_half_hard_row(x[r], buf, g[r], t, opts, wsum, scale, _next_row(x, r, 1), brain)
 
 
 # --------------------------------------------------------------------------

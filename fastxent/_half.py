@@ -180,26 +180,3 @@ def narrow(values, dtype) -> np.ndarray:
     out = np.empty(values.shape, dtype)
     narrow_into(out, np.ascontiguousarray(values, dtype=np.float32))
     return out
-
-
-@numba.njit(inline="always", **_JIT_OPTIONS)
-def widen_row(src, dst, brain):
-    """``dst[:] = src`` for a row of 16-bit bits ``src`` into float32 ``dst``."""
-    if brain:
-        for c in range(src.shape[0]):
-            dst[c] = _bf16_to_f32(src[c])
-    else:
-        for c in range(src.shape[0]):
-            dst[c] = _f16_to_f32(src[c])
-
-
-@numba.njit(inline="always", **_JIT_OPTIONS)
-def narrow_row(src, dst, brain):
-    """``dst[:] = src`` for a float32 row ``src`` into 16-bit bits ``dst``,
-    rounded to nearest even."""
-    if brain:
-        for c in range(src.shape[0]):
-            dst[c] = _f32_to_bf16(src[c])
-    else:
-        for c in range(src.shape[0]):
-            dst[c] = _f32_to_f16(src[c])

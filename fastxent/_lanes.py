@@ -33,6 +33,12 @@ Functions (rows are 1-D arrays of one float type; ``w`` may be None):
   t = tanh(a x), returns ``sum exp(z - m)``;
   ``capped_grad(g, w, k1, k2, m, inv_cap, k)``: the gradient from the capped
   row ``g`` holds, ``g <- (k1 exp(g - m) - k2 w) k (1 - (g inv_cap)^2)``.
+* ``half_row_max(x, copy_to, brain)``, ``half_exp_sum(x, g, m, ahead,
+  brain)``, ``scale_minus_half(e, g, k1, k2, w, brain)``: ``row_max``,
+  ``exp_sum`` (storing into ``g`` unless None) and ``scale_minus`` (into
+  ``g``) where ``x`` or ``g`` is a row of 16-bit float bits (uint16;
+  ``brain``, a literal: bfloat16, else float16), converted in registers:
+  the kernels for 16-bit logits read and write their rows once.
 * ``row_argmax(x, copy_to)``: ``row_max``'s value, the first index holding
   it and whether the row holds a NaN, in the same sweep.
 * ``row_max(x, copy_to)``: the largest value of ``x`` that is not NaN
@@ -48,11 +54,12 @@ strided one is gathered (and scattered) lane by lane: same order, same bits.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
+from numba.core import cgutils, codegen, config
 from numba.extending import intrinsic
 
 from ._fastmath import _call, _const, _exp_ir, _prefer_wide_vectors, _tanh_ir, native_vector_bytes
@@ -64,6 +71,11 @@ LANES = 16
 MAX_REGISTERS = 4
 #: Elements per block: the lanes are folded into the float64 total per block.
 BLOCK = 512
+#: Lanes of ``scale_minus_half``'s vectors (a map: no order to keep): two
+#: registers of float32 round into one register of bfloat16 bits with one
+#: shuffle, where one register takes a shift and a narrowing store (twice
+#: as slow on AMD Zen 4).
+HALF_STORE_LANES = 32
 
 
 def _i32(v):
@@ -86,6 +98,15 @@ class _RowAccess:
         self.stride = builder.extract_value(ary.strides, 0)
         self.itemsize = context.get_abi_sizeof(context.get_data_type(aryty.dtype))
         self.unit_stride_type = aryty.layout in "CF"
+
+    @property
+    def value_type(self):
+        """The LLVM type of the values the loop computes with."""
+        return self.data.type.pointee
+
+    def unit_stride(self, builder):
+        """Whether the row's elements are adjacent (checked when called)."""
+        return builder.icmp_signed("==", self.stride, ir.Constant(self.stride.type, self.itemsize))
 
     def _pointer(self, builder, index, contiguous):
         if contiguous:
@@ -155,6 +176,125 @@ class _RowAccess:
                     builder.store(lane, self._pointer(builder, at, False), align=self.itemsize)
 
 
+class _HalfAccess(_RowAccess):
+    """A row of 16-bit float bits (uint16) that the loop sees as float32:
+    loads widen in registers, stores round to nearest even (``brain``:
+    bfloat16, else float16), with ``_half``'s conversions, bit for bit.
+
+    float16 is LLVM's ``fpext``/``fptrunc`` of ``half`` (F16C's
+    ``vcvtph2ps``/``vcvtps2ph``); bfloat16 a shift left by 16 to widen and,
+    to narrow, ``(u + 0x7fff + ((u >> 16) & 1)) >> 16`` with a NaN kept
+    quiet, ``(u >> 16) | 0x40``, in integer vector instructions, or where
+    the CPU has AVX-512 BF16 by its conversion instruction, save for
+    subnormals (``_bf16_bits_avx512``).
+    """
+
+    def __init__(self, context, builder, aryty, value, brain):
+        super().__init__(context, builder, aryty, value)
+        self.brain = brain
+
+    @property
+    def value_type(self):
+        return ir.FloatType()
+
+    def load(self, builder, index, vty, contiguous, mask=None, remaining=None):
+        bits = super().load(builder, index, ir.VectorType(ir.IntType(16), vty.count),
+                            contiguous, mask, remaining)
+        if not self.brain:
+            return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), vty.count)),
+                                 vty)
+        i32 = ir.VectorType(ir.IntType(32), vty.count)
+        return builder.bitcast(builder.shl(builder.zext(bits, i32), _splat_int(i32, 16)), vty)
+
+    def store(self, builder, index, value, contiguous, mask=None, remaining=None):
+        n = value.type.count
+        if self.brain and n % 32 == 0 and bf16_instructions():
+            bits = _bf16_bits_avx512(builder, value)
+        elif self.brain:
+            bits = _bf16_bits(builder, value)
+        else:
+            bits = builder.bitcast(builder.fptrunc(value, ir.VectorType(ir.HalfType(), n)),
+                                   ir.VectorType(ir.IntType(16), n))
+        super().store(builder, index, bits, contiguous, mask, remaining)
+
+
+def _bf16_bits(builder, value):
+    """The bfloat16 bits of a float32 vector, rounded to nearest even, NaN
+    kept quiet (``_half._f32_to_bf16``), in integer instructions."""
+    n = value.type.count
+    i32 = ir.VectorType(ir.IntType(32), n)
+    u = builder.bitcast(value, i32)
+    lowest_kept = builder.and_(builder.lshr(u, _splat_int(i32, 16)), _splat_int(i32, 1))
+    rounded = builder.add(u, builder.add(_splat_int(i32, 0x7fff), lowest_kept))
+    nan = builder.fcmp_unordered("uno", value, value)
+    quiet = builder.or_(u, _splat_int(i32, 0x40 << 16))
+    halves = builder.bitcast(builder.select(nan, quiet, rounded),
+                             ir.VectorType(ir.IntType(16), 2 * n))
+    return builder.shuffle_vector(halves, halves, _indices(range(1, 2 * n, 2)))
+
+
+def _bf16_bits_avx512(builder, value):
+    """``_bf16_bits`` by AVX-512 BF16's ``vcvtne2ps2bf16`` (two registers
+    into one, the same rounding and NaN), where no lane is subnormal: the
+    instruction flushes those to zero, ``_bf16_bits`` rounds them (a branch
+    that gradients of ordinary rows never take)."""
+    n = value.type.count
+    i32, i16 = ir.VectorType(ir.IntType(32), n), ir.IntType(16)
+    f16x = ir.VectorType(ir.FloatType(), 16)
+    convert = ir.FunctionType(ir.VectorType(_BFloat(), 32), [f16x, f16x])
+    fn = builder.module.declare_intrinsic("llvm.x86.avx512bf16.cvtne2ps2bf16.512", (), convert)
+    parts = []
+    for k in range(0, n, 32):
+        lo = builder.shuffle_vector(value, value, _indices(range(k, k + 16)))
+        hi = builder.shuffle_vector(value, value, _indices(range(k + 16, k + 32)))
+        # the first operand goes to the upper half
+        parts.append(builder.bitcast(builder.call(fn, [hi, lo]), ir.VectorType(i16, 32)))
+    while len(parts) > 1:
+        parts = [builder.shuffle_vector(a, b, _indices(range(2 * a.type.count)))
+                 for a, b in zip(parts[0::2], parts[1::2])]
+    u = builder.bitcast(value, i32)
+    zero = _splat_int(i32, 0)
+    subnormal = builder.and_(
+        builder.icmp_unsigned("==", builder.and_(u, _splat_int(i32, 0x7f800000)), zero),
+        builder.icmp_unsigned("!=", builder.and_(u, _splat_int(i32, 0x007fffff)), zero))
+    any_subnormal = builder.icmp_unsigned("!=", builder.bitcast(subnormal, ir.IntType(n)),
+                                          ir.Constant(ir.IntType(n), 0))
+    result = cgutils.alloca_once_value(builder, parts[0])
+    with builder.if_then(any_subnormal, likely=False):
+        builder.store(_bf16_bits(builder, value), result)
+    return builder.load(result)
+
+
+class _BFloat(ir.types._BaseFloatType):
+    """LLVM's ``bfloat`` (llvmlite has no such type): only to declare the
+    conversion intrinsic, whose result is bit-cast to integers at once."""
+
+    null = "0.0"
+    intrinsic_name = "bf16"
+
+    def __str__(self):
+        return "bfloat"
+
+
+_BFloat._create_instance()
+
+
+@functools.cache
+def bf16_instructions() -> bool:
+    """Whether the CPU Numba compiles for has AVX-512 BF16 (not known, so
+    not used, where ``NUMBA_CPU_NAME`` names a CPU without its features)."""
+    features = config.CPU_FEATURES
+    if features is None:
+        if config.CPU_NAME is not None:
+            return False
+        features = codegen.get_host_cpu_features()
+    return "+avx512bf16" in features.split(",")
+
+
+def _splat_int(ty, v):
+    return ir.Constant(ty, [ir.Constant(ty.element, v)] * ty.count)
+
+
 def max_lanes(fty) -> int:
     """Lanes of the max's vectors for float type ``fty``: ``MAX_REGISTERS``
     native registers, at most 64: enough independent maxima to keep the
@@ -200,7 +340,7 @@ def _emit_lanes(context, builder, rows, scalars, body, n_sums, target=None, comb
     depends on it), ``max_lanes`` or less for the max.
     """
     _prefer_wide_vectors(builder)
-    fty = rows[0].data.type.pointee
+    fty = rows[0].value_type
     if lanes_per_vector is None:
         lanes_per_vector = LANES if combine == "sum" else max_lanes(fty)
     vty = ir.VectorType(fty, lanes_per_vector)
@@ -268,11 +408,10 @@ def _emit_lanes(context, builder, rows, scalars, body, n_sums, target=None, comb
     if all(r.unit_stride_type for r in present):
         loop(True)
     else:
-        unit = ir.Constant(intp, present[0].itemsize)
         all_unit = cgutils.true_bit
         for r in present:
             if not r.unit_stride_type:
-                all_unit = builder.and_(all_unit, builder.icmp_signed("==", r.stride, unit))
+                all_unit = builder.and_(all_unit, r.unit_stride(builder))
         with builder.if_else(all_unit, likely=True) as (then, otherwise):
             with then:
                 loop(True)
@@ -331,7 +470,13 @@ def lane_dot(typingctx, x, w, shift):
 
 
 def _is_ahead(a, like):
-    return isinstance(a, types.NoneType) or _is_row(a, like.dtype)
+    """None, or a row to prefetch: of ``like``'s dtype, or 16-bit bits
+    (the next row of a 16-bit kernel, at the same element offsets)."""
+    return isinstance(a, types.NoneType) or _is_row(a, like.dtype) or _is_half_row(a)
+
+
+def _is_half_row(a):
+    return isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.uint16
 
 
 @intrinsic
@@ -374,6 +519,32 @@ def exp_sum_inplace(typingctx, g, m, ahead):
 
 
 @intrinsic
+def half_exp_sum(typingctx, x, g, m, ahead, brain):
+    """``exp_sum`` of a row of 16-bit float bits ``x`` (uint16; literal
+    ``brain``: bfloat16, else float16), widened in registers; the
+    exponentials go into the float32 row ``g`` unless it is None. The same
+    bits as ``exp_sum_inplace`` on the widened row, without storing it
+    first: the max sweep then only reads the 16-bit row."""
+    if not (_is_half_row(x) and isinstance(brain, types.BooleanLiteral) and _is_scalar(m)
+            and (isinstance(g, types.NoneType) or (_is_row(g, types.float32) and g.mutable))
+            and _is_ahead(ahead, x)):
+        return None
+
+    def body(builder, values, scalars):
+        e = _exp_ir(builder, builder.fsub(values[0], scalars[0]))
+        return [e], e
+
+    def codegen(context, builder, sig, args):
+        rows = [_half_access(context, builder, sig, args, 0, brain)]
+        scalars = [context.cast(builder, args[2], sig.args[2], types.float32)]
+        return _result(context, builder, sig, _emit_lanes(
+            context, builder, rows, scalars, body, 1, target=_access(context, builder, sig, args, 1),
+            ahead=_access(context, builder, sig, args, 3)))
+
+    return types.float64(x, g, m, ahead, brain), codegen
+
+
+@intrinsic
 def soft_sums(typingctx, x, q, w, keep, uniform, m, ahead):
     """``(sum q', sum q' (x - m))`` in float64, ``q' = (keep q + uniform) w``;
     ``ahead`` (a row or None) is prefetched on the way."""
@@ -413,27 +584,56 @@ def row_max(typingctx, x, copy_to):
                             or (_is_row(copy_to, x.dtype) and copy_to.mutable))):
         return None
 
-    def body(builder, values, scalars):
-        return [values[0]], values[0]
-
     def codegen(context, builder, sig, args):
-        rows = [_access(context, builder, sig, args, 0)]
-        target = _access(context, builder, sig, args, 1)
-        largest = cgutils.alloca_once(builder, ir.DoubleType())
-        # Rows up to 128: one register of lanes (a 64-lane partial vector
-        # and its fold cost more than the row); the max is the same.
-        short = builder.icmp_signed("<=", rows[0].size, ir.Constant(rows[0].size.type, 8 * LANES))
-        widest = max_lanes(rows[0].data.type.pointee)
-        with builder.if_else(short) as (then, otherwise):
-            for branch, lanes in ((then, LANES), (otherwise, widest)):
-                with branch:
-                    found = _emit_lanes(context, builder, rows, [], body, 1, target=target,
-                                        combine="max", lanes_per_vector=lanes)
-                    builder.store(found[0], largest)
-        result = builder.load(largest)
+        result = _max_sweep(context, builder, _access(context, builder, sig, args, 0),
+                            _access(context, builder, sig, args, 1))
         return context.cast(builder, result, types.float64, x.dtype)
 
     return x.dtype(x, copy_to), codegen
+
+
+def _max_sweep(context, builder, row, target):
+    """``row_max``'s loop over ``row`` (storing into ``target`` unless None),
+    as float64."""
+
+    def body(builder, values, scalars):
+        return [values[0]], values[0]
+
+    largest = cgutils.alloca_once(builder, ir.DoubleType())
+    # Rows up to 128: one register of lanes (a 64-lane partial vector
+    # and its fold cost more than the row); the max is the same.
+    short = builder.icmp_signed("<=", row.size, ir.Constant(row.size.type, 8 * LANES))
+    widest = max_lanes(row.value_type)
+    with builder.if_else(short) as (then, otherwise):
+        for branch, lanes in ((then, LANES), (otherwise, widest)):
+            with branch:
+                found = _emit_lanes(context, builder, [row], [], body, 1, target=target,
+                                    combine="max", lanes_per_vector=lanes)
+                builder.store(found[0], largest)
+    return builder.load(largest)
+
+
+def _half_access(context, builder, sig, args, i, brain):
+    return _HalfAccess(context, builder, sig.args[i], args[i], brain.literal_value)
+
+
+@intrinsic
+def half_row_max(typingctx, x, copy_to, brain):
+    """``row_max`` of a row of 16-bit float bits ``x`` (uint16; literal
+    ``brain``: bfloat16, else float16), as float32; also widens ``x`` into
+    the float32 row ``copy_to`` unless that is None. One read of the 16-bit
+    row, converted in registers: the widening costs no sweep of its own."""
+    if not (_is_half_row(x) and isinstance(brain, types.BooleanLiteral)
+            and (isinstance(copy_to, types.NoneType)
+                 or (_is_row(copy_to, types.float32) and copy_to.mutable))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        result = _max_sweep(context, builder, _half_access(context, builder, sig, args, 0, brain),
+                            _access(context, builder, sig, args, 1))
+        return context.cast(builder, result, types.float64, types.float32)
+
+    return types.float32(x, copy_to, brain), codegen
 
 
 @intrinsic
@@ -539,19 +739,41 @@ def scale_minus(typingctx, e, g, k1, k2, w):
             and _is_scalar(k2) and (isinstance(w, types.NoneType) or _is_row(w, e.dtype))):
         return None
 
-    def body(builder, values, scalars):
-        ev, wv = values
-        k1_, k2_ = scalars
-        shift = k2_ if wv is None else builder.fmul(k2_, wv)
-        return [], builder.fsub(builder.fmul(ev, k1_), shift)
-
     def codegen(context, builder, sig, args):
         rows, scalars = _setup(context, builder, sig, args, (0, 4), (2, 3))
-        _emit_lanes(context, builder, rows, scalars, body, 0,
+        _emit_lanes(context, builder, rows, scalars, _scale_minus_body, 0,
                     target=_access(context, builder, sig, args, 1))
         return context.get_dummy_value()
 
     return types.none(e, g, k1, k2, w), codegen
+
+
+def _scale_minus_body(builder, values, scalars):
+    ev, wv = values
+    k1_, k2_ = scalars
+    shift = k2_ if wv is None else builder.fmul(k2_, wv)
+    return [], builder.fsub(builder.fmul(ev, k1_), shift)
+
+
+@intrinsic
+def scale_minus_half(typingctx, e, g, k1, k2, w, brain):
+    """``scale_minus`` from the float32 row ``e`` into the row of 16-bit
+    float bits ``g`` (uint16; literal ``brain``: bfloat16, else float16):
+    each element computed as ``scale_minus`` does, then rounded to nearest
+    even in registers and written as 16 bits."""
+    if not (_is_row(e, types.float32) and _is_half_row(g) and g.mutable
+            and isinstance(brain, types.BooleanLiteral) and _is_scalar(k1) and _is_scalar(k2)
+            and (isinstance(w, types.NoneType) or _is_row(w, e.dtype))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        rows, scalars = _setup(context, builder, sig, args, (0, 4), (2, 3))
+        _emit_lanes(context, builder, rows, scalars, _scale_minus_body, 0,
+                    target=_half_access(context, builder, sig, args, 1, brain),
+                    lanes_per_vector=HALF_STORE_LANES)
+        return context.get_dummy_value()
+
+    return types.none(e, g, k1, k2, w, brain), codegen
 
 
 # --------------------------------------------------------------------------

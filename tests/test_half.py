@@ -8,6 +8,8 @@ the largest magnitude of the float64 gradient (what float32 arithmetic can
 promise). The parity table's grid (``tests/parity.py``) runs on the 16-bit
 dtypes: every layout, weight, target kind, smoothing, reduction and LLM
 option, in place, into ``out=`` (16-bit and float32) and into a new array.
+The 16-bit sweeps of ``_lanes`` and the direct 16-bit kernel built on them
+are held to the float32 path's bits on the widened values.
 """
 
 from __future__ import annotations
@@ -17,8 +19,13 @@ import itertools
 import ml_dtypes
 import numpy as np
 import pytest
+from numba import njit
 
 import fastxent
+from fastxent import _half
+from fastxent._fastmath import FASTMATH
+from fastxent._lanes import (BLOCK, LANES, exp_sum_inplace, half_exp_sum, half_row_max, row_max,
+                             scale_minus, scale_minus_half)
 from tests import parity
 from tests import reference as ref
 from tests.parity import LAYOUTS, LLM_OPTIONS, REDUCTIONS, SMOOTHINGS, TARGETS
@@ -283,8 +290,6 @@ def test_conversions_match_ml_dtypes_and_numpy():
     """The 16-bit conversions, bit for bit, on every float16 / bfloat16 value
     widened, and on float32 values at and around each rounding tie (ties to
     even), NaN, infinities, overflow and subnormals."""
-    from fastxent import _half
-
     rng = np.random.default_rng(3)
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     ties = (rng.integers(0, 1 << 16, 4096, dtype=np.uint32) << 16)
@@ -304,3 +309,194 @@ def test_conversions_match_ml_dtypes_and_numpy():
         nan = np.isnan(values)
         np.testing.assert_array_equal(ours.view(np.uint16)[~nan], expect.view(np.uint16)[~nan])
         assert np.isnan(ours.astype(np.float32)[nan]).all()
+
+
+# --------------------------------------------------------------------------
+# The 16-bit sweeps of ``_lanes`` and the direct kernel built on them: the
+# same bits as the float32 sweeps on the widened values, narrowed by ``_half``.
+
+SWEEP_LENGTHS = [1, LANES - 1, LANES, 33, 64, 129, BLOCK + 1, 3 * BLOCK + 37]
+
+
+@njit(fastmath=FASTMATH)
+def _half_max(x, copy_to, brain):
+    return half_row_max(x, copy_to, True) if brain else half_row_max(x, copy_to, False)
+
+
+@njit(fastmath=FASTMATH)
+def _half_exp(x, g, m, ahead, brain):
+    if brain:
+        return half_exp_sum(x, g, m, ahead, True)
+    return half_exp_sum(x, g, m, ahead, False)
+
+
+@njit(fastmath=FASTMATH)
+def _half_scale(e, g, k1, k2, w, brain):
+    if brain:
+        scale_minus_half(e, g, k1, k2, w, True)
+    else:
+        scale_minus_half(e, g, k1, k2, w, False)
+
+
+@njit(fastmath=FASTMATH)
+def _f32_sweeps(x, m, k1, k2, w):
+    """The float32 routine's sweeps: (row_max, exp_sum_inplace's sum, the
+    exponentials, scale_minus of them)."""
+    g = x.copy()
+    big = row_max(x, None)
+    s = exp_sum_inplace(g, m, None)
+    e = g.copy()
+    scale_minus(g, g, k1, k2, w)
+    return big, s, e, g
+
+
+def _special_float32(n, seed):
+    """float32 values at and around bfloat16 and float16 rounding ties, NaN,
+    infinities, overflow and subnormals of both types, zeros."""
+    rng = np.random.default_rng(seed)
+    ties = rng.integers(0, 1 << 16, n, dtype=np.uint32) << 16
+    bits = ties | rng.choice(np.uint32([0x8000, 0x7fff, 0x8001, 0x1000, 0]), n)
+    values = bits.view(np.float32).copy()
+    specials = np.float32([np.nan, np.inf, -np.inf, 7e4, -7e4, 65520.0, 1e-8, 6e-8, 3e38,
+                           -0.0, 0.0, 1e-39, -3e-41])
+    values[:min(n, specials.size)] = specials[:n]
+    return values
+
+
+def _same(a, b):
+    """Equal, NaN equal to NaN."""
+    return a == b or (np.isnan(a) and np.isnan(b))
+
+
+def _bits(a):
+    return np.asarray(a).view(np.uint16 if np.asarray(a).itemsize == 2 else np.uint32)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+@pytest.mark.parametrize("n", SWEEP_LENGTHS)
+def test_half_sweeps_give_the_float32_sweeps_bits(n, dtype):
+    brain = dtype == BF16
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 4).astype(dtype)
+    if n > 3:
+        x[n // 3] = np.nan  # skipped by the max, carried by the exponentials
+        x[n // 2] = -np.inf
+    wide = x.astype(np.float32)
+    w = rng.random(n).astype(np.float32)
+    k1, k2 = np.float32(0.37), np.float32(1e-3)
+    m = np.float32(np.nanmax(wide))
+    big, s, e, g32 = _f32_sweeps(wide, m, k1, k2, w)
+    bits = x.view(np.uint16)
+
+    copy = np.full(n, 7.0, np.float32)
+    assert _half_max(bits, copy, brain) == big == m
+    np.testing.assert_array_equal(_bits(copy), _bits(wide))
+    assert _half_max(bits, None, brain) == big
+
+    ahead = np.ones(n, np.uint16)  # prefetching the next 16-bit row changes nothing
+    into = np.full(n, 7.0, np.float32)
+    assert _same(_half_exp(bits, into, m, ahead, brain), s)
+    np.testing.assert_array_equal(_bits(into), _bits(e))
+    assert _same(_half_exp(bits, None, m, None, brain), s)
+
+    guarded = np.full((n + 1, 2), 0x5555, np.uint16)
+    out = guarded[:n, 1]  # strided, with guard values around it
+    for weights in (w, None):
+        _half_scale(e, out, k1, k2, weights, brain)
+        expect = _f32_sweeps(wide, m, k1, k2, weights)[3]
+        np.testing.assert_array_equal(out, _bits(_half.narrow(expect, dtype)))
+    np.testing.assert_array_equal(guarded[:, 0], 0x5555)
+    assert guarded[n, 1] == 0x5555
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+@pytest.mark.parametrize("n", [LANES + 3, 97, BLOCK + 5])
+def test_half_sweeps_round_like_half_and_read_strided_rows(n, dtype):
+    """Rounding of ties, NaN, infinities, overflow and subnormals in the
+    gradient sweep, as ``_half.narrow``; strided 16-bit rows read as
+    contiguous ones."""
+    brain = dtype == BF16
+    e = _special_float32(n, n)
+    out = np.zeros(n, np.uint16)
+    with np.errstate(all="ignore"):
+        expect = _bits(_half.narrow(e * np.float32(1.0) - np.float32(0.0), dtype))
+        _half_scale(e, out, np.float32(1.0), np.float32(0.0), None, brain)
+    nan = np.isnan(e)
+    np.testing.assert_array_equal(out[~nan], expect[~nan])
+    assert np.isnan(out.view(dtype).astype(np.float32)[nan]).all()
+
+    x = (np.random.default_rng(n).standard_normal(n) * 3).astype(dtype)
+    base = np.zeros((n, 3), dtype)
+    base[:, 1] = x
+    strided = base[:, 1].view(np.uint16)
+    assert not strided.flags.c_contiguous
+    m = _half_max(x.view(np.uint16), None, brain)
+    a, b = np.empty(n, np.float32), np.empty(n, np.float32)
+    assert _half_max(strided, a, brain) == m
+    assert _half_exp(strided, b, m, None, brain) == _half_exp(x.view(np.uint16), a, m, None,
+                                                               brain)
+    np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+def test_bfloat16_rounding_without_avx512_bf16(monkeypatch):
+    """The integer rounding of bfloat16 (what CPUs without AVX-512 BF16
+    run, and others for subnormal lanes) compiled alone: the same bits."""
+    from fastxent import _lanes
+
+    monkeypatch.setattr(_lanes, "bf16_instructions", lambda: False)
+
+    @njit(fastmath=FASTMATH)
+    def integer_rounding(e, g, k1, k2):
+        scale_minus_half(e, g, k1, k2, None, True)
+
+    e = _special_float32(3 * BLOCK + 37, 5)
+    k1, k2 = np.float32(0.75), np.float32(2.0 ** -130)
+    out, expect = np.zeros(e.size, np.uint16), np.zeros(e.size, np.uint16)
+    integer_rounding(e, out, k1, k2)
+    _half_scale(e, expect, k1, k2, None, True)
+    np.testing.assert_array_equal(out, expect)
+    assert _lanes.bf16_instructions() is False
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_direct_half_kernel_is_the_float32_path_bit_for_bit(dtype):
+    """The 16-bit direct kernel (long contiguous rows, class indices) gives
+    the float32 path's losses and gradients on the widened logits, rounded,
+    bit for bit: weights, smoothing, z_loss, ignored rows, a NaN row, -inf
+    logits; new, in place, into ``out=`` and loss only; 1 and 2 threads."""
+    import numba
+
+    rng = np.random.default_rng(19)
+    n, C = 40, 2000  # 80000 elements: the parallel variant with 2 threads
+    x = (rng.standard_normal((n, C)) * 4).astype(dtype)
+    x[3, 7] = np.nan
+    x[5, ::3] = -np.inf
+    y = rng.integers(0, C, n)
+    y[4] = 1
+    w = (rng.random(C) + 0.5).astype(np.float32)
+    threads = numba.get_num_threads()
+    cases = [dict(), dict(weight=w), dict(label_smoothing=0.1),
+             dict(weight=w, label_smoothing=0.2, z_loss=1e-3, ignore_index=1)]
+    try:
+        for kw, reduction, nthreads in itertools.product(cases, ["none", "mean"],
+                                                         sorted({1, min(2, threads)})):
+            numba.set_num_threads(nthreads)
+            kw = dict(kw, reduction=reduction)
+            case = f"{kw} threads={nthreads}"
+            f32 = np.empty((n, C), np.float32)  # a float32 out=: the float32 kernels
+            loss32, _ = fastxent.cross_entropy_with_grad(x, y, out=f32, **kw)
+            expect = _bits(_half.narrow(f32, dtype))
+            loss, grad = fastxent.cross_entropy_with_grad(x, y, **kw)
+            inplace = x.copy()
+            loss_in, _ = fastxent.cross_entropy_with_grad(inplace, y, inplace=True, **kw)
+            out = np.full((n, C), np.nan, dtype)
+            loss_out, _ = fastxent.cross_entropy_with_grad(x, y, out=out, **kw)
+            loss_only = fastxent.cross_entropy(x, y, **kw)
+            for name, value in (("new", loss), ("inplace", loss_in), ("out", loss_out),
+                                ("loss only", loss_only)):
+                np.testing.assert_array_equal(np.asarray(value), np.asarray(loss32),
+                                              f"{case} {name}")
+            for name, value in (("new", grad), ("inplace", inplace), ("out", out)):
+                np.testing.assert_array_equal(_bits(value), expect, f"{case} {name}")
+    finally:
+        numba.set_num_threads(threads)
