@@ -51,35 +51,60 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess tes
 import numpy as np
 
 from . import _validate
+from . import distillation as _distillation
+from . import divergences as _divergences
 from . import losses as _losses
 
 Tensor = torch.Tensor
 
-__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "binary_cross_entropy_with_logits",
-           "cross_entropy", "empty_cache", "linear_cross_entropy", "log_softmax", "nll_loss",
-           "repeatable_backward", "reuse_gradient_buffers", "softmax"]
+__all__ = ["BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "DistillationLoss", "KLDivLoss",
+           "binary_cross_entropy", "binary_cross_entropy_with_logits", "cross_entropy",
+           "distillation_loss", "empty_cache", "kl_div", "linear_cross_entropy", "log_softmax",
+           "nll_loss", "repeatable_backward", "reuse_gradient_buffers", "softmax"]
 
 
 # --------------------------------------------------------------------------
 # Tensors to the arrays fastxent's functions take, and back
 
+def _bfloat16() -> np.dtype:
+    """ml_dtypes' bfloat16, the NumPy dtype fastxent reads bfloat16 arrays as."""
+    try:
+        import ml_dtypes
+    except ImportError as error:
+        raise ImportError("fastxent.torch: a CPU bfloat16 tensor reaches fastxent's kernels as "
+                          "an ml_dtypes.bfloat16 array, and ml_dtypes is not installed: "
+                          "python -m pip install ml_dtypes (or cast the tensor to "
+                          "float32)") from error
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def _array(t: Optional[Tensor]):
-    """A CPU tensor as a NumPy view of its memory (no copy); a CUDA tensor as is."""
+    """A CPU tensor as a NumPy view of its memory (no copy); a CUDA tensor as is.
+
+    NumPy has no bfloat16: a bfloat16 tensor's bits cross as an int16 view,
+    seen as ``ml_dtypes.bfloat16`` (still no copy)."""
     if t is None:
         return None
     t = t.detach()
     if t.device.type == "cpu":
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(_bfloat16())
         return t.numpy()
     return t  # exposes __cuda_array_interface__
 
 
 def _tensor(result, like: Tensor) -> Tensor:
-    """A fastxent result (NumPy scalar or array, or a CUDA tensor) as a tensor on ``like``'s
-    device."""
+    """A fastxent result (NumPy scalar or array, or a CUDA tensor) as a tensor of ``like``'s
+    device and dtype (the dtype the fake tensors promise: a 16-bit input's float32 loss
+    is rounded to the input's dtype, as PyTorch's losses return it)."""
     if isinstance(result, Tensor):
         return result
     if isinstance(result, np.ndarray):
-        return torch.from_numpy(result).to(like.device)
+        if result.dtype.name == "bfloat16":
+            tensor = torch.from_numpy(result.view(np.int16)).view(torch.bfloat16)
+        else:
+            tensor = torch.from_numpy(result)
+        return tensor.to(device=like.device, dtype=like.dtype)
     return torch.tensor(result, dtype=like.dtype, device=like.device)
 
 
@@ -407,12 +432,12 @@ def _check_inplace_allowed(name: str, input: Tensor) -> None:
 
 
 def _call_fused(spec: FusedLoss, op, name: str, input: Tensor, tensors, args,
-                reduction: str, inplace_backward: bool) -> Tensor:
+                reduction: str, inplace_backward: bool, input_name: str = "input") -> Tensor:
     grad_on = torch.is_grad_enabled()
     for label, t in tensors:
         if grad_on and t is not None and t.requires_grad:
             raise ValueError(f"fastxent.torch.{name}: {label} requires grad, but fastxent "
-                             f"differentiates with respect to input only; pass "
+                             f"differentiates with respect to {input_name} only; pass "
                              f"{label}.detach()")
     with_grad = grad_on and input.requires_grad
     if with_grad and inplace_backward and not torch.compiler.is_compiling():
@@ -471,8 +496,70 @@ _BCE_WITH_LOGITS = FusedLoss(
     forward=_bce_forward, with_grad=_bce_with_grad,
     batch_shape=lambda shape: shape, grad_dim=lambda ndim: None)
 
+
+
+def _kl_forward(x, target, reduction, log_target):
+    return _divergences.kl_div(x, target, reduction=reduction, log_target=log_target)
+
+
+def _kl_with_grad(x, target, reduction, log_target, out=None, inplace=False):
+    return _divergences.kl_div_with_grad(x, target, reduction=reduction,
+                                         log_target=log_target, out=out, inplace=inplace)
+
+
+_KL_DIV = FusedLoss(
+    name="kl_div", schema="Tensor target, str reduction, bool log_target",
+    forward=_kl_forward, with_grad=_kl_with_grad,
+    batch_shape=lambda shape: shape, grad_dim=lambda ndim: None)
+
+
+def _bce_prob_forward(x, target, weight, reduction):
+    return _divergences.binary_cross_entropy(x, target, weight=weight, reduction=reduction)
+
+
+def _bce_prob_with_grad(x, target, weight, reduction, out=None, inplace=False):
+    return _divergences.binary_cross_entropy_with_grad(x, target, weight=weight,
+                                                       reduction=reduction, out=out,
+                                                       inplace=inplace)
+
+
+_BCE = FusedLoss(
+    name="binary_cross_entropy", schema="Tensor target, Tensor? weight, str reduction",
+    forward=_bce_prob_forward, with_grad=_bce_prob_with_grad,
+    batch_shape=lambda shape: shape, grad_dim=lambda ndim: None)
+
+
+def _distill_options(x, teacher_values, teacher_indices, target, divergence, beta,
+                     temperature, alpha, ignore_index, reduction):
+    teacher = teacher_values if teacher_indices is None else (teacher_indices, teacher_values)
+    return teacher, dict(divergence=divergence, beta=beta, temperature=temperature,
+                         target=target, alpha=alpha, ignore_index=ignore_index,
+                         reduction=reduction, axis=_class_dim(x.ndim))
+
+
+def _distill_forward(x, *args):
+    teacher, options = _distill_options(x, *args)
+    return _distillation.distillation_loss(x, teacher, **options)
+
+
+def _distill_with_grad(x, *args, out=None, inplace=False):
+    teacher, options = _distill_options(x, *args)
+    return _distillation.distillation_loss_with_grad(x, teacher, **options, out=out,
+                                                     inplace=inplace)
+
+
+_DISTILLATION = FusedLoss(
+    name="distillation_loss",
+    schema=("Tensor teacher_values, Tensor? teacher_indices, Tensor? target, str divergence, "
+            "float beta, float temperature, float alpha, int ignore_index, str reduction"),
+    forward=_distill_forward, with_grad=_distill_with_grad,
+    batch_shape=_without_class_dim, grad_dim=_class_dim)
+
 _cross_entropy_op = _fused_op(_CROSS_ENTROPY)
 _bce_with_logits_op = _fused_op(_BCE_WITH_LOGITS)
+_kl_div_op = _fused_op(_KL_DIV)
+_bce_op = _fused_op(_BCE)
+_distillation_op = _fused_op(_DISTILLATION)
 
 
 def _reduction(size_average, reduce, reduction: str) -> str:
@@ -549,6 +636,110 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
                        "binary_cross_entropy_with_logits", input,
                        (("target", target), ("weight", weight), ("pos_weight", pos_weight)),
                        (target, weight, pos_weight, reduction), reduction, inplace_backward)
+
+
+def kl_div(input: Tensor, target: Tensor, size_average: Optional[bool] = None,
+           reduce: Optional[bool] = None, reduction: str = "mean",
+           log_target: bool = False) -> Tensor:
+    """``torch.nn.functional.kl_div`` on fastxent's kernel (:func:`fastxent.kl_div`).
+
+    Parameters
+    ----------
+    input : Tensor
+        Log-probabilities, float32 or float64 (any shape).
+    target : Tensor of the input's shape
+        Probabilities, or log-probabilities with ``log_target=True``. Not
+        differentiated: fastxent computes the gradient with respect to
+        ``input`` only, so a target that requires grad is refused
+        (``ValueError``; pass ``target.detach()``, or use PyTorch's
+        ``kl_div`` to train the target).
+    size_average, reduce, reduction, log_target
+        As in PyTorch (``"mean"`` averages over every element; ``"batchmean"``
+        divides the sum by ``input.size(0)``). Unlike PyTorch, ``"mean"``
+        gives no warning.
+
+    Returns
+    -------
+    Tensor
+        A 0-dim tensor, or the elementwise losses for ``reduction="none"``.
+    """
+    reduction = _reduction(size_average, reduce, reduction)
+    return _call_fused(_KL_DIV, _kl_div_op, "kl_div", input, (("target", target),),
+                       (target, reduction, bool(log_target)), reduction, False)
+
+
+def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                         size_average: Optional[bool] = None, reduce: Optional[bool] = None,
+                         reduction: str = "mean") -> Tensor:
+    """``torch.nn.functional.binary_cross_entropy`` (on probabilities) on fastxent's kernel.
+
+    ``input`` holds probabilities in [0, 1] (float32 or float64); one outside
+    raises ``ValueError`` before anything is computed. Each log is clamped at
+    -100 and the gradient is PyTorch's (finite at 0 and 1). ``weight``
+    broadcasts to the input's shape. ``target`` and ``weight`` are not
+    differentiated: one that requires grad is refused (``ValueError``).
+    """
+    reduction = _reduction(size_average, reduce, reduction)
+    return _call_fused(_BCE, _bce_op, "binary_cross_entropy", input,
+                       (("target", target), ("weight", weight)),
+                       (target, weight, reduction), reduction, False)
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits, *,
+                      divergence: str = "forward_kl", beta: float = 0.5,
+                      temperature: float = 1.0, target: Optional[Tensor] = None,
+                      alpha: float = 0.0, ignore_index: int = -100,
+                      reduction: str = "batchmean", inplace_backward: bool = False) -> Tensor:
+    """Distillation loss of a student's logits against a teacher's
+    (:func:`fastxent.distillation_loss`), differentiated with respect to the student.
+
+    Parameters
+    ----------
+    student_logits : Tensor of shape (C,), (N, C) or (N, C, d1, ...)
+        float32 or float64; the class dimension is 1 (0 for (C,)), as in
+        :func:`cross_entropy`.
+    teacher_logits : Tensor, or tuple (indices, values)
+        Dense: of the student's shape and dtype. Top-k: integer ``indices``
+        and ``values`` (the student's dtype) of the student's shape with k in
+        place of the class dimension. The teacher is a constant: one that
+        requires grad is refused (``ValueError``; compute it under
+        ``torch.no_grad()`` or pass ``teacher_logits.detach()``), rather
+        than detached silently.
+    divergence : {"forward_kl", "reverse_kl", "jsd"}, default "forward_kl"
+    beta, temperature, alpha, ignore_index
+        As in :func:`fastxent.distillation_loss` (the divergence is
+        multiplied by ``temperature**2``; ``alpha`` weighs a cross-entropy
+        against ``target`` at temperature 1).
+    target : Tensor of class indices, optional
+        Of the batch shape (the student's without the class dimension).
+    reduction : {"batchmean", "sum", "none"}, default "batchmean"
+        ``batchmean`` divides by the rows not ignored.
+    inplace_backward : bool, default False
+        Write the gradient over ``student_logits`` during the forward, with
+        the guard of :func:`cross_entropy`.
+
+    Returns
+    -------
+    Tensor
+        A 0-dim tensor, or the row losses of the batch shape for ``reduction="none"``.
+    """
+    if isinstance(teacher_logits, (tuple, list)):
+        if len(teacher_logits) != 2:
+            raise ValueError("fastxent.torch.distillation_loss: a top-k teacher_logits must be "
+                             f"a tuple (indices, values), got {len(teacher_logits)} items")
+        indices, values = teacher_logits
+    else:
+        indices, values = None, teacher_logits
+    if not isinstance(values, Tensor) or values.dtype != student_logits.dtype:
+        raise TypeError("fastxent.torch.distillation_loss: teacher_logits must be a tensor "
+                        f"of the student's dtype {student_logits.dtype}, got "
+                        f"{getattr(values, 'dtype', type(values).__name__)} (cast it first: "
+                        "the gradient has the student's dtype)")
+    return _call_fused(_DISTILLATION, _distillation_op, "distillation_loss", student_logits,
+                       (("teacher_logits", values), ("target", target)),
+                       (values, indices, target, str(divergence), float(beta),
+                        float(temperature), float(alpha), int(ignore_index), str(reduction)),
+                       reduction, inplace_backward, input_name="student_logits")
 
 
 # nll_loss: the forward is fastxent's; the gradient is one value per row at
@@ -786,6 +977,12 @@ def _softmax_call(op, name, input, dim, dtype):
                         f"dimension is deprecated)")
     if dtype is not None:
         input = input.to(dtype)
+    if (input.dtype in (torch.float16, torch.bfloat16) and torch.is_grad_enabled()
+            and input.requires_grad):
+        # fastxent's softmax_backward takes float32 and float64 only
+        raise TypeError(f"fastxent.torch.{name}: the backward of {input.dtype} inputs is not "
+                        f"supported yet: cast the input to float32 (dtype=torch.float32), or "
+                        f"call it under torch.no_grad() for the forward alone")
     return op(input, int(dim))
 
 
@@ -855,3 +1052,54 @@ class BCEWithLogitsLoss(torch.nn.Module):
                                                 reduction=self.reduction,
                                                 pos_weight=self.pos_weight,
                                                 inplace_backward=self.inplace_backward)
+
+
+class KLDivLoss(torch.nn.Module):
+    """``torch.nn.KLDivLoss`` on fastxent's kernel (see :func:`kl_div`)."""
+
+    def __init__(self, size_average=None, reduce=None, reduction: str = "mean",
+                 log_target: bool = False) -> None:
+        super().__init__()
+        self.reduction = _reduction(size_average, reduce, reduction)
+        self.log_target = log_target
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
+
+
+class BCELoss(torch.nn.Module):
+    """``torch.nn.BCELoss`` on fastxent's kernel (see :func:`binary_cross_entropy`)."""
+
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None, reduce=None,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.reduction = _reduction(size_average, reduce, reduction)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return binary_cross_entropy(input, target, weight=self.weight, reduction=self.reduction)
+
+
+class DistillationLoss(torch.nn.Module):
+    """:func:`distillation_loss` as a module: ``criterion(student_logits, teacher_logits,
+    target=None)``; the options are its keywords."""
+
+    def __init__(self, *, divergence: str = "forward_kl", beta: float = 0.5,
+                 temperature: float = 1.0, alpha: float = 0.0, ignore_index: int = -100,
+                 reduction: str = "batchmean", inplace_backward: bool = False) -> None:
+        super().__init__()
+        self.divergence = divergence
+        self.beta = beta
+        self.temperature = temperature
+        self.alpha = alpha
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.inplace_backward = inplace_backward
+
+    def forward(self, student_logits: Tensor, teacher_logits,
+                target: Optional[Tensor] = None) -> Tensor:
+        return distillation_loss(student_logits, teacher_logits, divergence=self.divergence,
+                                 beta=self.beta, temperature=self.temperature, target=target,
+                                 alpha=self.alpha, ignore_index=self.ignore_index,
+                                 reduction=self.reduction,
+                                 inplace_backward=self.inplace_backward)
