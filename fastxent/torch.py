@@ -1,10 +1,11 @@
 """fastxent's losses inside PyTorch's autograd: functions and ``nn.Module``s.
 
 Drop-in replacements for ``torch.nn.functional.cross_entropy``,
-``nll_loss``, ``binary_cross_entropy_with_logits``, ``linear_cross_entropy``,
-``softmax`` and ``log_softmax`` (backward by ``fastxent.softmax_backward`` and
-``log_softmax_backward``), and the modules
-``torch.nn.CrossEntropyLoss`` and ``torch.nn.BCEWithLogitsLoss``: the same
+``nll_loss``, ``binary_cross_entropy_with_logits``, ``binary_cross_entropy``,
+``kl_div``, ``linear_cross_entropy``, ``softmax`` and ``log_softmax``
+(backward by ``fastxent.softmax_backward`` and ``log_softmax_backward``),
+fastxent's ``distillation_loss``, and the modules ``CrossEntropyLoss``,
+``BCEWithLogitsLoss``, ``BCELoss``, ``KLDivLoss`` and ``DistillationLoss``: the same
 signatures and PyTorch's layout (the class dimension is 1, or 0 for a
 single unbatched row), computed by fastxent's fused kernels.
 
@@ -22,7 +23,8 @@ backward scales that buffer by ``grad_output`` (a scalar, or per row for
 (``torch.no_grad()``, or an input that does not require grad) only the
 forward kernel runs.
 
-CPU tensors reach the kernels as NumPy views (``Tensor.numpy()``, no copy);
+CPU tensors reach the kernels as NumPy views (``Tensor.numpy()``, no copy;
+bfloat16 through an int16 view seen as ``ml_dtypes.bfloat16``);
 CUDA tensors as themselves, through ``__cuda_array_interface__`` (see
 :func:`_on_current_stream`; unverified on GPU hardware).
 
@@ -583,7 +585,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     Parameters
     ----------
     input : Tensor of shape (C,), (N, C) or (N, C, d1, ...)
-        Logits, float32 or float64; the class dimension is 1 (0 for (C,)).
+        Logits, float32 or float64 (float16 and bfloat16 on the CPU: computed in
+        float32, the loss and gradient in the input's dtype); the class
+        dimension is 1 (0 for (C,)).
     target : Tensor
         Class indices (any integer dtype) of the input's shape without the
         class dimension, or class probabilities of the input's shape. Not
