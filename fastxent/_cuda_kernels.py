@@ -269,14 +269,13 @@ def bf16_to_f32(bits):
     return _f32_from_bits(np.uint32(bits) << np.uint32(16))
 
 
+_bf16_bits_of_f32_bits = cuda.jit(device=True, inline=True)(F.bf16_bits_of_f32_bits)
+
+
 @cuda.jit(device=True, inline=True)
 def f32_to_bf16(value):
     """The bfloat16 bits (uint16) of float32 ``value``, rounded to nearest even."""
-    u = _bits_of_f32(value)
-    if (u & np.uint32(0x7fffffff)) > np.uint32(0x7f800000):  # NaN: keep it, quiet
-        return np.uint16((u >> np.uint32(16)) | np.uint32(0x40))
-    rounding = np.uint32(0x7fff) + ((u >> np.uint32(16)) & np.uint32(1))
-    return np.uint16((u + rounding) >> np.uint32(16))
+    return _bf16_bits_of_f32_bits(_bits_of_f32(value))
 
 
 #: Storage dtypes (names) a kernel may read or write in place of its float type.

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 
 def hard_target_row(m, log_s, s, x_target, w_target, w_sum, w_dot, options, scale,
                     n_classes):
@@ -344,3 +346,15 @@ def distill_ce_grad(e1, inv_s1, hit, ka):
     """The cross-entropy share at T = 1: ka (softmax(s)_c - [c = target]),
     ``e1`` = exp(s_c - max s), ``hit`` 1.0 at the target's class."""
     return ka * (e1 * inv_s1 - hit)
+
+
+def bf16_bits_of_f32_bits(u):
+    """The bfloat16 bits (uint16) of the float32 whose bits are ``u`` (uint32),
+    rounded to nearest even as ``ml_dtypes`` and torch do: add ``0x7fff`` plus
+    the lowest kept bit, then drop the low 16 bits; a NaN stays a (quiet) NaN.
+    Each target brings its own float32 <-> bits reinterpretation
+    (``_half`` on the CPU, ``_cuda_kernels`` on the GPU)."""
+    if (u & np.uint32(0x7fffffff)) > np.uint32(0x7f800000):
+        return np.uint16((u >> np.uint32(16)) | np.uint32(0x40))
+    rounding = np.uint32(0x7fff) + ((u >> np.uint32(16)) & np.uint32(1))
+    return np.uint16((u + rounding) >> np.uint32(16))

@@ -25,6 +25,7 @@ from numba import prange, types
 from numba.extending import intrinsic
 
 from . import _cache
+from . import _formulas as F
 
 _cache.install()
 
@@ -98,13 +99,12 @@ def _bf16_to_f32(bits):
     return _bits_to_f32(np.uint32(bits) << np.uint32(16))
 
 
+_bf16_bits_of_f32_bits = numba.njit(inline="always", **_JIT_OPTIONS)(F.bf16_bits_of_f32_bits)
+
+
 @numba.njit(inline="always", **_JIT_OPTIONS)
 def _f32_to_bf16(value):
-    u = _f32_to_bits(value)
-    if (u & np.uint32(0x7fffffff)) > np.uint32(0x7f800000):  # NaN: keep it, quiet
-        return np.uint16((u >> np.uint32(16)) | np.uint32(0x40))
-    rounding = np.uint32(0x7fff) + ((u >> np.uint32(16)) & np.uint32(1))
-    return np.uint16((u + rounding) >> np.uint32(16))
+    return _bf16_bits_of_f32_bits(_f32_to_bits(value))
 
 
 #: Elements per parallel work item of the conversions.
