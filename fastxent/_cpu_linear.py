@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _linear
+from . import _blas, _linear
 from ._host import bad_uint64_target, finish_loss, raise_bad_target, scan_hard_targets
 from ._spec import LinearCrossEntropySpec
 
@@ -36,7 +36,7 @@ def _scale(a, s):
 
 
 OPS = _linear.MatrixOps(_matmul, np.empty, np.zeros, _add_rows, _col_sum, _add_into, _scale,
-                        np.copyto)
+                        np.copyto, _blas.matmul_add)
 
 
 def _denominator(spec: LinearCrossEntropySpec, target, weight):

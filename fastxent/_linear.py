@@ -19,7 +19,7 @@ the number of Numba threads.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 from ._spec import ClassProblem, LinearCrossEntropySpec
 
@@ -38,7 +38,8 @@ CHUNK_ROUND = 32
 #: loses speed and each chunk's update of the C x H gradient costs more.
 MIN_CHUNK_ROWS = 64
 #: Bytes of the scratch block a chunk's ``grad_linear_weight`` share is made
-#: in before it is added (NumPy's ``matmul`` cannot accumulate into ``out``).
+#: in before it is added, where the library has no accumulating product
+#: (``MatrixOps.matmul_add``).
 ACCUMULATE_BYTES = 4 << 20
 def default_chunk_rows(n_rows: int, n_classes: int, hidden: int, itemsize: int) -> int:
     """Rows per chunk when ``chunk_size`` is None.
@@ -67,7 +68,10 @@ class MatrixOps(NamedTuple):
     adds a bias row to every row of ``z`` in place; ``col_sum(z, acc)`` adds
     the column sums of ``z`` to ``acc``; ``add_into(a, b)`` adds ``b`` to
     ``a`` in place; ``scale(a, s)`` multiplies in place; ``copy(dst, src)``
-    copies ``src`` (any strides) into ``dst``.
+    copies ``src`` (any strides) into ``dst``; ``matmul_add(a, b, c)``, where
+    the library has it, adds ``a @ b`` to ``c`` in one product and returns
+    whether it could (else the loop makes the product in a scratch block
+    and adds it).
     """
 
     matmul: Callable
@@ -78,6 +82,7 @@ class MatrixOps(NamedTuple):
     add_into: Callable
     scale: Callable
     copy: Callable
+    matmul_add: Optional[Callable] = None
 
 
 def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: float,
@@ -106,8 +111,6 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
         gw = ops.zeros((c, h), dtype)
         gb = None if b is None else ops.zeros((c,), dtype)
         block = max(1, min(c, ACCUMULATE_BYTES // max(1, h * dtype.itemsize)))
-        if n > chunk:
-            tmp = ops.empty((block, h), dtype)
         # grad_input's rows as their transpose, H x m (see below)
         gx_t = ops.empty((h * min(chunk, n),), dtype)
     w_t = w.T
@@ -141,14 +144,19 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
         gxt = gx_t[: h * m].reshape(h, m)
         ops.matmul(w_t, z.T, gxt)
         ops.copy(gx[start:stop], gxt.T)
-        # In blocks of classes even for the first chunk (written in place):
-        # one product of all C classes had the BLAS take a chunk-sized
-        # buffer of its own (35 MiB at 320 x 32000, H = 1024).
-        for c0 in range(0, c, block):
-            c1 = min(c, c0 + block)
-            if start == 0:
-                ops.matmul(z[:, c0:c1].T, xc, gw[c0:c1])
-            else:
+        # grad_linear_weight += z.T @ xc: one accumulating product where the
+        # library has one, which reads and writes the C x H sum once per chunk
+        if ops.matmul_add is None or not ops.matmul_add(z.T, xc, gw):
+            # else in blocks of classes, the first chunk written in place:
+            # one product of all C classes had the BLAS take a chunk-sized
+            # buffer of its own (35 MiB at 320 x 32000, H = 1024)
+            for c0 in range(0, c, block):
+                c1 = min(c, c0 + block)
+                if start == 0:
+                    ops.matmul(z[:, c0:c1].T, xc, gw[c0:c1])
+                    continue
+                if tmp is None:
+                    tmp = ops.empty((block, h), dtype)
                 share = tmp[: c1 - c0]
                 ops.matmul(z[:, c0:c1].T, xc, share)
                 ops.add_into(gw[c0:c1], share)
