@@ -37,6 +37,11 @@ CHUNK_ROUND = 32
 #: the products' inner dimension for ``grad_linear_weight``, below which BLAS
 #: loses speed and each chunk's update of the C x H gradient costs more.
 MIN_CHUNK_ROWS = 64
+#: Bytes of the chunk's gradient (m rows x a block of classes) per
+#: accumulating product (``MatrixOps.matmul_add``): OpenBLAS packs up to
+#: about 14000 columns of that operand per thread (17 MiB at 320 rows, 2
+#: threads: 3% of the 8192 x 32000 logits), so the classes go in blocks.
+ACCUMULATE_PANEL_BYTES = 2 << 20
 #: Bytes of the scratch block a chunk's ``grad_linear_weight`` share is made
 #: in before it is added, where the library has no accumulating product
 #: (``MatrixOps.matmul_add``).
@@ -83,6 +88,23 @@ class MatrixOps(NamedTuple):
     scale: Callable
     copy: Callable
     matmul_add: Optional[Callable] = None
+
+
+def _accumulate(ops: MatrixOps, z, xc, gw, itemsize: int) -> bool:
+    """``gw += z.T @ xc`` by ``ops.matmul_add`` in blocks of classes of
+    ``ACCUMULATE_PANEL_BYTES``; False (nothing added) where it cannot."""
+    if ops.matmul_add is None:
+        return False
+    m, c = z.shape
+    step = max(1, min(c, ACCUMULATE_PANEL_BYTES // max(1, m * itemsize)))
+    for c0 in range(0, c, step):
+        c1 = min(c, c0 + step)
+        if not ops.matmul_add(z[:, c0:c1].T, xc, gw[c0:c1]):
+            if c0 == 0:
+                return False
+            # the blocks share dtypes and strides: a later one cannot differ
+            raise RuntimeError("internal error: an accumulating product refused a block")
+    return True
 
 
 def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: float,
@@ -144,9 +166,9 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
         gxt = gx_t[: h * m].reshape(h, m)
         ops.matmul(w_t, z.T, gxt)
         ops.copy(gx[start:stop], gxt.T)
-        # grad_linear_weight += z.T @ xc: one accumulating product where the
-        # library has one, which reads and writes the C x H sum once per chunk
-        if ops.matmul_add is None or not ops.matmul_add(z.T, xc, gw):
+        # grad_linear_weight += z.T @ xc: accumulating products where the
+        # library has them, which read and write the C x H sum once per chunk
+        if not _accumulate(ops, z, xc, gw, dtype.itemsize):
             # else in blocks of classes, the first chunk written in place:
             # one product of all C classes had the BLAS take a chunk-sized
             # buffer of its own (35 MiB at 320 x 32000, H = 1024)

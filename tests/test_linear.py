@@ -190,18 +190,24 @@ def test_default_chunk_rows():
 
 
 @pytest.mark.parametrize("chunk", (1, 3, 7, N + 1))
-def test_class_blocks_of_grad_linear_weight(monkeypatch, chunk):
-    """Without an accumulating product (a BLAS other than NumPy's bundled
-    OpenBLAS), grad_linear_weight's shares in blocks of 4 classes (with a
-    remainder of 2) give torch's figures, with chunks of more rows than the
-    last share's 2 classes (three chunks and more: the third reuses the
-    second's buffers, and grad_input's transposed scratch)."""
+@pytest.mark.parametrize("path", ("accumulating", "scratch"))
+def test_class_blocks_of_grad_linear_weight(monkeypatch, chunk, path):
+    """grad_linear_weight's shares in blocks of classes give torch's figures:
+    accumulating products of one class each, or, without them (a BLAS other
+    than NumPy's bundled OpenBLAS), scratch products of 4 classes (with a
+    remainder of 2) added in, with chunks of more rows than the last share's
+    2 classes (three chunks and more: the third reuses the second's buffers,
+    and grad_input's transposed scratch)."""
     import fastxent._cpu_linear
     import fastxent._linear
 
-    monkeypatch.setattr(fastxent._linear, "ACCUMULATE_BYTES", 4 * H * 8)  # 4-class blocks
-    monkeypatch.setattr(fastxent._cpu_linear, "OPS",
-                        fastxent._cpu_linear.OPS._replace(matmul_add=None))
+    if path == "accumulating":
+        assert fastxent._cpu_linear.OPS.matmul_add is not None
+        monkeypatch.setattr(fastxent._linear, "ACCUMULATE_PANEL_BYTES", 1)  # a class each
+    else:
+        monkeypatch.setattr(fastxent._linear, "ACCUMULATE_BYTES", 4 * H * 8)  # 4-class blocks
+        monkeypatch.setattr(fastxent._cpu_linear, "OPS",
+                            fastxent._cpu_linear.OPS._replace(matmul_add=None))
     x, w, b, t, ignore_index = _inputs("ignored", seed=11)
     ours = fastxent.linear_cross_entropy_with_grad(x, w, t, linear_bias=b, chunk_size=chunk,
                                                    label_smoothing=0.1)
