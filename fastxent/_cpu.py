@@ -644,6 +644,8 @@ def divergence(spec, input, target, weight, grad):
     before anything is written."""
     from . import _divergence_kernels as D
     from ._validate import raise_outside_unit
+    if half_dtype(input.dtype):
+        return _divergence_half(spec, input, target, weight, grad)
     shape, dtype = spec.shape, spec.dtype
     problem = ClassProblem(shape or (1,), len(shape or (1,)) - 1, dtype)
     x = np.asarray(input, dtype=dtype).reshape(problem.shape)
@@ -691,6 +693,22 @@ def divergence(spec, input, target, weight, grad):
     if out is None:
         return loss, None
     return loss, (grad if not isinstance(grad, str) else out.result().reshape(shape))
+
+
+def _divergence_half(spec, input, target, weight, grad):
+    """16-bit input: widened to float32 (16-bit targets and weights too),
+    computed, the gradient rounded into a 16-bit result, as ``_bce_half``.
+    BCE's check runs on the widened input, before anything is written."""
+    x = widen(input)
+    target, weight = (a if a is None or not half_dtype(a.dtype) else widen(a)
+                      for a in (target, weight))
+    if grad is None or (not isinstance(grad, str) and grad.dtype == np.float32):
+        return divergence(spec, x, target, weight, grad)
+    loss, g = divergence(spec, x, target, weight, x)
+    if isinstance(grad, str):
+        return loss, narrow(g, input.dtype)
+    narrow_into(grad, g)
+    return loss, grad
 
 
 def divergence_small(input, target, kind, reduction, axis, inplace, with_grad):

@@ -795,30 +795,37 @@ def divergence(spec, input, target, weight, grad):
     device_x, target, weight = to_device_args((input, target, weight))
     shape, dtype = spec.shape, spec.dtype
     n = math.prod(shape)
-    x = _contiguous(device_x, dtype)
+    # 16-bit inputs and targets stay 16-bit: the kernels read them (2 bytes
+    # an element) and compute in float32 (``dtype``); weights are widened
+    storage = _storage_dtype(device_x, dtype)
+    x = _contiguous(device_x, storage)
     tpb = _threads()
     blocks = max(1, min(math.ceil(n / tpb), MAX_BLOCKS))
     if spec.kind == "bce" and n:
         counts = cuda.device_array(blocks * tpb, dtype=np.int64)
-        D.outside_unit()[blocks, tpb](_flat(x), counts, n)
+        D.outside_unit(storage.name)[blocks, tpb](_flat(_kernel_array(x)), counts, n)
         bad = int(counts.copy_to_host().sum())
         if bad:
             raise_outside_unit(bad)
     grad = _gradient_destination(grad, (input, device_x))
-    t = _flat(_contiguous(target, dtype))
+    t_storage = _storage_dtype(target, dtype)
+    t = _flat(_contiguous(target, t_storage))
     w = _broadcast_operand(weight, shape, dtype)
     g = dest = None
     if grad is not None:
-        g, dest = _destination(grad, device_x, x, shape, dtype, (x, t, w))
+        g_dtype = storage if isinstance(grad, str) else np.dtype(grad.dtype)
+        g, dest = _destination(grad, device_x, x, shape, g_dtype, (x, t, w))
     elements = cuda.device_array(n, dtype=dtype) if spec.reduction == "none" else None
     partials = cuda.device_array(blocks * tpb, dtype=np.float64)
     mean = spec.reduction in ("mean", "batchmean")
     denominator = spec.n_rows if spec.reduction == "batchmean" else n
     scale = mean_scale(mean, denominator)
     if n:
-        D.divergence(dtype, spec.kind)[blocks, tpb](_flat(x), t, w,
-                                                     None if g is None else _flat(g), elements,
-                                                     partials, n, scale)
+        kernel = D.divergence(dtype, spec.kind, storage.name, t_storage.name,
+                              None if g is None else np.dtype(g.dtype).name)
+        kernel[blocks, tpb](_flat(_kernel_array(x)), _kernel_array(t), w,
+                            None if g is None else _flat(_kernel_array(g)), elements,
+                            partials, n, scale)
     if spec.reduction == "none":
         loss = _to_caller(elements.reshape(shape), device_x)
     else:

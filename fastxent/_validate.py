@@ -229,7 +229,7 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
 #: The public functions whose GPU kernels take float16 and bfloat16 inputs
 #: (the others take them on the CPU only, for now).
 GPU_HALF_FUNCTIONS = frozenset(("cross_entropy", "cross_entropy_with_grad", "softmax",
-                                "log_softmax", "logsumexp"))
+                                "log_softmax", "logsumexp", "kl_div", "binary_cross_entropy"))
 
 
 def half_on_gpu(device, function, *arrays):
@@ -560,13 +560,13 @@ def _divergence_operands(input, target, weight, reduction):
     ``weight`` broadcasting to it without enlarging it."""
     input, target, weight = _describe(input), _describe(target), _describe(weight)
     shape = tuple(input.shape)
-    dtype = float_dtype(input.dtype, "input")
+    dtype = float_dtype(input.dtype, "input", half=True)
     if tuple(target.shape) != shape:
         raise ValueError(f"target shape {tuple(target.shape)} must equal the input's shape "
                          f"{shape}")
-    float_dtype(target.dtype, "target")
+    float_dtype(target.dtype, "target", half=True)
     if weight is not None:
-        float_dtype(weight.dtype, "weight")
+        float_dtype(weight.dtype, "weight", half=True)
         try:
             full = np.broadcast_shapes(tuple(weight.shape), shape)
         except ValueError:
@@ -588,6 +588,7 @@ def kl_div_call(input, target, reduction, log_target, axis, device, out, inplace
     arrays = _arrays((input, target))
     reduction = kl_reduction_arg(reduction)
     shape, dtype = _divergence_operands(arrays[0], arrays[1], None, reduction)
+    half_on_gpu(device, "kl_div", *arrays[:2])
     axis_arg(axis, max(1, len(shape)), "input")
     # batchmean's divisor, as torch: input.size(0) (none for a 0-d input)
     n_rows = shape[0] if shape else 1
@@ -608,6 +609,7 @@ def binary_cross_entropy_call(input, target, weight, reduction, device, out, inp
     arrays = _arrays((input, target, weight))
     reduction = reduction_arg(reduction)
     shape, dtype = _divergence_operands(*arrays, reduction)
+    half_on_gpu(device, "binary_cross_entropy", *arrays)
     spec = DivergenceSpec(shape, dtype, reduction, "bce", 1, device)
     grad = grad_destination(arrays[0], out, inplace, shape, dtype) if with_grad else None
     return _dispatch.backend(device), spec, arrays, grad

@@ -29,9 +29,12 @@ def kl_div(input: ArrayLike, target: ArrayLike, *, reduction: KLReduction = "mea
     Parameters
     ----------
     input : array_like
-        Log-probabilities (e.g. from :func:`fastxent.log_softmax`).
+        Log-probabilities (e.g. from :func:`fastxent.log_softmax`): float32,
+        float64, or float16 and ``ml_dtypes.bfloat16``, computed in float32
+        (integers become float64).
     target : array_like of the same shape
-        Probabilities, or log-probabilities with ``log_target=True``.
+        Probabilities, or log-probabilities with ``log_target=True``, of any
+        of those dtypes.
     reduction : {"mean", "batchmean", "sum", "none"}
         As torch: ``mean`` averages over every element (torch's default,
         which is not the KL divergence of the rows); ``batchmean`` divides the
@@ -48,7 +51,8 @@ def kl_div(input: ArrayLike, target: ArrayLike, *, reduction: KLReduction = "mea
     -------
     loss
         A scalar of the input's float type, or for ``reduction="none"`` an
-        array of the input's shape holding ``target * (log(target) - input)``.
+        array of the input's shape holding ``target * (log(target) - input)``;
+        float32 for 16-bit inputs.
     """
     loss, _ = _kl(input, target, reduction, log_target, axis, device, None, False, False)
     return loss
@@ -63,6 +67,9 @@ def kl_div_with_grad(input: ArrayLike, target: ArrayLike, *, reduction: KLReduct
     ``out`` and ``inplace`` as in :func:`fastxent.cross_entropy_with_grad`
     (``inplace=True`` writes the gradient over ``input``). For
     ``reduction="none"`` the gradient is that of the sum of the elements.
+    The gradient has the input's dtype: a 16-bit input's is computed in
+    float32 and rounded to nearest even, and ``out=`` may then be of the
+    input's dtype or float32 (not the other 16-bit one).
     """
     return _kl(input, target, reduction, log_target, axis, device, out, inplace, True)
 
@@ -89,10 +96,13 @@ def binary_cross_entropy(input: ArrayLike, target: ArrayLike, *,
         Probabilities in [0, 1]; anything outside (or NaN) raises
         ``ValueError`` before anything is written. Each log is clamped at
         -100, as torch, so inputs of exactly 0 and 1 give finite losses.
+        float32, float64, or float16 and ``ml_dtypes.bfloat16`` (computed in
+        float32, the loss float32).
     target : array_like of the same shape
-        Target probabilities.
+        Target probabilities, of any of those dtypes.
     weight : array_like, optional
-        Broadcast to the input's shape; multiplies each element's loss.
+        Broadcast to the input's shape; multiplies each element's loss. Any
+        float dtype.
     reduction : {"mean", "sum", "none"}
         ``mean`` averages over all elements.
     """
@@ -108,7 +118,9 @@ def binary_cross_entropy_with_grad(input: ArrayLike, target: ArrayLike, *,
     """:func:`binary_cross_entropy` and its gradient with respect to ``input``.
 
     The gradient is torch's, ``weight (input - target) / max(input (1 - input), 1e-12)``
-    (finite at 0 and 1). ``out`` and ``inplace`` as in :func:`kl_div_with_grad`.
+    (finite at 0 and 1; for float16 inputs of exactly 0 or 1 it overflows to
+    infinity when rounded). ``out``, ``inplace`` and 16-bit gradients as in
+    :func:`kl_div_with_grad`.
     """
     return _bce(input, target, weight, reduction, device, out, inplace, True)
 

@@ -650,7 +650,9 @@ def kl_div(input: Tensor, target: Tensor, size_average: Optional[bool] = None,
     Parameters
     ----------
     input : Tensor
-        Log-probabilities, float32 or float64 (any shape).
+        Log-probabilities, float32 or float64 (float16 and bfloat16 on the
+        CPU: computed in float32, the loss and gradient in the input's
+        dtype), any shape.
     target : Tensor of the input's shape
         Probabilities, or log-probabilities with ``log_target=True``. Not
         differentiated: fastxent computes the gradient with respect to
@@ -677,7 +679,9 @@ def binary_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor]
                          reduction: str = "mean") -> Tensor:
     """``torch.nn.functional.binary_cross_entropy`` (on probabilities) on fastxent's kernel.
 
-    ``input`` holds probabilities in [0, 1] (float32 or float64); one outside
+    ``input`` holds probabilities in [0, 1] (float32 or float64; float16 and
+    bfloat16 on the CPU, computed in float32, the loss and gradient in the
+    input's dtype); one outside
     raises ``ValueError`` before anything is computed. Each log is clamped at
     -100 and the gradient is PyTorch's (finite at 0 and 1). ``weight``
     broadcasts to the input's shape. ``target`` and ``weight`` are not

@@ -266,7 +266,7 @@ def test_divergence_kernels_load_twice_and_store_once_per_element(dtype, kind):
     assert max(lp.stores_per_element for lp in loops) == 1, loops
     # (the weighted kernel is only checked to compile: ``innermost_loops``
     # counts its unrolled loop at 1.5 loads per element, less than its 3)
-    check = _ptx(D.outside_unit_py, (a, i64[::1], i64))
+    check = _ptx(D.outside_unit_py(dtype), (a, i64[::1], i64))
     loops = innermost_loops(check)
     assert loops and max(lp.loads_per_element for lp in loops) == 1, loops
     assert all(lp.stores_per_element == 0 for lp in loops), loops
@@ -360,6 +360,38 @@ def test_half_cross_entropy_moves_two_bytes_per_element(storage, cached, llm):
     if storage == "float16":  # converted by the hardware, rounded to nearest even
         assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx
     assert "shfl.sync.bfly" in ptx and not re.search(r"\s(atom|red)\.", ptx)
+
+
+@pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))
+@pytest.mark.parametrize("kind", ["kl", "kl_log_target", "bce"])
+def test_half_divergence_moves_two_bytes_per_element(storage, kind):
+    """kl_div / binary_cross_entropy of a 16-bit input and target, gradient
+    over 16 bits: per element the input and the target are loaded and the
+    gradient stored once each, as 16 bits; BCE's check loads each 16-bit
+    element once. With a float32 weight and elements, it compiles without spills."""
+    from fastxent import _cuda_divergence_kernels as D
+
+    a, f32 = HALF_ARRAYS[storage], T.float32[::1]
+    fn = D.divergence_py("float32", kind, storage, storage, storage)
+    ptx = _ptx(fn, _sig(a, a, None, a, None, f64[::1], i64, f64))
+    full = _ptx(fn, _sig(a, a, f32, a, f32, f64[::1], i64, f64))
+    for p in (ptx, full):
+        assert ".target sm_90" in p
+        assert "ld.local" not in p and "st.local" not in p
+    loops = innermost_loops(ptx)
+    assert loops, ptx[-2000:]
+    assert max(lp.loads_per_element for lp in loops) == 2, loops
+    assert max(lp.stores_per_element for lp in loops) == 1, loops
+    widths = _global_widths(ptx, loops)
+    assert widths and all(t in ("u16", "b16") for _, t in widths), widths
+    assert {op for op, _ in widths} == {"ld", "st"}, widths
+    if storage == "float16":  # converted by the hardware, rounded to nearest even
+        assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx
+    check = _ptx(D.outside_unit_py(storage), (a, i64[::1], i64))
+    loops = innermost_loops(check)
+    assert loops and max(lp.loads_per_element for lp in loops) == 1, loops
+    widths = _global_widths(check, loops)
+    assert widths and all(op == "ld" and t in ("u16", "b16") for op, t in widths), widths
 
 
 @pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))

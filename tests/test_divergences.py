@@ -269,3 +269,99 @@ def test_empty_and_scalar_inputs(shape):
         ref_loss, ref_grad = torch_bce(p, t, None, reduction)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-12, equal_nan=True)
         np.testing.assert_allclose(grad, ref_grad, rtol=1e-12)
+
+
+# -- float16 and bfloat16 (issue 19) --------------------------------------------
+# computed in float32: held to float64 torch on the same (upcast) values with
+# tests/test_half.py's bounds (loss 1e-5 relative, each 16-bit gradient element
+# one ulp); a float32 out= holds the unrounded gradient.
+
+from tests.parity import covering  # noqa: E402
+from tests.test_half import BF16, F16, check_grad, check_loss  # noqa: E402
+
+HALF_GRID = covering(dict(fn=["kl", "kl_log_target", "bce"], dtype=[F16, BF16],
+                          layout=["rows", "ncd", "strided"],
+                          reduction=["none", "mean", "sum", "batchmean"],
+                          dest=["new", "out16", "out32", "inplace"],
+                          weight=[None, "half", "float64"]), strength=2)
+
+
+def _half_case(fn, dtype, layout, weight):
+    """(x, t, w, axis) in 16 bits; BCE's inputs exclude 0 and 1 for float16,
+    whose gradient there (~1e12) is beyond float16's range."""
+    rng = np.random.default_rng(11)
+    x, t, axis = _layout(rng, layout, np.float64)
+    if fn == "kl_log_target":
+        t = np.log(np.where(t == 0, 0.5, t))
+    elif fn == "bce":
+        x = rng.uniform(0.02, 0.98, size=x.shape[::-1]).T if layout == "strided" else \
+            rng.uniform(0.02, 0.98, size=x.shape)
+        if dtype == BF16:
+            x[(0,) * x.ndim], x[(-1,) * x.ndim] = 0.0, 1.0
+    w = None
+    if fn == "bce" and weight is not None:
+        w = rng.uniform(0.5, 2, x.shape[-1:]).astype(dtype if weight == "half" else np.float64)
+    x, t = x.astype(dtype), t.astype(dtype)  # order "K": a transposed view stays one
+    assert layout != "strided" or not x.flags.c_contiguous
+    return x, t, w, axis
+
+
+@pytest.mark.parametrize("case", HALF_GRID, ids=lambda c: "-".join(map(str, c.values())))
+def test_half_against_torch(case):
+    fn, dtype, reduction, dest = case["fn"], case["dtype"], case["reduction"], case["dest"]
+    if fn == "bce" and reduction == "batchmean":
+        reduction = "mean"
+    x, t, w, axis = _half_case(fn, dtype, case["layout"], case["weight"])
+    x64, t64 = x.astype(np.float64), t.astype(np.float64)
+    if fn == "bce":
+        ref_loss, ref_grad = torch_bce(x64, t64, None if w is None else w.astype(np.float64),
+                                       reduction)
+        call = lambda x_, **kw: fastxent.binary_cross_entropy_with_grad(  # noqa: E731
+            x_, t, weight=w, reduction=reduction, **kw)
+        loss_only = fastxent.binary_cross_entropy(x, t, weight=w, reduction=reduction)
+    else:
+        log_target = fn == "kl_log_target"
+        ref_loss, ref_grad = torch_kl(x64, t64, reduction, log_target, axis)
+        call = lambda x_, **kw: fastxent.kl_div_with_grad(  # noqa: E731
+            x_, t, reduction=reduction, log_target=log_target, axis=axis, **kw)
+        loss_only = fastxent.kl_div(x, t, reduction=reduction, log_target=log_target, axis=axis)
+    x0 = x.copy()
+    if dest == "inplace":
+        x_in = x.copy()
+        loss, grad = call(x_in, inplace=True)
+        assert grad is x_in
+    elif dest.startswith("out"):
+        out = np.full(x.shape, np.nan, dtype if dest == "out16" else np.float32)
+        loss, grad = call(x, out=out)
+        assert grad is out
+    else:
+        loss, grad = call(x)
+    check_loss(loss, ref_loss, reduction)
+    np.testing.assert_array_equal(np.asarray(loss_only), np.asarray(loss))
+    if dest == "out32":
+        assert grad.dtype == np.float32
+        np.testing.assert_allclose(grad, ref_grad, rtol=2e-6, atol=1e-7)
+    else:
+        check_grad(grad, ref_grad, dtype)
+    if dest != "inplace":
+        np.testing.assert_array_equal(x.view(np.uint16), x0.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["f16", "bf16"])
+def test_half_refusals_before_writes(dtype):
+    """A 16-bit input outside [0, 1] (in place), an out= of the other 16-bit
+    dtype, a read-only 16-bit input with inplace=True: refused, nothing written."""
+    other = BF16 if dtype == F16 else F16
+    x = np.full((3, 4), 0.25, dtype)
+    x[2, 3] = 1.5
+    x0 = x.copy()
+    with pytest.raises(ValueError, match=r"in \[0, 1\].*1 element"):
+        fastxent.binary_cross_entropy_with_grad(x, np.zeros((3, 4), dtype), inplace=True)
+    np.testing.assert_array_equal(x.view(np.uint16), x0.view(np.uint16))
+    out = np.full((3, 4), 7.0, other)
+    with pytest.raises(TypeError, match=f"out has dtype {other}, expected {dtype}"):
+        fastxent.kl_div_with_grad(x, x, out=out)
+    assert np.all(out.astype(np.float32) == 7.0)
+    x.flags.writeable = False
+    with pytest.raises(ValueError, match="inplace=True but input is read-only"):
+        fastxent.kl_div_with_grad(x, x, inplace=True)

@@ -369,9 +369,6 @@ def test_bad_teachers_and_inputs_are_refused_clearly():
         ft.distillation_loss(s, _randn((4, C), 1), divergence="kl")
     with pytest.raises(ValueError, match="probabilities in \\[0, 1\\]"):
         ft.binary_cross_entropy(_student(), torch.rand(4, C, dtype=D))
-    # fastxent's divergences take float32 and float64 only: said by name
-    with pytest.raises(TypeError, match="bfloat16"):
-        ft.kl_div(_log_probs().bfloat16(), torch.rand(4, C).bfloat16())
 
 
 # --------------------------------------------------------------------------
@@ -483,3 +480,40 @@ def test_bfloat16_without_ml_dtypes_says_what_is_missing():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=str(Path(__file__).parents[1]))
     assert "ml_dtypes is not installed" in result.stdout, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------
+# 16-bit CPU tensors through kl_div and binary_cross_entropy
+
+
+@pytest.mark.parametrize("dtype", list(HALF.values()), ids=list(HALF))
+@pytest.mark.parametrize("fn,reduction", [("kl", "batchmean"), ("kl_log_target", "none"),
+                                          ("bce", "mean")])
+def test_half_divergences_match_float64(dtype, fn, reduction):
+    if fn == "bce":
+        x = (torch.rand((4, C), generator=_gen(0), dtype=D) * 0.8 + 0.1).to(dtype)
+        t = torch.rand((4, C), generator=_gen(1), dtype=D).to(dtype)
+        w = (torch.rand((C,), generator=_gen(2), dtype=D) + 0.5).to(dtype)
+        ours = lambda v: ft.binary_cross_entropy(v, t, weight=w, reduction=reduction)  # noqa
+        theirs = lambda v: F.binary_cross_entropy(v, t.double(), weight=w.double(),  # noqa
+                                                  reduction=reduction)
+    else:
+        log_target = fn == "kl_log_target"
+        x = torch.log_softmax(_randn((4, C), 0), -1).to(dtype)
+        t = torch.log_softmax(_randn((4, C), 1), -1)
+        t = (t if log_target else t.exp()).to(dtype)
+        ours = lambda v: ft.kl_div(v, t, reduction=reduction, log_target=log_target)  # noqa
+        theirs = lambda v: F.kl_div(v, t.double(), reduction=reduction,  # noqa
+                                    log_target=log_target)
+    x.requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    loss, expected = ours(x), theirs(x64)
+    _check_half_loss(loss.detach(), expected.detach(), dtype)
+    if reduction == "none":  # powers of two: the scaling by grad_output is exact
+        v = 2.0 ** torch.randint(-2, 3, loss.shape, generator=_gen(5)).double()
+        loss.backward(v.to(dtype))
+        expected.backward(v)
+    else:
+        loss.backward()
+        expected.backward()
+    _check_half_grad(x.grad, x64.grad, dtype)
