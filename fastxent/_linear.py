@@ -81,11 +81,14 @@ class MatrixOps(NamedTuple):
 
 
 def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: float,
-        with_grad: bool, ops: MatrixOps, ce: Callable, finish: Callable):
+        with_grad: bool, ops: MatrixOps, ce: Callable, finish: Callable,
+        widen_rows: Callable = None):
     """The loss and, with ``with_grad``, ``(grad_x, grad_w, grad_b)``.
 
     ``x`` is (N, H), ``w`` (C, H), ``b`` (C,) or None, ``target`` (N,) class
-    indices or (N, C) probabilities, all in the spec's dtype where float.
+    indices or (N, C) probabilities, all in the spec's dtype where float,
+    except that ``x`` may be stored in another dtype when ``widen_rows``
+    (a chunk of its rows -> the same rows in the spec's dtype) is given.
     ``ce(chunk_spec, z, t, weight, grad)`` is the backend's cross-entropy;
     ``finish(total, per_row_losses)`` makes the returned loss;
     ``denominator`` is the mean's over all rows (the sum of the kept
@@ -119,6 +122,8 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
         m = stop - start
         z = buf[:m]
         xc = x[start:stop]
+        if widen_rows is not None:
+            xc = widen_rows(xc)
         ops.matmul(xc, w_t, z)
         if b is not None:
             ops.add_rows(z, b)
