@@ -85,3 +85,25 @@ def test_gpu_without_a_known_library_is_refused(monkeypatch):
     x, w, b, t, _ = _inputs("hard", seed=15)
     with pytest.raises(TypeError, match="CuPy arrays or PyTorch CUDA tensors"):
         fastxent.linear_cross_entropy(cuda.to_device(x), cuda.to_device(w), cuda.to_device(t))
+
+
+@pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
+def test_gpu_refuses_half_inputs_by_name(dtype):
+    """16-bit inputs run on the CPU only (so far): on the GPU a TypeError
+    naming the function, before any product."""
+    import ml_dtypes
+
+    dt = np.dtype(np.float16) if dtype == "float16" else np.dtype(ml_dtypes.bfloat16)
+    x, w, b, t, _ = _inputs("hard", seed=16)
+    products = []
+
+    def counting(like, dtype):
+        ops = _numpy_stand_in(like, dtype)
+        return ops._replace(matmul=lambda *args: products.append(1) or ops.matmul(*args))
+
+    _cuda_linear.STAND_INS.insert(0, (lambda a: type(a).__name__ == "FakeCUDAArray", counting))
+    with pytest.raises(TypeError, match="linear_cross_entropy does not take float16 or bfloat16"):
+        fastxent.linear_cross_entropy_with_grad(cuda.to_device(x.astype(dt)),
+                                                cuda.to_device(w.astype(dt)),
+                                                cuda.to_device(t), chunk_size=2)
+    assert products == []
