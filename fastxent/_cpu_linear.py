@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _linear
-from ._half import half_dtype, narrow, widen
+from ._half import narrow, widen
 from ._host import bad_uint64_target, finish_loss, raise_bad_target, scan_hard_targets
 from ._spec import LinearCrossEntropySpec
 
@@ -71,8 +71,7 @@ def linear_cross_entropy(spec: LinearCrossEntropySpec, x, w, b, target, weight,
 
     dtype = spec.ce.problem.dtype
     denominator = _denominator(spec, target, weight)
-    x = np.asarray(x)
-    storage = x.dtype if half_dtype(x.dtype) else None
+    storage = spec.storage
     if storage is None:
         x = np.asarray(x, dtype=dtype)
         w = np.asarray(w, dtype=dtype)

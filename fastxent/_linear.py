@@ -67,7 +67,9 @@ class MatrixOps(NamedTuple):
     adds a bias row to every row of ``z`` in place; ``col_sum(z, acc)`` adds
     the column sums of ``z`` to ``acc``; ``add_into(a, b)`` adds ``b`` to
     ``a`` in place; ``scale(a, s)`` multiplies in place; ``copy(dst, src)``
-    copies ``src`` (any strides) into ``dst``.
+    copies ``src`` (any strides) into ``dst``; ``cast(a, dtype)``, needed
+    only for 16-bit storage on the GPU, is a new array of ``a`` in
+    ``dtype`` (rounded to nearest even).
     """
 
     matmul: Callable
@@ -78,17 +80,23 @@ class MatrixOps(NamedTuple):
     add_into: Callable
     scale: Callable
     copy: Callable
+    cast: Callable = None
 
 
 def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: float,
         with_grad: bool, ops: MatrixOps, ce: Callable, finish: Callable,
-        widen_rows: Callable = None):
+        widen_rows: Callable = None, storage=None):
     """The loss and, with ``with_grad``, ``(grad_x, grad_w, grad_b)``.
 
     ``x`` is (N, H), ``w`` (C, H), ``b`` (C,) or None, ``target`` (N,) class
     indices or (N, C) probabilities, all in the spec's dtype where float,
     except that ``x`` may be stored in another dtype when ``widen_rows``
     (a chunk of its rows -> the same rows in the spec's dtype) is given.
+    ``storage`` (a 16-bit dtype, GPU) is the dtype of ``x``, ``w`` and ``b``
+    when the library multiplies them as they are: the logits chunk, whose
+    gradient the kernel writes in place in 16 bits, and ``grad_x`` are
+    then 16-bit; ``grad_w`` and ``grad_b`` are summed in the spec's dtype
+    and cast to ``storage`` at the end.
     ``ce(chunk_spec, z, t, weight, grad)`` is the backend's cross-entropy;
     ``finish(total, per_row_losses)`` makes the returned loss;
     ``denominator`` is the mean's over all rows (the sum of the kept
@@ -102,17 +110,18 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
     # The kernel sums each chunk; "none" keeps the per-row losses.
     chunk_reduction = "none" if ce_spec.reduction == "none" else "sum"
     losses = ops.empty((n,), dtype) if chunk_reduction == "none" else None
-    buf = ops.empty((min(chunk, n), c), dtype)
+    io = dtype if storage is None else storage
+    buf = ops.empty((min(chunk, n), c), io)
     gx = gw = gb = tmp = None
     if with_grad:
-        gx = ops.empty((n, h), dtype)
+        gx = ops.empty((n, h), io)
         gw = ops.zeros((c, h), dtype)
         gb = None if b is None else ops.zeros((c,), dtype)
         block = max(1, min(c, ACCUMULATE_BYTES // max(1, h * dtype.itemsize)))
-        if n > chunk:
-            tmp = ops.empty((block, h), dtype)
+        if n > chunk or storage is not None:
+            tmp = ops.empty((block, h), io)
         # grad_input's rows as their transpose, H x m (see below)
-        gx_t = ops.empty((h * min(chunk, n),), dtype)
+        gx_t = ops.empty((h * min(chunk, n),), io)
     w_t = w.T
     total = 0.0
     specs = {}
@@ -151,7 +160,7 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
         # buffer of its own (35 MiB at 320 x 32000, H = 1024).
         for c0 in range(0, c, block):
             c1 = min(c, c0 + block)
-            if start == 0:
+            if start == 0 and storage is None:
                 ops.matmul(z[:, c0:c1].T, xc, gw[c0:c1])
             else:
                 share = tmp[: c1 - c0]
@@ -167,4 +176,7 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
         for g in (gx, gw, gb):
             if g is not None:
                 ops.scale(g, s)
+    if storage is not None:
+        gw = ops.cast(gw, storage)
+        gb = None if gb is None else ops.cast(gb, storage)
     return loss, (gx, gw, gb)

@@ -229,7 +229,7 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
 #: The public functions whose GPU kernels take float16 and bfloat16 inputs
 #: (the others take them on the CPU only, for now).
 GPU_HALF_FUNCTIONS = frozenset(("cross_entropy", "cross_entropy_with_grad", "softmax",
-                                "log_softmax", "logsumexp"))
+                                "log_softmax", "logsumexp", "linear_cross_entropy"))
 
 
 def half_on_gpu(device, function, *arrays):
@@ -502,7 +502,6 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
     if storage != dtype and not half_dtype(storage):
         raise TypeError(f"input must be float32, float64, float16 or bfloat16, "
                         f"got dtype {x.dtype}")
-    half_on_gpu(device, "linear_cross_entropy", x, w, b)
     if len(w.shape) != 2:
         raise ValueError(f"linear_weight must be 2-D (classes, hidden features), "
                          f"got shape {tuple(w.shape)}")
@@ -539,7 +538,8 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
     chunk = chunk_size_arg(chunk_size)
     if chunk is None:
         chunk = default_chunk_rows(n_rows, n_classes, hidden, dtype.itemsize)
-    spec = LinearCrossEntropySpec(ce, batch_shape, hidden, max(1, min(chunk, n_rows)))
+    spec = LinearCrossEntropySpec(ce, batch_shape, hidden, max(1, min(chunk, n_rows)),
+                                  storage if half_dtype(storage) else None)
     xa, wa, ta, ba, cwa = arrays
     xa = xa.reshape(n_rows, hidden)
     ta = ta.reshape((n_rows, n_classes) if ce.soft else (n_rows,))

@@ -42,12 +42,13 @@ def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: Arr
     Parameters
     ----------
     input : array_like, shape (..., H)
-        Hidden states (float32, float64, or on the CPU float16 or
-        ``ml_dtypes.bfloat16``), one row per target.
+        Hidden states (float32, float64, float16 or ``ml_dtypes.bfloat16``),
+        one row per target.
     linear_weight : array_like, shape (C, H)
         The output layer's weight (e.g. an LLM head or tied embedding), in
-        the input's dtype. A 16-bit one is widened to a float32 copy (C x H
-        x 4 bytes) for the products, which run in float32.
+        the input's dtype. On the CPU a 16-bit one is widened to a float32
+        copy (C x H x 4 bytes) for the products, which run in float32; on
+        the GPU the library multiplies the 16-bit arrays as they are.
     target : array_like
         Class indices of shape ``input.shape[:-1]``, or class probabilities
         of shape ``input.shape[:-1] + (C,)``.
@@ -99,7 +100,8 @@ def linear_cross_entropy_with_grad(input: ArrayLike, linear_weight: ArrayLike,
         without a bias. For float32 inputs every sum runs in float32. For
         float16 / bfloat16 inputs the sums run in float32 too and the
         gradients come back in the input's dtype, rounded to nearest even
-        once, at the end.
+        (on the CPU once, at the end; on the GPU the logits chunk, its
+        gradient and each product are 16-bit too, see ``docs/usage.md``).
     """
     loss, (gx, gw, gb) = _linear_ce(input, linear_weight, target, linear_bias, weight,
                                     ignore_index, reduction, label_smoothing, chunk_size, device,
