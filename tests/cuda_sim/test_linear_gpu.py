@@ -103,8 +103,8 @@ UNIT = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 
 @pytest.mark.parametrize("dtype,bias,target,chunk", [
     ("float16", True, "ignored", 4), ("bfloat16", False, "soft", N),
-    ("bfloat16", True, "ignored", N + 1), ("float16", False, "soft", 3)])
-def test_gpu_half(dtype, bias, target, chunk):
+    ("bfloat16", True, "ignored", N + 1), ("float16", False, "soft16", 3)])
+def test_gpu_half(dtype, bias, target, chunk, monkeypatch):
     """16-bit input, weight, bias: the library's 16-bit products and the
     16-bit cross-entropy kernel on each logits chunk. To first order in the
     unit roundoff u: the logits x W^T (+ b) are rounded at most twice, so
@@ -121,22 +121,32 @@ def test_gpu_half(dtype, bias, target, chunk):
     from tests.test_half import ulp
 
     dt = np.dtype(np.float16) if dtype == "float16" else np.dtype(ml_dtypes.bfloat16)
-    x, w, b, t, ignore_index = _inputs(target, seed=17)
+    from fastxent import _cuda
+
+    x, w, b, t, ignore_index = _inputs(target[:4], seed=17)
     x, w, b = (a.astype(dt) for a in (x, w, b))
     b = b if bias else None
+    if target == "soft16":
+        t = t.astype(dt)
     reduction = "mean"
+    kernel_logits = []  # the dtype of each chunk the kernel is handed
+    real = _cuda.cross_entropy
+    monkeypatch.setattr(_cuda, "cross_entropy",
+                        lambda spec, z, *a: kernel_logits.append(z.dtype) or real(spec, z, *a))
     dx, dw, dt_ = (cuda.to_device(a) for a in (x, w, t))
     loss, gx, gw, gb = fastxent.linear_cross_entropy_with_grad(
         dx, dw, dt_, linear_bias=None if b is None else cuda.to_device(b),
         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk)
     assert type(loss) is np.float32
+    assert kernel_logits == [dt] * -(-N // chunk)
     wide = [None if a is None else a.astype(np.float64) for a in (x, w, b)]
+    t = t.astype(np.float64) if t.dtype.kind != "i" else t
     theirs = _torch_twin(wide[0], wide[1], wide[2], t, weight=None, ignore_index=ignore_index,
                          reduction=reduction, label_smoothing=0.0, use_linear_ce=False)
     z = wide[0] @ wide[1].T + (0.0 if b is None else wide[2])
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    if target == "soft":
+    if target != "ignored":
         y, rows = t, np.ones(N)
     else:
         kept = t != ignore_index
