@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _blas, _linear
+from ._half import narrow, widen
 from ._host import bad_uint64_target, finish_loss, raise_bad_target, scan_hard_targets
 from ._spec import LinearCrossEntropySpec
 
@@ -58,14 +59,26 @@ def _denominator(spec: LinearCrossEntropySpec, target, weight):
 
 def linear_cross_entropy(spec: LinearCrossEntropySpec, x, w, b, target, weight,
                          with_grad: bool):
-    """Loss and, with ``with_grad``, ``(grad_input, grad_w, grad_b)``."""
+    """Loss and, with ``with_grad``, ``(grad_input, grad_w, grad_b)``.
+
+    16-bit ``x``, ``w`` and ``b`` (one dtype) compute in float32: NumPy's
+    ``matmul`` has no fast 16-bit path, so each chunk of rows is widened as
+    it is taken and ``w`` once (a float32 copy, C x H x 4 bytes); the
+    gradients are summed in float32 and rounded to the 16-bit dtype once,
+    at the end (so ``grad_input`` is held in float32 until then too).
+    """
     from ._cpu import cross_entropy
 
     dtype = spec.ce.problem.dtype
     denominator = _denominator(spec, target, weight)
-    x = np.asarray(x, dtype=dtype)
-    w = np.asarray(w, dtype=dtype)
-    b = None if b is None else np.asarray(b, dtype=dtype)
+    storage = spec.storage
+    if storage is None:
+        x = np.asarray(x, dtype=dtype)
+        w = np.asarray(w, dtype=dtype)
+        b = None if b is None else np.asarray(b, dtype=dtype)
+    else:
+        w = widen(w)
+        b = None if b is None else widen(b)
     if spec.ce.soft:
         target = np.asarray(target, dtype=dtype)
     reduction = spec.ce.reduction
@@ -76,8 +89,11 @@ def linear_cross_entropy(spec: LinearCrossEntropySpec, x, w, b, target, weight,
         return finish_loss(total, denominator, reduction, dtype)
 
     loss, grads = _linear.run(spec, x, w, b, target, weight, denominator, with_grad, OPS,
-                              cross_entropy, finish)
+                              cross_entropy, finish, None if storage is None else widen)
     if grads is None:
         return loss, None
     gx, gw, gb = grads
+    if storage is not None:
+        gx, gw = narrow(gx, storage), narrow(gw, storage)
+        gb = None if gb is None else narrow(gb, storage)
     return loss, (gx.reshape(spec.batch_shape + (spec.hidden,)), gw, gb)

@@ -4,6 +4,10 @@ The caller's array library does the matrix products, on its current stream
 (CuPy's ``matmul``, PyTorch's ``torch.matmul``), into chunk buffers of that
 library; ``_cuda.cross_entropy`` (fastxent's CUDA kernel) turns each chunk's
 logits into their gradient in place. The loop is ``_linear.run``.
+float16 and bfloat16 inputs stay 16-bit: the library multiplies them as
+they are (float32 sums, CuPy and PyTorch's own), the 16-bit kernel reads
+and writes each 16-bit logits chunk, ``grad_linear_weight`` and
+``grad_linear_bias`` are summed in float32 and cast at the end.
 ``_cuda`` re-exports :func:`linear_cross_entropy`.
 
 Unverified on hardware: this path has run only under Numba's CUDA
@@ -44,20 +48,25 @@ def _cupy_ops(like, dtype):
     def scale(a, s):
         cp.multiply(a, a.dtype.type(s), out=a)
 
+    def cast(a, dtype):
+        return a.astype(dtype)
+
     return _linear.MatrixOps(matmul, cp.empty, cp.zeros, add_rows, col_sum, add_into, scale,
-                             cp.copyto)
+                             cp.copyto, cast=cast)
 
 
 def _torch_ops(like, dtype):
     torch = sys.modules["torch"]
-    torch_dtype = {np.dtype(np.float32): torch.float32,
-                   np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
+
+    def torch_dtype(dtype):
+        # float32, float64, float16, bfloat16: the same names in torch
+        return getattr(torch, np.dtype(dtype).name)
 
     def empty(shape, dtype):
-        return torch.empty(shape, dtype=torch_dtype, device=like.device)
+        return torch.empty(shape, dtype=torch_dtype(dtype), device=like.device)
 
     def zeros(shape, dtype):
-        return torch.zeros(shape, dtype=torch_dtype, device=like.device)
+        return torch.zeros(shape, dtype=torch_dtype(dtype), device=like.device)
 
     def matmul(a, b, out):
         torch.matmul(a, b, out=out)
@@ -77,7 +86,11 @@ def _torch_ops(like, dtype):
     def copy(dst, src):
         dst.copy_(src)
 
-    return _linear.MatrixOps(matmul, empty, zeros, add_rows, col_sum, add_into, scale, copy)
+    def cast(a, dtype):
+        return a.to(torch_dtype(dtype))
+
+    return _linear.MatrixOps(matmul, empty, zeros, add_rows, col_sum, add_into, scale, copy,
+                             cast=cast)
 
 
 def matrix_ops(like, dtype) -> _linear.MatrixOps:
@@ -127,8 +140,10 @@ def linear_cross_entropy(spec: LinearCrossEntropySpec, x, w, b, target, weight,
             return losses.reshape(spec.batch_shape)
         return finish_loss(total, denominator, reduction, dtype)
 
+    # 16-bit x, w, b: the library multiplies them as they are, the kernel
+    # reads and writes the 16-bit logits chunk (see _linear.run's storage)
     loss, grads = _linear.run(spec, x, w, b, target, w_host, denominator, with_grad, ops,
-                              cross_entropy, finish)
+                              cross_entropy, finish, storage=spec.storage)
     if grads is None:
         return loss, None
     gx, gw, gb = grads

@@ -76,7 +76,8 @@ class MatrixOps(NamedTuple):
     copies ``src`` (any strides) into ``dst``; ``matmul_add(a, b, c)``, where
     the library has it, adds ``a @ b`` to ``c`` in one product and returns
     whether it could (else the loop makes the product in a scratch block
-    and adds it).
+    and adds it); ``cast(a, dtype)``, needed only for 16-bit storage on the
+    GPU, is a new array of ``a`` in ``dtype`` (rounded to nearest even).
     """
 
     matmul: Callable
@@ -88,6 +89,7 @@ class MatrixOps(NamedTuple):
     scale: Callable
     copy: Callable
     matmul_add: Optional[Callable] = None
+    cast: Optional[Callable] = None
 
 
 def _accumulate(ops: MatrixOps, z, xc, gw, itemsize: int) -> bool:
@@ -108,11 +110,19 @@ def _accumulate(ops: MatrixOps, z, xc, gw, itemsize: int) -> bool:
 
 
 def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: float,
-        with_grad: bool, ops: MatrixOps, ce: Callable, finish: Callable):
+        with_grad: bool, ops: MatrixOps, ce: Callable, finish: Callable,
+        widen_rows: Callable = None, storage=None):
     """The loss and, with ``with_grad``, ``(grad_x, grad_w, grad_b)``.
 
     ``x`` is (N, H), ``w`` (C, H), ``b`` (C,) or None, ``target`` (N,) class
-    indices or (N, C) probabilities, all in the spec's dtype where float.
+    indices or (N, C) probabilities, all in the spec's dtype where float,
+    except that ``x`` may be stored in another dtype when ``widen_rows``
+    (a chunk of its rows -> the same rows in the spec's dtype) is given.
+    ``storage`` (a 16-bit dtype, GPU) is the dtype of ``x``, ``w`` and ``b``
+    when the library multiplies them as they are: the logits chunk, whose
+    gradient the kernel writes in place in 16 bits, and ``grad_x`` are
+    then 16-bit; ``grad_w`` and ``grad_b`` are summed in the spec's dtype
+    and cast to ``storage`` at the end.
     ``ce(chunk_spec, z, t, weight, grad)`` is the backend's cross-entropy;
     ``finish(total, per_row_losses)`` makes the returned loss;
     ``denominator`` is the mean's over all rows (the sum of the kept
@@ -126,15 +136,16 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
     # The kernel sums each chunk; "none" keeps the per-row losses.
     chunk_reduction = "none" if ce_spec.reduction == "none" else "sum"
     losses = ops.empty((n,), dtype) if chunk_reduction == "none" else None
-    buf = ops.empty((min(chunk, n), c), dtype)
+    io = dtype if storage is None else storage
+    buf = ops.empty((min(chunk, n), c), io)
     gx = gw = gb = tmp = None
     if with_grad:
-        gx = ops.empty((n, h), dtype)
+        gx = ops.empty((n, h), io)
         gw = ops.zeros((c, h), dtype)
         gb = None if b is None else ops.zeros((c,), dtype)
         block = max(1, min(c, ACCUMULATE_BYTES // max(1, h * dtype.itemsize)))
         # grad_input's rows as their transpose, H x m (see below)
-        gx_t = ops.empty((h * min(chunk, n),), dtype)
+        gx_t = ops.empty((h * min(chunk, n),), io)
     w_t = w.T
     total = 0.0
     specs = {}
@@ -144,6 +155,8 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
         m = stop - start
         z = buf[:m]
         xc = x[start:stop]
+        if widen_rows is not None:
+            xc = widen_rows(xc)
         ops.matmul(xc, w_t, z)
         if b is not None:
             ops.add_rows(z, b)
@@ -169,16 +182,17 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
         # grad_linear_weight += z.T @ xc: accumulating products where the
         # library has them, which read and write the C x H sum once per chunk
         if not _accumulate(ops, z, xc, gw, dtype.itemsize):
-            # else in blocks of classes, the first chunk written in place:
-            # one product of all C classes had the BLAS take a chunk-sized
-            # buffer of its own (35 MiB at 320 x 32000, H = 1024)
+            # else in blocks of classes, the first chunk written in place
+            # (not 16-bit storage: its products go through a scratch of its
+            # dtype): one product of all C classes had the BLAS take a
+            # chunk-sized buffer of its own (35 MiB at 320 x 32000, H = 1024)
             for c0 in range(0, c, block):
                 c1 = min(c, c0 + block)
-                if start == 0:
+                if start == 0 and storage is None:
                     ops.matmul(z[:, c0:c1].T, xc, gw[c0:c1])
                     continue
                 if tmp is None:
-                    tmp = ops.empty((block, h), dtype)
+                    tmp = ops.empty((block, h), io)
                 share = tmp[: c1 - c0]
                 ops.matmul(z[:, c0:c1].T, xc, share)
                 ops.add_into(gw[c0:c1], share)
@@ -192,4 +206,7 @@ def run(spec: LinearCrossEntropySpec, x, w, b, target, weight, denominator: floa
         for g in (gx, gw, gb):
             if g is not None:
                 ops.scale(g, s)
+    if storage is not None:
+        gw = ops.cast(gw, storage)
+        gb = None if gb is None else ops.cast(gb, storage)
     return loss, (gx, gw, gb)

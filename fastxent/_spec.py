@@ -168,13 +168,16 @@ class LinearCrossEntropySpec:
 
     ``ce`` is the cross-entropy of the (N, C) logits the call stands for
     (never made); ``batch_shape`` is the input's shape without its last
-    (hidden) axis; ``chunk_rows`` the rows taken at a time.
+    (hidden) axis; ``chunk_rows`` the rows taken at a time; ``storage``
+    the 16-bit dtype of the input, weight and bias (None when they are in
+    ``ce``'s dtype, float32 or float64).
     """
 
     ce: CrossEntropySpec
     batch_shape: tuple
     hidden: int
     chunk_rows: int
+    storage: object = None
 
     @property
     def n_rows(self) -> int:

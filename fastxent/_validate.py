@@ -229,7 +229,8 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
 #: The public functions whose GPU kernels take float16 and bfloat16 inputs
 #: (the others take them on the CPU only, for now).
 GPU_HALF_FUNCTIONS = frozenset(("cross_entropy", "cross_entropy_with_grad", "softmax",
-                                "log_softmax", "logsumexp", "kl_div", "binary_cross_entropy"))
+                                "log_softmax", "logsumexp", "kl_div", "binary_cross_entropy",
+                                "linear_cross_entropy"))
 
 
 def half_on_gpu(device, function, *arrays):
@@ -496,9 +497,12 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
     if len(x_shape) == 0:
         raise ValueError("input must have at least one dimension (the hidden features), "
                          "got a scalar")
-    dtype = float_dtype(x.dtype, "input")
-    if np.dtype(x.dtype) != dtype:
-        raise TypeError(f"input must be float32 or float64, got dtype {x.dtype}")
+    dtype = float_dtype(x.dtype, "input", half=True)
+    # 16-bit input computes in float32; linear_weight and linear_bias must match its storage
+    storage = np.dtype(x.dtype)
+    if storage != dtype and not half_dtype(storage):
+        raise TypeError(f"input must be float32, float64, float16 or bfloat16, "
+                        f"got dtype {x.dtype}")
     if len(w.shape) != 2:
         raise ValueError(f"linear_weight must be 2-D (classes, hidden features), "
                          f"got shape {tuple(w.shape)}")
@@ -508,15 +512,15 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
                          f"{hidden} features on its last axis, got input shape {x_shape}")
     if n_classes == 0:
         raise ValueError("linear_weight has zero rows (zero classes)")
-    if np.dtype(w.dtype) != dtype:
-        raise TypeError(f"linear_weight has dtype {w.dtype}, but input has dtype {dtype}: "
+    if np.dtype(w.dtype) != storage:
+        raise TypeError(f"linear_weight has dtype {w.dtype}, but input has dtype {storage}: "
                         f"pass both in one dtype")
     if b is not None:
         if tuple(b.shape) != (n_classes,):
             raise ValueError(f"linear_bias must have shape ({n_classes},) (one value per "
                              f"class), got {tuple(b.shape)}")
-        if np.dtype(b.dtype) != dtype:
-            raise TypeError(f"linear_bias has dtype {b.dtype}, but input has dtype {dtype}")
+        if np.dtype(b.dtype) != storage:
+            raise TypeError(f"linear_bias has dtype {b.dtype}, but input has dtype {storage}")
     params = list(inspect.signature(cross_entropy_spec).parameters)
     # the options after the arguments (the per-row statistics are not gathered across chunks)
     known = [p for p in params[params.index("name") + 1:]
@@ -535,7 +539,8 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
     chunk = chunk_size_arg(chunk_size)
     if chunk is None:
         chunk = default_chunk_rows(n_rows, n_classes, hidden, dtype.itemsize)
-    spec = LinearCrossEntropySpec(ce, batch_shape, hidden, max(1, min(chunk, n_rows)))
+    spec = LinearCrossEntropySpec(ce, batch_shape, hidden, max(1, min(chunk, n_rows)),
+                                  storage if half_dtype(storage) else None)
     xa, wa, ta, ba, cwa = arrays
     xa = xa.reshape(n_rows, hidden)
     ta = ta.reshape((n_rows, n_classes) if ce.soft else (n_rows,))

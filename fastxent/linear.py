@@ -42,15 +42,18 @@ def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: Arr
     Parameters
     ----------
     input : array_like, shape (..., H)
-        Hidden states (float32 or float64), one row per target.
+        Hidden states (float32, float64, float16 or ``ml_dtypes.bfloat16``),
+        one row per target.
     linear_weight : array_like, shape (C, H)
         The output layer's weight (e.g. an LLM head or tied embedding), in
-        the input's dtype.
+        the input's dtype. On the CPU a 16-bit one is widened to a float32
+        copy (C x H x 4 bytes) for the products, which run in float32; on
+        the GPU the library multiplies the 16-bit arrays as they are.
     target : array_like
         Class indices of shape ``input.shape[:-1]``, or class probabilities
         of shape ``input.shape[:-1] + (C,)``.
     linear_bias : array_like of shape (C,), optional
-        Added to every row of logits.
+        Added to every row of logits; in the input's dtype.
     weight, ignore_index, reduction, label_smoothing, z_loss
         As in :func:`fastxent.cross_entropy`; ``mean`` divides by the
         denominator over all rows, not per chunk.
@@ -70,7 +73,7 @@ def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: Arr
     Returns
     -------
     loss : scalar of the input's dtype, or an array of ``input.shape[:-1]``
-        for ``reduction="none"``.
+        for ``reduction="none"``; float32 for 16-bit inputs.
     """
     loss, _ = _linear_ce(input, linear_weight, target, linear_bias, weight, ignore_index,
                          reduction, label_smoothing, chunk_size, device,
@@ -94,7 +97,11 @@ def linear_cross_entropy_with_grad(input: ArrayLike, linear_weight: ArrayLike,
         Gradients of the loss (for ``reduction="none"``, of the sum of the
         per-row losses) with respect to ``input`` (its shape),
         ``linear_weight`` (C, H) and ``linear_bias`` (C,); the last is None
-        without a bias. For float32 inputs every sum runs in float32.
+        without a bias. For float32 inputs every sum runs in float32. For
+        float16 / bfloat16 inputs the sums run in float32 too and the
+        gradients come back in the input's dtype, rounded to nearest even
+        (on the CPU once, at the end; on the GPU the logits chunk, its
+        gradient and each product are 16-bit too, see ``docs/usage.md``).
     """
     loss, (gx, gw, gb) = _linear_ce(input, linear_weight, target, linear_bias, weight,
                                     ignore_index, reduction, label_smoothing, chunk_size, device,

@@ -5,7 +5,8 @@ Loss and the three gradients against ``torch.nn.functional.linear_cross_entropy`
 (3-D inputs, z_loss), in float64 with autograd, over reductions, class
 weights, ignore_index, label smoothing, probability targets, bias, and chunk
 sizes that do and do not divide N. Then determinism across thread counts,
-the memory bound, the loss object and the refusals.
+the memory bound, the loss object, the refusals, and 16-bit inputs (float16,
+bfloat16) against float64 torch on their upcast values.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import fastxent
+from tests import parity
+from tests.test_half import BF16, F16, HALF, check_grad, check_loss
 
 N, H, C = 9, 4, 6
 CHUNKS = (1, 7, N, N + 1)
@@ -372,3 +375,80 @@ def test_llm_options_pass_through(chunk_size):
         np.testing.assert_allclose(ours, theirs.grad.numpy(), rtol=1e-10, atol=1e-13)
     with pytest.raises(TypeError, match="unknown option"):
         fastxent.linear_cross_entropy(x, W, y, return_stats=True)
+
+
+# --------------------------------------------------------------------------
+# 16-bit input, linear_weight and linear_bias (issue 19): float32 arithmetic,
+# a float32 loss, gradients rounded once to the input's 16-bit dtype. Held to
+# float64 torch on the same (upcast) values by ``tests.test_half``'s
+# ``check_loss`` (1e-5 relative) and ``check_grad`` (one 16-bit ulp, or 2e-6 of
+# the largest magnitude where terms cancel): at these sizes the float32 sums
+# over H, C and N are off by a few float32 ulps of their terms, far inside
+# half a 16-bit ulp, so rounding once lands within one.
+
+HALF_GRID = parity.covering(dict(
+    dtype=HALF, bias=(False, True), target=("hard", "soft16", "soft64"),
+    chunk=(3, 4), reduction=REDUCTIONS), strength=2)
+
+
+@pytest.mark.parametrize("case", HALF_GRID,
+                         ids=["-".join(str(v) for v in c.values()) for c in HALF_GRID])
+def test_half_matches_float64_torch(case):
+    dtype, target = case["dtype"], case["target"]
+    x, w, b, t, ignore_index = _inputs("soft" if target != "hard" else "ignored", seed=3)
+    x, w, b = (a.astype(dtype) for a in (x, w, b))
+    b = b if case["bias"] else None
+    if target == "soft16":
+        t = t.astype(dtype)
+    weight = np.random.default_rng(5).random(C).astype(np.float32) + 0.5
+    kw = dict(linear_bias=b, weight=weight, ignore_index=ignore_index,
+              reduction=case["reduction"], chunk_size=case["chunk"])
+    ours = fastxent.linear_cross_entropy_with_grad(x, w, t, **kw)
+    wide = [None if a is None else a.astype(np.float64) for a in (x, w, b)]
+    t64 = t.astype(np.float64) if t.dtype.kind != "i" else t
+    theirs = _torch_twin(*wide[:2], wide[2], t64, weight=weight.astype(np.float64),
+                         ignore_index=ignore_index, reduction=case["reduction"],
+                         label_smoothing=0.0, use_linear_ce=False)
+    check_loss(ours[0], theirs[0], case["reduction"])
+    for name, g, e in zip(("grad_input", "grad_linear_weight", "grad_linear_bias"), ours[1:],
+                          theirs[1:]):
+        if e is None:
+            assert g is None, name
+        else:
+            check_grad(g, e, dtype, name)
+    loss_only = fastxent.linear_cross_entropy(x, w, t, **kw)
+    np.testing.assert_array_equal(np.asarray(loss_only), np.asarray(ours[0]))
+    fn = fastxent.LinearCrossEntropyLoss(weight=weight, ignore_index=ignore_index,
+                                         reduction=case["reduction"], chunk_size=case["chunk"])
+    np.testing.assert_array_equal(np.asarray(fn(x, w, t, b)), np.asarray(ours[0]))
+    for g, e in zip(fn.backward(), ours[1:]):
+        assert (g is None) == (e is None)
+        if g is not None:
+            np.testing.assert_array_equal(g.view(np.uint16), e.view(np.uint16))
+
+
+def _mixed_half_calls():
+    x, w, b, t, _ = _inputs("hard")
+    f16, bf16 = (lambda a: a.astype(F16)), (lambda a: a.astype(BF16))
+    return [
+        (dict(input=f16(x), linear_weight=bf16(w), target=t), "linear_weight has dtype"),
+        (dict(input=bf16(x), linear_weight=w.astype(np.float32), target=t),
+         "linear_weight has dtype"),
+        (dict(input=x.astype(np.float32), linear_weight=f16(w), target=t),
+         "linear_weight has dtype"),
+        (dict(input=f16(x), linear_weight=f16(w), target=t, linear_bias=bf16(b)),
+         "linear_bias has dtype"),
+        (dict(input=bf16(x), linear_weight=bf16(w), target=t, linear_bias=b.astype(np.float32)),
+         "linear_bias has dtype"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_mixed_half_calls())))
+def test_half_mixed_dtypes_refused(i):
+    kwargs, match = _mixed_half_calls()[i]
+    arrays = {k: v for k, v in kwargs.items() if isinstance(v, np.ndarray)}
+    copies = {k: v.copy() for k, v in arrays.items()}
+    with pytest.raises(TypeError, match=match):
+        fastxent.linear_cross_entropy_with_grad(**kwargs)
+    for k, a in arrays.items():
+        np.testing.assert_array_equal(a.view(np.uint8), copies[k].view(np.uint8))
