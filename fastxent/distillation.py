@@ -48,13 +48,13 @@ def distillation_loss(student_logits: ArrayLike, teacher_logits: Teacher, *,
     ----------
     student_logits : array_like, shape (..., C)
         The student's logits; class axis ``axis`` (``axis=1`` for PyTorch's
-        ``(N, C, d1, ...)`` layout). float32 or float64; on the CPU also
-        float16 or ``ml_dtypes.bfloat16`` (computed in float32).
+        ``(N, C, d1, ...)`` layout). float32 or float64, or float16 or
+        ``ml_dtypes.bfloat16`` (computed in float32).
     teacher_logits : array_like or tuple (indices, values)
         Dense: of the student's shape. Top-k: integer ``indices`` and
         ``values`` of the student's shape with k (1 <= k <= C) in place of
         the class axis, each row's indices distinct and in [0, C). Logits
-        of the student's dtypes (16-bit on the CPU only).
+        of the student's dtypes.
     divergence : {"forward_kl", "reverse_kl", "jsd"}, default "forward_kl"
     beta : float in (0, 1), default 0.5
         The JSD's mixture weight of the teacher (used by ``jsd`` only, always checked).

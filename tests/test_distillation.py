@@ -316,8 +316,8 @@ def test_half_topk_teacher_values(dtype):
 
 def test_half_student_with_float64_teacher_and_refusals():
     """A float64 teacher makes the call float64, as for float32 students (no
-    16-bit out= or in place then); mixed 16-bit out= and the GPU are refused
-    before any write."""
+    16-bit out= or in place then); mixed 16-bit out= is refused before any
+    write."""
     import ml_dtypes
     s, t, y, _ = inputs("rows", np.float32, seed=4)
     s = s.astype(np.float16)
@@ -336,5 +336,3 @@ def test_half_student_with_float64_teacher_and_refusals():
             distillation_loss_with_grad(s, t.astype(np.float64 if dtype == np.float16
                                                     else np.float32), out=out)
         assert (out.astype(np.float32) == 7).all()
-    with pytest.raises(TypeError, match="distillation_loss does not take float16"):
-        distillation_loss(s, t, device="cuda")
