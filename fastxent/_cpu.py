@@ -749,6 +749,8 @@ def distillation(spec, student, teacher, indices, target, dest):
     Targets and top-k indices are checked before anything is written."""
     from . import _distill_kernels as D
 
+    if half_dtype(student.dtype) or half_dtype(teacher.dtype):
+        return _distillation_half(spec, student, teacher, indices, target, dest)
     problem = spec.problem
     dtype = problem.dtype
     x = np.asarray(student, dtype=dtype)
@@ -795,3 +797,20 @@ def distillation(spec, student, teacher, indices, target, dest):
         loss = finish_loss(total, kept, "mean" if spec.reduction == "batchmean" else "sum",
                            dtype)
     return loss, (None if out is None else out.result())
+
+
+def _distillation_half(spec, student, teacher, indices, target, dest):
+    """16-bit student or teacher logits: widened, the float32 (float64 with a
+    float64 teacher) call, a 16-bit destination rounded from its gradient."""
+    x = widen(student) if half_dtype(student.dtype) else student
+    t = widen(teacher) if half_dtype(teacher.dtype) else teacher
+    if dest is None or isinstance(dest, str) and not (
+            half_dtype(student.dtype) and spec.problem.dtype == np.float32):
+        return distillation(spec, x, t, indices, target, dest)
+    if not isinstance(dest, str) and not half_dtype(dest.dtype):  # float32 or float64 out=
+        return distillation(spec, x, t, indices, target, dest)
+    loss, g = distillation(spec, x, t, indices, target, x if x is not student else "new")
+    if isinstance(dest, str):
+        return loss, narrow(g, student.dtype)
+    narrow_into(dest, g)
+    return loss, dest

@@ -853,6 +853,11 @@ def distillation(spec, student, teacher, indices, target, dest):
     problem = spec.problem
     dtype = problem.dtype
     n_rows, C, k = problem.n_rows, problem.n_classes, spec.topk
+    # 16-bit logits stay 16-bit where the call computes in float32: the
+    # kernel reads them (2 bytes an element); a float64 call widens them
+    half = dtype == np.float32
+    x_storage = _storage_dtype(device_x, dtype) if half else dtype
+    t_storage = _storage_dtype(t, dtype) if half else dtype
     if k:
         # each row's classes sorted (N x k values, on the host): the kernel
         # finds a class's teacher logit by binary search
@@ -871,28 +876,32 @@ def distillation(spec, student, teacher, indices, target, dest):
             raise ValueError(f"top-k teacher indices hold {what} in the row at position "
                              f"{position}")
         idx = cuda.to_device(np.ascontiguousarray(sorted_idx).reshape(-1))
-        t = cuda.to_device(np.ascontiguousarray(
-            np.take_along_axis(np.asarray(_host_copy(t), dtype=dtype), order, axis)))
+        t = _to_device(np.take_along_axis(np.asarray(_host_copy(t), dtype=t_storage), order,
+                                          axis))
     else:
         idx = cuda.device_array(0, dtype=np.int64)
     if spec.has_target:
         y, kept = _hard_targets(spec, y, None)
     else:
         y, kept = cuda.device_array(0, dtype=np.int64), float(n_rows)
-    x = _contiguous(device_x, dtype)
-    tv = _contiguous(t, dtype)
+    x = _contiguous(device_x, x_storage)
+    tv = _contiguous(t, t_storage)
     write = dest is not None
     if write:
-        written, caller_dest = _destination(dest, device_x, x, problem.shape, dtype,
+        g_dtype = x_storage if isinstance(dest, str) else np.dtype(dest.dtype)
+        written, caller_dest = _destination(dest, device_x, x, problem.shape, g_dtype,
                                             tuple(a for a in (x, tv, idx, device_x, t)
                                                   if a is not None))
     else:
         written, caller_dest = cuda.device_array(0, dtype=dtype), None
+    storages = (x_storage.name, t_storage.name, np.dtype(written.dtype).name)
     scale = mean_scale(spec.reduction == "batchmean", kept)
     losses = cuda.device_array(n_rows, dtype=np.float64)
     if n_rows:
-        _launch_rows(lambda cached: D.distill(dtype, cached, k > 0), problem, 1 if k else 2,
-                     lambda group: (_flat(x), _flat(tv), idx, _flat(written), y, losses,
+        _launch_rows(lambda cached: D.distill(dtype, cached, k > 0, *storages), problem,
+                     1 if k else 2,
+                     lambda group: (_flat(_kernel_array(x)), _flat(_kernel_array(tv)), idx,
+                                    _flat(_kernel_array(written)), y, losses,
                                     n_rows, C, max(k, 1), problem.inner, group, spec.kind,
                                     spec.beta, spec.temperature, spec.alpha, spec.ignore_index,
                                     scale, write))

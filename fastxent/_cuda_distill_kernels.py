@@ -24,7 +24,7 @@ from numba import cuda
 
 from . import _formulas as F
 from ._cuda_kernels import (_F64_SHARED, NEG_INF, SCRATCH, _finish_sum, _group_max_sum,
-                            _group_sum, _online, _row_slot, _row_start, _shared_type,
+                            _group_sum, _io, _online, _row_slot, _row_start, _shared_type,
                             _float_type)
 
 _device = cuda.jit(device=True, inline=True)
@@ -84,24 +84,29 @@ def _topk_position(idx, t_start, k, inner, c):
     return -1
 
 
-@_device
-def _log_p(t, idx, t_start, k, inner, c, inv_t, lse_p):
-    """log P of class ``c`` of a top-k teacher (-inf outside its classes)."""
-    i = _topk_position(idx, t_start, k, inner, c)
-    if i < 0:
-        return NEG_INF
-    return float(t[t_start + i * inner]) * inv_t - lse_p
-
-
 @lru_cache(maxsize=None)
-def distill_py(dtype, cached, topk):
+def distill_py(dtype, cached, topk, x_storage=None, t_storage=None, g_storage=None):
     """Row losses into ``losses`` (0 for ignored rows) and, when ``write``,
     the gradient into ``g`` (which may be ``x``). Dense teacher ``t`` of
     ``x``'s layout, or (``topk``) values ``t`` and indices ``idx`` of k per
     row, sorted by class. ``y`` of no elements: no targets. Dynamic shared memory (cached):
-    2C values (C for top-k)."""
+    2C values (C for top-k). ``*_storage``: the dtype names ``x``, ``t`` and
+    ``g`` hold (``_cuda_kernels._io``; default ``dtype``), 16-bit ones read
+    and written directly, computed in float32."""
     FT = _float_type(dtype)
     ST = _shared_type(FT)
+    name = np.dtype(dtype).name
+    load_x = _io(x_storage or name, FT)[0]
+    load_t = _io(t_storage or name, FT)[0]
+    store_g = _io(g_storage or name, FT)[1]
+
+    @_device
+    def log_p_topk(t, idx, t_start, k, inner, c, inv_t, lse_p):
+        """log P of class ``c`` of a top-k teacher (-inf outside its classes)."""
+        i = _topk_position(idx, t_start, k, inner, c)
+        if i < 0:
+            return NEG_INF
+        return float(load_t(t, t_start + i * inner)) * inv_t - lse_p
 
     def distill(x, t, idx, g, y, losses, n_rows, n_classes, k, inner, group, kind, beta,
                 temperature, alpha, ignore_index, scale, write):
@@ -128,19 +133,20 @@ def distill_py(dtype, cached, topk):
             mp, sp = NEG_INF, 0.0
             if active:
                 for c in range(lane, n_classes, group):
-                    xv = x[start + c * inner]
+                    xv = load_x(x, start + c * inner)
                     if cached:
                         cache[c] = xv
                     mq, sq = _online(mq, sq, float(xv) * inv_t, 1.0)
                     m1, s1 = _online(m1, s1, float(xv), 1.0)
                     if not topk:
-                        tv = t[start + c * inner]
+                        tv = load_t(t, start + c * inner)
                         if cached:
                             cache[n_classes + c] = tv
                         mp, sp = _online(mp, sp, float(tv) * inv_t, 1.0)
                 if topk:
                     for i in range(lane, k, group):
-                        mp, sp = _online(mp, sp, float(t[t_start + i * inner]) * inv_t, 1.0)
+                        mp, sp = _online(mp, sp, float(load_t(t, t_start + i * inner)) * inv_t,
+                                         1.0)
             mq, sq = _group_max_sum(mq, sq, group, scratch)
             m1, s1 = _group_max_sum(m1, s1, group, scratch)
             mp, sp = _group_max_sum(mp, sp, group, scratch)
@@ -152,14 +158,14 @@ def distill_py(dtype, cached, topk):
             x_target = 0.0
             if active:
                 if with_ce:
-                    x_target = float(x[start + target * inner])
+                    x_target = float(load_x(x, start + target * inner))
                 for c in range(lane, n_classes, group):
-                    xv = float(cache[c]) if cached else float(x[start + c * inner])
+                    xv = float(cache[c]) if cached else float(load_x(x, start + c * inner))
                     log_q = xv * inv_t - lse_q
                     if topk:
-                        log_p = _log_p(t, idx, t_start, k, inner, c, inv_t, lse_p)
+                        log_p = log_p_topk(t, idx, t_start, k, inner, c, inv_t, lse_p)
                     else:
-                        tv = cache[n_classes + c] if cached else t[start + c * inner]
+                        tv = cache[n_classes + c] if cached else load_t(t, start + c * inner)
                         log_p = float(tv) * inv_t - lse_p
                     share, q_share = _share(kind, math.exp(log_p), log_p, math.exp(log_q), log_q,
                                             beta)
@@ -180,17 +186,17 @@ def distill_py(dtype, cached, topk):
                     for c in range(lane, n_classes, group):
                         i = start + c * inner
                         if target == -2:
-                            g[i] = 0.0
+                            store_g(g, i, 0.0)
                             continue
-                        xv = float(cache[c]) if cached else float(x[i])
+                        xv = float(cache[c]) if cached else float(load_x(x, i))
                         if topk:
-                            log_p = _log_p(t, idx, t_start, k, inner, c, inv_t, lse_p)
+                            log_p = log_p_topk(t, idx, t_start, k, inner, c, inv_t, lse_p)
                         else:
-                            tv = cache[n_classes + c] if cached else t[i]
+                            tv = cache[n_classes + c] if cached else load_t(t, i)
                             log_p = float(tv) * inv_t - lse_p
-                        g[i] = _class_grad(kind, math.exp(log_p), log_p, xv, inv_t, lse_q,
-                                           lse_1, div, kl_qm, beta, kt, ka, with_ce,
-                                           1.0 if c == target else 0.0)
+                        store_g(g, i, _class_grad(kind, math.exp(log_p), log_p, xv, inv_t,
+                                                  lse_q, lse_1, div, kl_qm, beta, kt, ka,
+                                                  with_ce, 1.0 if c == target else 0.0))
             if cached:
                 cuda.syncthreads()  # the next rows' cache after this row's reads
             base += step
@@ -199,5 +205,6 @@ def distill_py(dtype, cached, topk):
 
 
 @lru_cache(maxsize=None)
-def distill(dtype, cached, topk):
-    return cuda.jit(distill_py(np.dtype(dtype).name, cached, topk))
+def distill(dtype, cached, topk, x_storage=None, t_storage=None, g_storage=None):
+    return cuda.jit(distill_py(np.dtype(dtype).name, cached, topk, x_storage, t_storage,
+                               g_storage))

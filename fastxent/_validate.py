@@ -230,7 +230,8 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
 #: (the others take them on the CPU only, for now).
 GPU_HALF_FUNCTIONS = frozenset(("cross_entropy", "cross_entropy_with_grad", "softmax",
                                 "log_softmax", "logsumexp", "kl_div", "binary_cross_entropy",
-                                "linear_cross_entropy"))
+                                "linear_cross_entropy", "distillation_loss",
+                                "distillation_loss_with_grad"))
 
 
 def half_on_gpu(device, function, *arrays):
@@ -678,14 +679,18 @@ def distillation_call(student_logits, teacher_logits, divergence, beta, temperat
     if not isinstance(reduction, str) or reduction not in DISTILL_REDUCTIONS:
         raise ValueError(f"reduction must be 'none', 'batchmean' or 'sum', got {reduction!r}")
     ignore_index = index_arg(ignore_index, "ignore_index")
-    problem = class_problem(x, axis, "student_logits")
+    problem = class_problem(x, axis, "student_logits", half=True)
     xd, vd = _describe(x), _describe(tv)
-    vdtype = float_dtype(vd.dtype, "teacher_logits")
+    vdtype = float_dtype(vd.dtype, "teacher_logits", half=True)
+    half_on_gpu(device, "distillation_loss_with_grad" if with_grad else "distillation_loss",
+                xd, vd)
     dtype = problem.dtype
     if vdtype == np.dtype(np.float64) and dtype != vdtype:
         dtype = vdtype
         problem = ClassProblem(problem.shape, problem.axis, dtype)
-    if inplace and with_grad and np.dtype(xd.dtype) != dtype:
+    # A 16-bit student computing in float32 takes its gradient back in place.
+    half_student = half_dtype(xd.dtype) and dtype == np.dtype(np.float32)
+    if inplace and with_grad and np.dtype(xd.dtype) != dtype and not half_student:
         raise TypeError(f"inplace=True needs student_logits of the dtype the loss computes in "
                         f"({dtype}), got {xd.dtype}")
     k = 0
@@ -719,6 +724,10 @@ def distillation_call(student_logits, teacher_logits, divergence, beta, temperat
                          "is None")
     dest = None
     if with_grad:
+        if out is not None and not inplace and not half_student:
+            # A 16-bit student with a float64 teacher computes in float64:
+            # its gradient goes to float64 only.
+            check_grad_out(out, problem.shape, dtype)
         dest = grad_destination(x, out, inplace, problem.shape, dtype)
     spec = DistillationSpec(problem, kind, beta, temperature, alpha, ignore_index, reduction, k,
                             y is not None, device)

@@ -48,11 +48,13 @@ def distillation_loss(student_logits: ArrayLike, teacher_logits: Teacher, *,
     ----------
     student_logits : array_like, shape (..., C)
         The student's logits; class axis ``axis`` (``axis=1`` for PyTorch's
-        ``(N, C, d1, ...)`` layout). float32 or float64.
+        ``(N, C, d1, ...)`` layout). float32 or float64, or float16 or
+        ``ml_dtypes.bfloat16`` (computed in float32).
     teacher_logits : array_like or tuple (indices, values)
         Dense: of the student's shape. Top-k: integer ``indices`` and
         ``values`` of the student's shape with k (1 <= k <= C) in place of
-        the class axis, each row's indices distinct and in [0, C).
+        the class axis, each row's indices distinct and in [0, C). Logits
+        of the student's dtypes.
     divergence : {"forward_kl", "reverse_kl", "jsd"}, default "forward_kl"
     beta : float in (0, 1), default 0.5
         The JSD's mixture weight of the teacher (used by ``jsd`` only, always checked).
@@ -74,8 +76,9 @@ def distillation_loss(student_logits: ArrayLike, teacher_logits: Teacher, *,
 
     Returns
     -------
-    Scalar of the computing dtype (float64 if either logits are float64),
-    or the row losses of the batch shape for ``reduction="none"``.
+    Scalar of the computing dtype (float64 if either logits are float64,
+    else float32), or the row losses of the batch shape for
+    ``reduction="none"``.
     """
     backend, spec, (x, tv, ti, y), _ = _validate.distillation_call(
         student_logits, teacher_logits, divergence, beta, temperature, target, alpha,
@@ -99,15 +102,20 @@ def distillation_loss_with_grad(student_logits: ArrayLike, teacher_logits: Teach
     Parameters
     ----------
     out : ndarray, optional
-        Array of the student's shape and the computing dtype for the gradient.
+        Array of the student's shape and the computing dtype for the
+        gradient; for a 16-bit student computing in float32, also of the
+        student's dtype (rounded to nearest even).
     inplace : bool, default False
-        Write the gradient over ``student_logits`` (a writable float32 or
-        float64 array of the computing dtype) and return it.
+        Write the gradient over ``student_logits`` (a writable array of the
+        computing dtype, or a 16-bit student computing in float32) and
+        return it.
     Other parameters as in :func:`distillation_loss`.
 
     Returns
     -------
     (loss, gradient)
+        The gradient is new in the student's dtype for a 16-bit student
+        computing in float32, else in the computing dtype.
     """
     backend, spec, (x, tv, ti, y), dest = _validate.distillation_call(
         student_logits, teacher_logits, divergence, beta, temperature, target, alpha,

@@ -704,7 +704,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits, *,
     Parameters
     ----------
     student_logits : Tensor of shape (C,), (N, C) or (N, C, d1, ...)
-        float32 or float64; the class dimension is 1 (0 for (C,)), as in
+        float32 or float64, or on the CPU bfloat16 or float16 (loss and
+        gradient in that dtype); the class dimension is 1 (0 for (C,)), as in
         :func:`cross_entropy`.
     teacher_logits : Tensor, or tuple (indices, values)
         Dense: of the student's shape and dtype. Top-k: integer ``indices``

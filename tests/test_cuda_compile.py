@@ -427,3 +427,20 @@ def test_half_kernels_compile_without_spills(storage):
             loops = innermost_loops(ptx)
             widths = _global_widths(ptx, loops)
             assert widths and all(t in ("u16", "b16") for _, t in widths), (name, widths)
+
+
+@pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))
+def test_half_distillation_moves_two_bytes_per_element(storage):
+    """16-bit student, dense teacher and gradient, rows cached: each element
+    loaded (student, teacher) and stored as 16 bits, as often as the float32
+    kernel does (two loads, one store)."""
+    a = HALF_ARRAYS[storage]
+    sig = list(_distill_sig(T.float32))
+    sig[0] = sig[1] = sig[3] = a
+    ptx = _ptx(DK.distill_py("float32", True, False, storage, storage, storage), tuple(sig))
+    loads, stores, loops = _traffic(ptx, 2)
+    assert loads == 2 and stores == 1, loops
+    assert "ld.local" not in ptx and "st.local" not in ptx
+    widths = _global_widths(ptx, loops)
+    assert widths and all(t in ("u16", "b16") for _, t in widths), widths
+    assert {op for op, _ in widths} == {"ld", "st"}, widths

@@ -249,3 +249,90 @@ def test_bad_inputs_refused_before_any_write():
 def test_exported():
     assert {"distillation_loss", "distillation_loss_with_grad",
             "DistillationLoss"} <= set(fastxent.__all__)
+
+
+# --------------------------------------------------------------------------
+# 16-bit student and teacher logits (issue 19's contract, tests/test_half.py)
+
+def _half_cases():
+    from tests.parity import covering
+    return covering(dict(dtype=("float16", "bfloat16"), divergence=KINDS,
+                         temperature=(0.5, 4.0), alpha=(0.0, 0.3),
+                         reduction=("batchmean", "sum", "none"), layout=("rows", "slabs"),
+                         teacher=("same", "float32", "other")), strength=2)
+
+
+@pytest.mark.parametrize("case", _half_cases(), ids=lambda c: "-".join(map(str, c.values())))
+def test_half_logits_match_torch(case):
+    """Loss (float32) within 1e-5 of float64 torch on the same values, each
+    16-bit gradient element within one ulp; in place, 16-bit ``out=`` and a
+    new gradient are the same bits, float32 ``out=`` the float32 result."""
+    import ml_dtypes
+    from tests.test_half import check_grad, check_loss
+    dtype = np.dtype(np.float16 if case["dtype"] == "float16" else ml_dtypes.bfloat16)
+    other = np.dtype(ml_dtypes.bfloat16 if dtype == np.float16 else np.float16)
+    s, t, y, axis = inputs(case["layout"], np.float32, seed=2)
+    s = s.astype(dtype)
+    t = t.astype({"same": dtype, "float32": np.float32, "other": other}[case["teacher"]])
+    opts = dict(divergence=case["divergence"], beta=0.3, temperature=case["temperature"],
+                target=y if case["alpha"] else None, alpha=case["alpha"],
+                reduction=case["reduction"], axis=axis)
+    want_loss, want_grad = torch_twin(s.astype(np.float64), t.astype(np.float64), **opts)
+    loss, grad = distillation_loss_with_grad(s, t, **opts)
+    check_loss(loss, want_loss, case["reduction"])
+    check_grad(grad, want_grad, dtype)
+    check_loss(distillation_loss(s, t, **opts), want_loss, case["reduction"])
+    x = s.copy()
+    _, into = distillation_loss_with_grad(x, t, inplace=True, **opts)
+    out16 = np.empty_like(s)
+    distillation_loss_with_grad(s, t, out=out16, **opts)
+    out32 = np.empty(s.shape, np.float32)
+    distillation_loss_with_grad(s, t, out=out32, **opts)
+    _, g32 = distillation_loss_with_grad(s.astype(np.float32), t.astype(np.float32), **opts)
+    assert into is x
+    np.testing.assert_array_equal(x.view(np.uint16), grad.view(np.uint16))
+    np.testing.assert_array_equal(out16.view(np.uint16), grad.view(np.uint16))
+    np.testing.assert_array_equal(out32, g32)
+
+
+@pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
+def test_half_topk_teacher_values(dtype):
+    """A top-k teacher's 16-bit values, with a 16-bit student and the module."""
+    import ml_dtypes
+    from tests.test_half import check_grad, check_loss
+    dtype = np.dtype(np.float16 if dtype == "float16" else ml_dtypes.bfloat16)
+    s, t, y, axis = inputs("slabs", np.float32, seed=3)
+    s, t = s.astype(dtype), t.astype(dtype)
+    idx, vals, dense = topk_of(t.astype(np.float64), 5, axis)
+    opts = dict(divergence="jsd", temperature=2.0, target=y, alpha=0.25, axis=axis)
+    want_loss, want_grad = torch_twin(s.astype(np.float64), dense, **opts)
+    loss, grad = distillation_loss_with_grad(s, (idx, vals.astype(dtype)), **opts)
+    check_loss(loss, want_loss, "batchmean")
+    check_grad(grad, want_grad, dtype)
+    crit = DistillationLoss(divergence="jsd", temperature=2.0, alpha=0.25, axis=axis)
+    check_loss(crit(s, (idx, vals.astype(dtype)), y), want_loss, "batchmean")
+    check_grad(crit.backward(), want_grad, dtype)
+
+
+def test_half_student_with_float64_teacher_and_refusals():
+    """A float64 teacher makes the call float64, as for float32 students (no
+    16-bit out= or in place then); mixed 16-bit out= is refused before any
+    write."""
+    import ml_dtypes
+    s, t, y, _ = inputs("rows", np.float32, seed=4)
+    s = s.astype(np.float16)
+    loss, grad = distillation_loss_with_grad(s, t.astype(np.float64))
+    want_loss, want_grad = torch_twin(s.astype(np.float64), t.astype(np.float64))
+    assert type(loss) is np.float64 and grad.dtype == np.float64
+    np.testing.assert_allclose(loss, want_loss, **close(np.float64))
+    np.testing.assert_allclose(grad, want_grad, **close(np.float64))
+    x = s.copy()
+    with pytest.raises(TypeError, match="inplace=True needs student_logits"):
+        distillation_loss_with_grad(x, t.astype(np.float64), inplace=True)
+    np.testing.assert_array_equal(x.view(np.uint16), s.view(np.uint16))
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        out = np.full(s.shape, 7, dtype)
+        with pytest.raises(TypeError, match="out has dtype"):
+            distillation_loss_with_grad(s, t.astype(np.float64 if dtype == np.float16
+                                                    else np.float32), out=out)
+        assert (out.astype(np.float32) == 7).all()

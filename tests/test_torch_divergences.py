@@ -517,3 +517,23 @@ def test_half_divergences_match_float64(dtype, fn, reduction):
         loss.backward()
         expected.backward()
     _check_half_grad(x.grad, x64.grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(HALF.values()), ids=list(HALF))
+def test_half_distillation_matches_float64(dtype):
+    """16-bit CPU student and teacher tensors (the top-k values too) cross
+    as 16-bit arrays: loss in the student's dtype, gradient within one ulp."""
+    s = _randn((5, 9), 0).to(dtype).requires_grad_(True)
+    teacher = _randn((5, 9), 1).to(dtype)
+    idx = torch.topk(teacher.double(), 4, dim=1).indices
+    for t in (teacher, (idx, teacher.gather(1, idx))):
+        s.grad = None
+        loss = ft.distillation_loss(s, t, divergence="jsd", temperature=2.0)
+        loss.backward()
+        dense = teacher.double() if not isinstance(t, tuple) else torch.full(
+            (5, 9), -torch.inf, dtype=torch.float64).scatter(1, idx, t[1].double())
+        s64 = s.detach().double().requires_grad_(True)
+        expected = _reference_distillation(s64, dense, divergence="jsd", temperature=2.0)
+        expected.backward()
+        _check_half_loss(loss.detach(), expected.detach(), dtype)
+        _check_half_grad(s.grad, s64.grad, dtype)

@@ -78,3 +78,59 @@ def test_bad_topk_refused_before_any_write():
                                         inplace=True)
         np.testing.assert_array_equal(x.copy_to_host(), s)
     assert N == s.shape[0]
+
+
+# 16-bit student and teacher logits: the kernel reads them (bfloat16 as
+# bits), computes as for float32 and rounds the gradient; held to the CPU's
+# 16-bit result (``tests/cuda_sim/test_half_gpu.py``'s bounds), whose own
+# tests hold it to float64 torch.
+def _half_gpu_cases():
+    from tests.parity import covering
+    return covering(dict(dtype=("float16", "bfloat16"), divergence=("forward_kl", "reverse_kl",
+                                                                    "jsd"),
+                         layout=("rows", "slabs"), teacher=("same", "float32", "topk"),
+                         dest=("new", "inplace", "out16", "out32"), cached=(0, None)),
+                    strength=2)
+
+
+@pytest.mark.parametrize("case", _half_gpu_cases(), ids=lambda c: "-".join(map(str, c.values())))
+def test_half_logits_match_the_cpu(case, monkeypatch):
+    import ml_dtypes
+    from tests.cuda_sim.test_half_gpu import SUM_ORDER, get, put, within_one_ulp
+    monkeypatch.setattr(_cuda, "SHARED_BYTES_CAP", case["cached"])
+    dtype = np.dtype(np.float16 if case["dtype"] == "float16" else ml_dtypes.bfloat16)
+    s, t, y, axis = inputs(case["layout"], np.float32, seed=2)
+    s = s.astype(dtype)
+    if case["teacher"] == "topk":
+        idx, vals, _ = topk_of(t, 5, axis)
+        teacher, on_gpu = (idx, vals.astype(dtype)), (cuda.to_device(idx), put(vals.astype(dtype)))
+    else:
+        teacher = t.astype(dtype if case["teacher"] == "same" else np.float32)
+        on_gpu = put(teacher)
+    opts = dict(divergence=case["divergence"], beta=0.3, temperature=2.0, target=y,
+                alpha=0.25, reduction="none" if case["layout"] == "rows" else "batchmean",
+                axis=axis)
+    if case["divergence"] == "reverse_kl" and case["teacher"] == "topk":
+        opts.update(target=None, alpha=0.0)  # infinite where the teacher has no mass
+    cpu_loss, cpu_grad = distillation_loss_with_grad(s, teacher, **opts)
+    if opts["target"] is not None:
+        opts["target"] = cuda.to_device(y)
+    x = put(s)
+    extra = {}
+    if case["dest"] == "inplace":
+        extra["inplace"] = True
+    elif case["dest"] != "new":
+        out = put(np.full(s.shape, np.nan, dtype if case["dest"] == "out16" else np.float32))
+        extra["out"] = out
+    loss, grad = distillation_loss_with_grad(x, on_gpu, **opts, **extra)
+    assert grad is extra.get("out", x if extra.get("inplace") else grad)
+    np.testing.assert_allclose(get(loss), cpu_loss, rtol=SUM_ORDER, atol=1e-7)
+    assert np.asarray(get(loss)).dtype == np.float32
+    if case["dest"] == "out32":
+        _, g32 = distillation_loss_with_grad(s.astype(np.float32), teacher if case["teacher"]
+                                             == "topk" else teacher.astype(np.float32),
+                                             **dict(opts, target=y if opts["target"] is not None
+                                                    else None))
+        np.testing.assert_allclose(get(grad), g32, rtol=2e-6, atol=1e-7)
+    else:
+        within_one_ulp(get(grad), cpu_grad, dtype, case)
