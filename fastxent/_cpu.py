@@ -474,8 +474,9 @@ def logsumexp(problem: ClassProblem, x):
 
 def logsumexp_axes(spec: ReductionSpec, x):
     """logsumexp over ``spec.axes``: moved last and merged into one class
-    axis (a view where the layout allows, else a copy), then one kernel."""
-    x = np.asarray(x, dtype=spec.dtype)
+    axis (a view where the layout allows, else a copy), then one kernel.
+    16-bit inputs are widened to float32 first."""
+    x = widen(x) if half_dtype(x.dtype) else np.asarray(x, dtype=spec.dtype)
     if not spec.axes:  # nothing summed: each element is its own logsumexp
         return np.array(x).reshape(spec.kept_shape)
     ndim, n_axes = len(spec.shape), len(spec.axes)

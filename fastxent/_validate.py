@@ -458,7 +458,8 @@ def logsumexp_axes_call(x, axis, keepdims, device):
     (xa,) = _arrays((x,))
     described = _describe(xa)
     shape = tuple(described.shape)
-    dtype = float_dtype(described.dtype, "x")
+    dtype = float_dtype(described.dtype, "x", half=True)
+    half_on_gpu(device, "logsumexp", xa)
     axes = axis if isinstance(axis, tuple) else (axis,)
     normalized = tuple(axis_arg(a, max(len(shape), 1), "x") for a in axes)
     if len(set(normalized)) != len(normalized):

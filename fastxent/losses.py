@@ -223,7 +223,9 @@ def logsumexp(x: ArrayLike, axis: int | Tuple[int, ...] = -1, *, keepdims: bool 
     none), and a 0-d ``x`` takes axis 0 or -1 (its value is its logsumexp).
     Rows of ``-inf`` give ``-inf``, rows holding ``+inf`` give ``+inf``, and an
     empty axis gives ``-inf``. Returns an array of ``x``'s shape without the
-    axes, or with them kept as size 1 for ``keepdims=True``.
+    axes, or with them kept as size 1 for ``keepdims=True``: float32 for
+    float16 and bfloat16 ``x`` (one axis or a tuple, CPU and GPU), else
+    ``x``'s float dtype (float64 for integers).
     """
     if isinstance(axis, tuple) or keepdims or np.ndim(x) == 0:
         backend, spec, xa = _validate.logsumexp_axes_call(x, axis, keepdims, device)

@@ -210,6 +210,21 @@ def test_softmax_family(dtype, layout, C):
                    reduction, "nll_loss")
 
 
+@pytest.mark.parametrize("dtype,axes,keepdims", [(F16, (0, 2), False), (BF16, (2, 0), True),
+                                                  (F16, (), True), (BF16, (1, -1), False)],
+                         ids=["f16-02", "bf16-20-keep", "f16-none", "bf16-1-1"])
+def test_logsumexp_over_axes(dtype, axes, keepdims):
+    """logsumexp over a tuple of axes takes 16-bit inputs and returns float32."""
+    x = (np.random.default_rng(6).standard_normal((3, 4, 5)) * 4).astype(dtype)
+    x[0, 0, 0] = -np.inf
+    x64 = x.astype(np.float64)
+    got = fastxent.logsumexp(x[:, ::-1], axes, keepdims=keepdims)
+    with np.errstate(divide="ignore"):  # the -inf element alone, for axes=()
+        expect = np.log(np.sum(np.exp(x64[:, ::-1]), axis=axes, keepdims=keepdims))
+    assert got.dtype == np.float32 and got.shape == expect.shape
+    np.testing.assert_allclose(got, expect, rtol=LOSS_RTOL)
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=IDS)
 @pytest.mark.parametrize("shape", list(parity.BCE_SHAPES))
 def test_binary_cross_entropy(dtype, shape):

@@ -207,6 +207,17 @@ def test_softmax_family_matches_the_cpu(dtype, layout, C):
     np.testing.assert_allclose(lse, fastxent.logsumexp(x, axis=axis), rtol=SUM_ORDER)
 
 
+@pytest.mark.parametrize("dtype,axes,keepdims", [(F16, (0, 2), True), (BF16, (), False)],
+                         ids=["f16-02-keep", "bf16-none"])
+def test_logsumexp_over_axes_matches_the_cpu(dtype, axes, keepdims):
+    """logsumexp over a tuple of axes reads 16-bit on the GPU, float32 out."""
+    x = (np.random.default_rng(6).standard_normal((2, 3, 4)) * 4).astype(dtype)
+    got = get(fastxent.logsumexp(put(x), axes, keepdims=keepdims))
+    cpu = fastxent.logsumexp(x, axes, keepdims=keepdims)
+    assert got.dtype == np.float32 and got.shape == cpu.shape
+    np.testing.assert_allclose(got, cpu, rtol=SUM_ORDER)
+
+
 def test_rounding_is_to_nearest_even():
     """The 16-bit gradient is the float32 gradient (a float32 ``out=``)
     rounded as ml_dtypes and NumPy round it, bit for bit."""
