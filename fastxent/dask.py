@@ -353,28 +353,39 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     w = _weight_array(weight, x.dtype)
     _check(x, t, w, ignore_index, reduction, label_smoothing, z_loss, logit_scale, softcap,
            False)
+    if t.dtype.kind != "f" and not isinstance(t, da.Array):
+        # class indices held here: checked now (each task then gets its slice,
+        # a few KB in the graph, instead of waiting on a chain of target tasks)
+        bad = _bad_row(t, x.shape[1], ignore_index)
+        if bad >= 0:
+            _raise_bad(t, bad, 0, x.shape[0], x.shape[1], ignore_index)
+    if x.numblocks[1] == 1:
+        return _row_sharded(x, t, w, ignore_index, reduction, label_smoothing, z_loss,
+                            logit_scale, softcap, with_grad)
+    if logit_scale != 1.0 or softcap is not None:
+        raise NotImplementedError("logit_scale and softcap are not supported with logits "
+                                  "chunked along the classes in fastxent.dask: rechunk to "
+                                  "one chunk along the classes (x.rechunk({1: -1}))")
+    return _class_sharded(x, t, w, ignore_index, reduction, label_smoothing, z_loss,
+                          with_grad)
+
+
+def _row_sharded(x, t, w, ignore_index, reduction, label_smoothing, z_loss, logit_scale,
+                 softcap, with_grad):
+    """Logits in whole rows (one chunk along the classes): each row block
+    through the NumPy function (``_row_block``)."""
     soft = t.dtype.kind == "f"
     n_rows, n_classes = x.shape
     delayed = dask.delayed
-    row_offsets, class_offsets = _offsets(x.chunks[0]), _offsets(x.chunks[1])
-    n_row_blocks, n_class_blocks = x.numblocks
+    row_offsets = _offsets(x.chunks[0])
+    n_row_blocks = x.numblocks[0]
     xd = _delayed_blocks(x)
     if soft:
-        td = _delayed_blocks(da.asarray(t).astype(x.dtype).rechunk(x.chunks))
-        target_rows = [None] * n_row_blocks
-        target_blocks = [[td[i, k] for k in range(n_class_blocks)] for i in range(n_row_blocks)]
+        target_rows = list(_delayed_blocks(da.asarray(t).astype(x.dtype).rechunk(x.chunks))[:, 0])
     elif isinstance(t, da.Array):
-        td = _delayed_blocks(t.rechunk((x.chunks[0],)))
-        target_rows = list(td)
-        target_blocks = [[None] * n_class_blocks] * n_row_blocks
+        target_rows = list(_delayed_blocks(t.rechunk((x.chunks[0],))))
     else:
-        # class indices held here: checked now, and each task gets its slice
-        # (a few KB in the graph) instead of waiting on a chain of target tasks
-        bad = _bad_row(t, n_classes, ignore_index)
-        if bad >= 0:
-            _raise_bad(t, bad, 0, n_rows, n_classes, ignore_index)
         target_rows = [t[row_offsets[i]:row_offsets[i + 1]] for i in range(n_row_blocks)]
-        target_blocks = [[None] * n_class_blocks] * n_row_blocks
 
     # the mean's denominator comes from the targets alone, so no block waits
     # on the others' logits: known now (probabilities, or indices held here)
@@ -388,37 +399,29 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     else:
         denominator = _denominator([t], w, ignore_index, n_classes)
 
-    if n_class_blocks == 1:
-        options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
-                       z_loss=z_loss, logit_scale=logit_scale, softcap=softcap)
-        post_scale = soft and z_loss > 0.0
-        blocks = [delayed(_row_block, nout=2, pure=True)(
-            xd[i, 0], target_blocks[i][0] if soft else target_rows[i], w, options, reduction,
-            with_grad, denominator, post_scale, int(row_offsets[i]), n_rows)
-            for i in range(n_row_blocks)]
-        token = [b.key for b in blocks]
-        if reduction == "none":
-            losses = _Blocks("fastxent-losses", token)
-            for i, b in enumerate(blocks):
-                losses.put((i,), operator.getitem, b, 0)
-            loss = losses.array((x.chunks[0],), x.dtype)
-        else:
-            loss = da.from_delayed(delayed(_total, pure=True)([b[0] for b in blocks],
-                                                              denominator, reduction, x.dtype),
-                                   (), x.dtype)
-        if not with_grad:
-            return loss
-        grad = _Blocks("fastxent-grad", token)
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                   z_loss=z_loss, logit_scale=logit_scale, softcap=softcap)
+    post_scale = soft and z_loss > 0.0
+    blocks = [delayed(_row_block, nout=2, pure=True)(
+        xd[i, 0], target_rows[i], w, options, reduction, with_grad, denominator, post_scale,
+        int(row_offsets[i]), n_rows)
+        for i in range(n_row_blocks)]
+    token = [b.key for b in blocks]
+    if reduction == "none":
+        losses = _Blocks("fastxent-losses", token)
         for i, b in enumerate(blocks):
-            grad.put((i, 0), operator.getitem, b, 1)
-        return loss, grad.array(x.chunks, x.dtype)
-
-    if logit_scale != 1.0 or softcap is not None:
-        raise NotImplementedError("logit_scale and softcap are not supported with logits "
-                                  "chunked along the classes in fastxent.dask: rechunk to "
-                                  "one chunk along the classes (x.rechunk({1: -1}))")
-    return _class_sharded(x, t, w, ignore_index, reduction, label_smoothing, z_loss,
-                          with_grad)
+            losses.put((i,), operator.getitem, b, 0)
+        loss = losses.array((x.chunks[0],), x.dtype)
+    else:
+        loss = da.from_delayed(delayed(_total, pure=True)([b[0] for b in blocks],
+                                                          denominator, reduction, x.dtype),
+                               (), x.dtype)
+    if not with_grad:
+        return loss
+    grad = _Blocks("fastxent-grad", token)
+    for i, b in enumerate(blocks):
+        grad.put((i, 0), operator.getitem, b, 1)
+    return loss, grad.array(x.chunks, x.dtype)
 
 
 def _class_sharded(x, t, w, ignore_index, reduction, label_smoothing, z_loss, with_grad):
