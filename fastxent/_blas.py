@@ -86,9 +86,7 @@ def matmul_add(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> bool:
     n = b.shape[1]
     if b.shape[0] != k or c.shape != (m, n) or not c.flags.c_contiguous or not c.flags.writeable:
         return False
-    if m == 0 or n == 0:
-        return True
-    if k == 0:
+    if m == 0 or n == 0 or k == 0:  # nothing to add
         return True
     fn = _gemm("s" if dtype == np.float32 else "d")
     ta, tb = _operand(a), _operand(b)

@@ -403,6 +403,22 @@ def _check_half_loss(ours, expect, dtype):
     assert ((ours.double() - expect).abs() <= bound).all(), (ours, expect)
 
 
+def _check_half_backward(loss, expected, x, x64, reduction, dtype):
+    """The 16-bit ``loss`` and its float64 twin ``expected`` (of ``x`` and
+    ``x64``): the loss, then the gradient after a backward through both."""
+    _check_half_loss(loss.detach(), expected.detach(), dtype)
+    if reduction == "none":
+        # powers of two: the in-place scaling by grad_output is exact, so the
+        # gradient is still the kernel's rounding of the float64 value
+        v = 2.0 ** torch.randint(-2, 3, loss.shape, generator=_gen(5)).double()
+        loss.backward(v.to(dtype))
+        expected.backward(v)
+    else:
+        loss.backward()
+        expected.backward()
+    _check_half_grad(x.grad, x64.grad, dtype)
+
+
 @pytest.mark.parametrize("dtype", list(HALF.values()), ids=list(HALF))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(16, 300), (3, 7, 2)], ids=["long-rows", "NCd"])
@@ -415,17 +431,7 @@ def test_half_cross_entropy_matches_float64(dtype, reduction, shape):
     loss = ft.cross_entropy(x, y, **kw)
     x64 = x.detach().double().requires_grad_(True)
     expected = F.cross_entropy(x64, y, **kw)
-    _check_half_loss(loss.detach(), expected.detach(), dtype)
-    if reduction == "none":
-        # powers of two: the in-place scaling by grad_output is exact, so the
-        # gradient is still the kernel's rounding of the float64 value
-        v = 2.0 ** torch.randint(-2, 3, loss.shape, generator=_gen(5)).double()
-        loss.backward(v.to(dtype))
-        expected.backward(v)
-    else:
-        loss.backward()
-        expected.backward()
-    _check_half_grad(x.grad, x64.grad, dtype)
+    _check_half_backward(loss, expected, x, x64, reduction, dtype)
 
 
 @pytest.mark.parametrize("dtype", list(HALF.values()), ids=list(HALF))
@@ -507,16 +513,7 @@ def test_half_divergences_match_float64(dtype, fn, reduction):
                                     log_target=log_target)
     x.requires_grad_(True)
     x64 = x.detach().double().requires_grad_(True)
-    loss, expected = ours(x), theirs(x64)
-    _check_half_loss(loss.detach(), expected.detach(), dtype)
-    if reduction == "none":  # powers of two: the scaling by grad_output is exact
-        v = 2.0 ** torch.randint(-2, 3, loss.shape, generator=_gen(5)).double()
-        loss.backward(v.to(dtype))
-        expected.backward(v)
-    else:
-        loss.backward()
-        expected.backward()
-    _check_half_grad(x.grad, x64.grad, dtype)
+    _check_half_backward(ours(x), theirs(x64), x, x64, reduction, dtype)
 
 
 @pytest.mark.parametrize("dtype", list(HALF.values()), ids=list(HALF))
