@@ -59,10 +59,11 @@ import math
 
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils, codegen, config
+from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._fastmath import _call, _const, _exp_ir, _prefer_wide_vectors, _tanh_ir, native_vector_bytes
+from ._fastmath import (_call, _const, _exp_ir, _prefer_wide_vectors, _tanh_ir, cpu_has,
+                        native_vector_bytes)
 
 #: Partial sums per vector (one 512-bit register of float32).
 LANES = 16
@@ -252,13 +253,16 @@ def _bf16_bits_avx512(builder, value):
     while len(parts) > 1:
         parts = [builder.shuffle_vector(a, b, _indices(range(2 * a.type.count)))
                  for a, b in zip(parts[0::2], parts[1::2])]
-    u = builder.bitcast(value, i32)
-    zero = _splat_int(i32, 0)
-    subnormal = builder.and_(
-        builder.icmp_unsigned("==", builder.and_(u, _splat_int(i32, 0x7f800000)), zero),
-        builder.icmp_unsigned("!=", builder.and_(u, _splat_int(i32, 0x007fffff)), zero))
-    any_subnormal = builder.icmp_unsigned("!=", builder.bitcast(subnormal, ir.IntType(n)),
-                                          ir.Constant(ir.IntType(n), 0))
+    # vfpclassps's subnormal test, one instruction per register
+    classify = builder.module.declare_intrinsic(
+        "llvm.x86.avx512.fpclass.ps.512", (),
+        ir.FunctionType(ir.VectorType(ir.IntType(1), 16), [f16x, ir.IntType(32)]))
+    subnormal = None
+    for k in range(0, n, 16):
+        part = builder.shuffle_vector(value, value, _indices(range(k, k + 16)))
+        found = builder.bitcast(builder.call(classify, [part, _i32(0x20)]), ir.IntType(16))
+        subnormal = found if subnormal is None else builder.or_(subnormal, found)
+    any_subnormal = builder.icmp_unsigned("!=", subnormal, ir.Constant(ir.IntType(16), 0))
     result = cgutils.alloca_once_value(builder, parts[0])
     with builder.if_then(any_subnormal, likely=False):
         builder.store(_bf16_bits(builder, value), result)
@@ -279,16 +283,9 @@ class _BFloat(ir.types._BaseFloatType):
 _BFloat._create_instance()
 
 
-@functools.cache
 def bf16_instructions() -> bool:
-    """Whether the CPU Numba compiles for has AVX-512 BF16 (not known, so
-    not used, where ``NUMBA_CPU_NAME`` names a CPU without its features)."""
-    features = config.CPU_FEATURES
-    if features is None:
-        if config.CPU_NAME is not None:
-            return False
-        features = codegen.get_host_cpu_features()
-    return "+avx512bf16" in features.split(",")
+    """Whether the CPU Numba compiles for has AVX-512 BF16."""
+    return cpu_has("avx512bf16")
 
 
 def _splat_int(ty, v):

@@ -143,6 +143,51 @@ def test_fast_tanh_accuracy(dtype):
     np.testing.assert_array_equal(_apply(_tanh_loop, special), [1, -1, np.nan, 0, 1, -1])
 
 
+def _vector_exp(table, monkeypatch):
+    """exp over whole AVX-512 vectors as the lane loops emit it: the table
+    exponential, or (``table`` False, as on CPUs without AVX-512) the
+    polynomial of ``fast_exp``."""
+    if table and not _fastmath.cpu_has("avx512f"):
+        pytest.skip("the table exponential needs AVX-512F")
+    monkeypatch.setattr(_fastmath, "table_exp_instructions", lambda: table)
+
+    @numba.njit(fastmath=FASTMATH)
+    def exp_inplace(g):
+        _lanes.exp_sum_inplace(g, 0.0, None)
+
+    def apply(x):
+        g = x.copy()
+        exp_inplace(g)
+        return g
+    return apply
+
+
+@pytest.mark.parametrize("table", [True, False], ids=["table", "polynomial"])
+def test_vector_exp_accuracy_and_cut_offs(table, monkeypatch):
+    """The lane loops' exponential of float32 vectors, with the table of
+    2^(j/16) and without: within 2 ulp on the normal range, including the
+    table's reduction boundaries ((k + 1/2) ln2/16); exactly 0 for -inf and
+    below -127 ln 2; a subnormal approximation (off by less than the smallest
+    normal) between that and -87.3; NaN for NaN."""
+    apply = _vector_exp(table, monkeypatch)
+    lo, hi, max_rel = EXP_CASES[np.float32]
+    k = np.arange(np.ceil(16 * lo / np.log(2)), np.floor(16 * hi / np.log(2)))
+    sixteenths = np.concatenate([(k + 0.5) * np.log(2) / 16 + d for d in (-1e-7, 0.0, 1e-7)])
+    x = np.concatenate([_exp_grid(np.float32, lo, hi), sixteenths.astype(np.float32)])
+    x = x[(x >= np.float32(lo)) & (x <= np.float32(hi))]
+    exact, hi_res = _truth(np.exp, x)
+    ulps, rel = _errors(apply(x), exact, hi_res)
+    assert ulps <= 2.0, f"max error {ulps:.3f} ulp"
+    assert rel <= max_rel, f"max relative error {rel:.3e}"
+    special = apply(np.float32([-np.inf, np.nan, 0.0, -0.0, -1e4, np.finfo(np.float32).min]))
+    np.testing.assert_array_equal(special, [0.0, np.nan, 1.0, 1.0, 0.0, 0.0])
+    below = np.linspace(-90.0, lo, 20_001).astype(np.float32)
+    res = apply(below)
+    assert np.all(res >= 0)
+    assert np.all(np.abs(res - np.exp(below.astype(np.float64))) < np.finfo(np.float32).tiny)
+    np.testing.assert_array_equal(res[below < np.float32(-127 * np.log(2))], 0.0)
+
+
 #: Below these every result is exactly 0 (2^n with n = -bias is +0.0).
 EXP_ZERO_BELOW = {np.float32: -87.7, np.float64: -708.8}
 
