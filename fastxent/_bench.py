@@ -362,10 +362,13 @@ HALF = Section(
     tuple(_peers.HALF.items()),
     (("bf16/copyto", "bf16", "copyto bf16"), ("fp16/copyto", "fp16", "copyto fp16"),
      ("bf16/f32", "bf16", "f32"), ("fp16/f32", "fp16", "f32"),
+     ("bf16/pass", "bf16", "pass 16"), ("f32/pass", "f32", "pass f32"),
      ("torch/bf16", "torch bf16", "bf16")),
     ("bf16, fp16, f32: cross_entropy_with_grad(inplace=True) on bfloat16, float16 and "
      "float32 logits of the same values.",
      "copyto bf16, fp16: np.copyto of the 16-bit logits (the memory limit).",
+     "pass 16, pass f32: a Numba prange loop that reads and writes each element of the "
+     "16-bit / float32 logits once, by the kernels' threads (their memory floor).",
      "torch bf16: F.cross_entropy + backward() on a bfloat16 tensor."))
 
 SECTIONS = {section.name: section for section in (MAIN, SMALL, TORCH, JACOBIAN, HALF)}
