@@ -18,12 +18,14 @@ written through such a buffer and scattered into at the end: the same
 results as contiguous inputs, for one more read and write of each element.
 
 16-bit floats. float16 and bfloat16 logits (cross-entropy, softmax,
-log_softmax, logsumexp) stay 16-bit on the device: the kernels read them,
-compute in float32 and write 16-bit results (``_cuda_kernels._io``);
-losses are float32. Numba types no bfloat16 array, so bfloat16 arrays are
-handed to kernels, copied and gathered as their ``uint16`` bits
-(``_kernel_array``, ``_bits``); 16-bit soft targets and weights are widened
-to float32 first (``_contiguous``).
+log_softmax, logsumexp, BCE with logits) and log-probabilities (nll_loss)
+stay 16-bit on the device: the kernels read them, compute in float32 and
+write 16-bit results (``_cuda_kernels._io``); losses are float32. Numba
+types no bfloat16 array, so bfloat16 arrays are handed to kernels, copied
+and gathered as their ``uint16`` bits (``_kernel_array``, ``_bits``).
+Cross-entropy's 16-bit soft targets and class weights are widened to
+float32 first (``_contiguous``); BCE's 16-bit targets and weights, like the
+divergences' targets, are read as 16 bits.
 
 Target checks copy the class indices to the host (N integers) and scan
 them there (``_host.scan_hard_targets``), so an out-of-range target raises
@@ -597,13 +599,16 @@ def nll_loss(spec: CrossEntropySpec, log_probs, target, weight):
     problem = spec.problem
     w_host, w = (None, None) if weight is None else _small_to_device(weight, problem.dtype)
     y, denominator = _hard_targets(spec, target, w_host)
-    lp = _contiguous(log_probs, problem.dtype)
+    # 16-bit log-probabilities stay 16-bit: the kernel reads the one value
+    # of each row it needs (2 bytes) and widens it to float32 (``dtype``)
+    storage = _storage_dtype(log_probs, problem.dtype)
+    lp = _contiguous(log_probs, storage)
     losses = cuda.device_array(problem.n_rows, dtype=np.float64)
     if problem.n_rows:
         tpb = _threads()
         blocks = min(math.ceil(problem.n_rows / tpb), MAX_BLOCKS)
-        K.nll[blocks, tpb](_flat(lp), y, w, losses, problem.n_rows, problem.n_classes,
-                           problem.inner, spec.ignore_index)
+        K.nll(storage.name)[blocks, tpb](_flat(_kernel_array(lp)), y, w, losses, problem.n_rows,
+                                         problem.n_classes, problem.inner, spec.ignore_index)
     return _reduce(losses, denominator, spec.reduction, problem, log_probs)
 
 
@@ -656,7 +661,8 @@ def logsumexp_axes(spec: ReductionSpec, x):
 
 
 def _broadcast_operand(a, shape, dtype):
-    """A flat device array of ``shape`` for a weight that broadcasts to it.
+    """A flat device array of ``shape`` for a weight that broadcasts to it, of
+    ``dtype`` (a 16-bit one kept as such: see ``_operand_storage``).
 
     Full-size operands stay on the device; smaller ones (a ``pos_weight`` per
     class, typically) are broadcast on the host, where they are small.
@@ -666,32 +672,53 @@ def _broadcast_operand(a, shape, dtype):
     if tuple(a.shape) == tuple(shape):
         return _flat(_contiguous(a, dtype))
     host = np.ascontiguousarray(np.broadcast_to(_host_copy(a).astype(dtype), shape))
-    return _flat(cuda.to_device(host))
+    return _flat(_to_device(host))
+
+
+def _operand_storage(d, dtype):
+    """The dtype a kernel computing in ``dtype`` reads the operand ``d`` in:
+    its own if 16-bit and the kernel computes in float32 (read as 16 bits,
+    see ``_cuda_kernels._io``), else ``dtype``."""
+    if d is not None and np.dtype(dtype) == np.float32:
+        return _storage_dtype(d, dtype)
+    return np.dtype(dtype)
 
 
 def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
-    """Elementwise BCE; gradient as in ``cross_entropy``."""
+    """Elementwise BCE; gradient as in ``cross_entropy``. 16-bit logits,
+    targets and weights stay 16-bit: the kernel reads them (2 bytes an
+    element), computes in float32 (``spec.dtype``) and writes a new or
+    in-place gradient in the logits' dtype, rounded to nearest even (a
+    float32 ``out=`` as it is); losses are float32."""
     device_logits, target, weight, pos_weight = to_device_args((logits, target, weight,
                                                                 pos_weight))
     grad = _gradient_destination(grad, (logits, device_logits))
     logits = device_logits
     shape, dtype = spec.shape, spec.dtype
     n = math.prod(shape)
-    x = _contiguous(logits, dtype)
-    t = _flat(_contiguous(target, dtype))
-    w = _broadcast_operand(weight, shape, dtype)
-    pw = _broadcast_operand(pos_weight, shape, dtype)
+    storage = _operand_storage(logits, dtype)
+    t_storage = _operand_storage(target, dtype)
+    w_storage = _operand_storage(weight, dtype)
+    pw_storage = _operand_storage(pos_weight, dtype)
+    x = _contiguous(logits, storage)
+    t = _flat(_contiguous(target, t_storage))
+    w = _broadcast_operand(weight, shape, w_storage)
+    pw = _broadcast_operand(pos_weight, shape, pw_storage)
     g = dest = None
     if grad is not None:
-        g, dest = _destination(grad, logits, x, shape, dtype, (x, t, w, pw))
+        g_dtype = storage if isinstance(grad, str) else np.dtype(grad.dtype)
+        g, dest = _destination(grad, logits, x, shape, g_dtype, (x, t, w, pw))
     elements = cuda.device_array(n, dtype=dtype) if spec.reduction == "none" else None
     tpb = _threads()
     blocks = max(1, min(math.ceil(n / tpb), MAX_BLOCKS))
     partials = cuda.device_array(blocks * tpb, dtype=np.float64)
     scale = mean_scale(spec.reduction == "mean", n)
     if n:
-        K.bce(dtype)[blocks, tpb](_flat(x), t, w, pw, None if g is None else _flat(g), elements,
-                                  partials, n, scale)
+        kernel = K.bce(dtype, storage.name, t_storage.name, w_storage.name, pw_storage.name,
+                       None if g is None else np.dtype(g.dtype).name)
+        operands = (_flat(x), t, w, pw, None if g is None else _flat(g))
+        kernel[blocks, tpb](*(None if a is None else _kernel_array(a) for a in operands),
+                            elements, partials, n, scale)
     if spec.reduction == "none":
         loss = _to_caller(elements.reshape(shape), logits)
     else:

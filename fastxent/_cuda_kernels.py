@@ -587,15 +587,26 @@ def logsumexp_py(dtype, x_storage=None):
 
 
 @lru_cache(maxsize=None)
-def bce_py(dtype):
+def bce_py(dtype, x_storage=None, t_storage=None, w_storage=None, pw_storage=None,
+           g_storage=None):
     """Binary cross-entropy with logits, elementwise (``_bce_element``).
 
     ``w``, ``pw``: full-size weights or None; ``g``: gradient (may be ``x``)
-    or None; ``elements``: per-element losses or None. Each thread adds its
-    elements' losses in float64 into ``partials[thread]`` (a fixed order for
-    a given launch), summed afterwards by ``sum_kernel``.
+    or None; ``elements``: per-element losses (of ``dtype``) or None. Each
+    thread adds its elements' losses in float64 into ``partials[thread]`` (a
+    fixed order for a given launch), summed afterwards by ``sum_kernel``.
+    ``x_storage``, ``t_storage``, ``w_storage``, ``pw_storage``,
+    ``g_storage``: the dtype names of the logits, the target, the weights and
+    the gradient where they differ from ``dtype`` (16-bit values computed in
+    float32, see ``_io``): each is loaded or stored once per element.
     """
     FT = _float_type(dtype)
+    name = np.dtype(dtype).name
+    load_x = _io(x_storage or name, FT)[0]
+    load_t = _io(t_storage or name, FT)[0]
+    load_w = _io(w_storage or name, FT)[0]
+    load_pw = _io(pw_storage or name, FT)[0]
+    store_g = _io(g_storage or name, FT)[1]
 
     def bce(x, t, w, pw, g, elements, partials, n, scale):
         one = FT(1.0)
@@ -603,38 +614,49 @@ def bce_py(dtype):
         first = cuda.grid(1)
         acc = 0.0
         for i in range(first, n, cuda.gridsize(1)):
-            xc = x[i]
-            tc = t[i]
+            xc = load_x(x, i)
+            tc = load_t(t, i)
             e = math.exp(-abs(xc))
             lw = one
             if pw is not None:
-                lw = bce_label_weight(pw[i], tc, one)
+                lw = bce_label_weight(load_pw(pw, i), tc, one)
             loss, grad = bce_element(xc, tc, lw, e, FT(math.log1p(e)), one)
             if w is not None:
-                loss = loss * w[i]
-                grad = grad * w[i]
+                wc = load_w(w, i)
+                loss = loss * wc
+                grad = grad * wc
             if elements is not None:
                 elements[i] = loss
             if g is not None:
-                g[i] = grad * scale_f
+                store_g(g, i, grad * scale_f)
             acc += loss
         partials[first] = acc
 
     return bce
 
 
-def nll_py(lp, y, w, losses, n_rows, n_classes, inner, ignore_index):
-    """``losses[r]`` <- -w[t] lp[r, t] (0 for ignored rows); a thread per row."""
-    for r in range(cuda.grid(1), n_rows, cuda.gridsize(1)):
-        t = y[r]
-        if t == ignore_index:
-            losses[r] = 0.0
-        else:
-            v = np.float64(lp[_row_start(np.int64(r), n_classes, inner) + t * inner])
-            wt = 1.0
-            if w is not None:
-                wt = np.float64(w[t])
-            losses[r] = nll_row(v, wt)
+@lru_cache(maxsize=None)
+def nll_py(lp_storage=None):
+    """``losses[r]`` <- -w[t] lp[r, t] (0 for ignored rows); a thread per row.
+
+    ``lp_storage``: the dtype name of 16-bit log-probabilities (read as 16
+    bits, widened to float32 as the CPU widens them, see ``_io``); None for
+    float32 and float64 ones."""
+    load = _io(lp_storage, np.float32)[0] if lp_storage else _io("float64", np.float64)[0]
+
+    def nll(lp, y, w, losses, n_rows, n_classes, inner, ignore_index):
+        for r in range(cuda.grid(1), n_rows, cuda.gridsize(1)):
+            t = y[r]
+            if t == ignore_index:
+                losses[r] = 0.0
+            else:
+                v = np.float64(load(lp, _row_start(np.int64(r), n_classes, inner) + t * inner))
+                wt = 1.0
+                if w is not None:
+                    wt = np.float64(w[t])
+                losses[r] = nll_row(v, wt)
+
+    return nll
 
 
 def sum_py(values, out):
@@ -724,8 +746,14 @@ def widen(storage):
 
 
 @lru_cache(maxsize=None)
-def bce(dtype):
-    return cuda.jit(bce_py(np.dtype(dtype).name))
+def bce(dtype, x_storage=None, t_storage=None, w_storage=None, pw_storage=None, g_storage=None):
+    storages = (x_storage, t_storage, w_storage, pw_storage, g_storage)
+    return cuda.jit(bce_py(np.dtype(dtype).name, *(_storage(s, dtype) for s in storages)))
+
+
+@lru_cache(maxsize=None)
+def nll(lp_storage=None):
+    return cuda.jit(nll_py(lp_storage if lp_storage in ("float16", "bfloat16") else None))
 
 
 @lru_cache(maxsize=None)
@@ -733,6 +761,5 @@ def strided_copy(ndim):
     return cuda.jit(strided_copy_py(ndim))
 
 
-nll = cuda.jit(nll_py)
 sum_kernel = cuda.jit(sum_py)
 cast = cuda.jit(cast_py)

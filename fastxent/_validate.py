@@ -228,10 +228,11 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
 
 #: The public functions whose GPU kernels take float16 and bfloat16 inputs
 #: (the others take them on the CPU only, for now).
-GPU_HALF_FUNCTIONS = frozenset(("cross_entropy", "cross_entropy_with_grad", "softmax",
-                                "log_softmax", "logsumexp", "kl_div", "binary_cross_entropy",
-                                "linear_cross_entropy", "distillation_loss",
-                                "distillation_loss_with_grad"))
+GPU_HALF_FUNCTIONS = frozenset(("cross_entropy", "cross_entropy_with_grad", "nll_loss",
+                                "softmax", "log_softmax", "logsumexp",
+                                "binary_cross_entropy_with_logits", "kl_div",
+                                "binary_cross_entropy", "linear_cross_entropy",
+                                "distillation_loss", "distillation_loss_with_grad"))
 
 
 def half_on_gpu(device, function, *arrays):

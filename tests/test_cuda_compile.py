@@ -60,7 +60,7 @@ def _kernels(dtype):
                         (a, a, i64, i64, i64, i64)))
     out.append(("logsumexp", K.logsumexp_py(dtype), (a, a, i64, i64, i64, i64)))
     out.append(("bce", K.bce_py(dtype), (a, a, a, a, a, a, f64[::1], i64, f64)))
-    out.append(("nll", K.nll_py, _sig(a, i64[::1], a, f64[::1], i64, i64, i64, i64)))
+    out.append(("nll", K.nll_py(), _sig(a, i64[::1], a, f64[::1], i64, i64, i64, i64)))
     out.append(("cast", K.cast_py, (f64[::1], a)))
     for ndim in (1, 2, 3):
         strided, contiguous = T.Array(ft, ndim, "A"), T.Array(ft, ndim, "C")
@@ -392,6 +392,60 @@ def test_half_divergence_moves_two_bytes_per_element(storage, kind):
     assert loops and max(lp.loads_per_element for lp in loops) == 1, loops
     widths = _global_widths(check, loops)
     assert widths and all(op == "ld" and t in ("u16", "b16") for op, t in widths), widths
+
+
+@pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))
+def test_half_bce_with_logits_moves_two_bytes_per_element(storage):
+    """binary_cross_entropy_with_logits of 16-bit logits and target, gradient
+    over 16 bits, reduced: per element the logits and the target are loaded
+    and the gradient stored once each, as 16 bits (as the float32 kernel
+    does, 2 loads and 1 store). With 16-bit weight and pos_weight and the
+    float32 elements (reduction "none"), every global load is 16 bits too;
+    that variant, and a float32 ``out=`` one, compile without spills."""
+    a, f32 = HALF_ARRAYS[storage], T.float32[::1]
+    fn = K.bce_py("float32", storage, storage, storage, storage, storage)
+    ptx = _ptx(fn, _sig(a, a, None, None, a, None, f64[::1], i64, f64))
+    full = _ptx(fn, _sig(a, a, a, a, a, f32, f64[::1], i64, f64))
+    out32 = _ptx(K.bce_py("float32", storage, storage, storage, storage, None),
+                 _sig(a, a, a, a, f32, f32, f64[::1], i64, f64))
+    for p in (ptx, full, out32):
+        assert ".target sm_90" in p
+        assert "ld.local" not in p and "st.local" not in p
+    loops = innermost_loops(ptx)
+    assert loops, ptx[-2000:]
+    assert max(lp.loads_per_element for lp in loops) == 2, loops
+    assert max(lp.stores_per_element for lp in loops) == 1, loops
+    widths = _global_widths(ptx, loops)
+    assert widths and all(t in ("u16", "b16") for _, t in widths), widths
+    assert {op for op, _ in widths} == {"ld", "st"}, widths
+    if storage == "float16":  # converted by the hardware, rounded to nearest even
+        assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx
+    widths = _global_widths(full, innermost_loops(full))
+    assert widths and all(t in ("u16", "b16") for op, t in widths if op == "ld"), widths
+    assert {t for op, t in widths if op == "st"} <= {"u16", "b16", "f32"}, widths
+
+
+@pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))
+def test_half_nll_loss_reads_two_bytes_per_row(storage):
+    """nll_loss of 16-bit log-probabilities: each row's one value is loaded
+    as 16 bits (the loop's other loads are the int64 targets, its stores
+    the float64 row losses); no 32-bit load, no widened copy. With class
+    weights (float32) it compiles without spills."""
+    a = HALF_ARRAYS[storage]
+    ptx = _ptx(K.nll_py(storage), _sig(a, i64[::1], None, f64[::1], i64, i64, i64, i64))
+    weighted = _ptx(K.nll_py(storage),
+                    _sig(a, i64[::1], T.float32[::1], f64[::1], i64, i64, i64, i64))
+    for p in (ptx, weighted):
+        assert ".target sm_90" in p
+        assert "ld.local" not in p and "st.local" not in p
+    loops = innermost_loops(ptx)
+    widths = _global_widths(ptx, loops)
+    loads = {t for op, t in widths if op == "ld"}
+    assert loads & {"u16", "b16"}, widths
+    assert all(t in ("u16", "b16") or t in ("u64", "s64", "b64") for t in loads), widths
+    assert {t for op, t in widths if op == "st"} <= {"f64", "u64", "b64"}, widths
+    if storage == "float16":
+        assert "cvt.f32.f16" in ptx
 
 
 @pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))

@@ -12,6 +12,10 @@ the CPU tests hold the CPU. The cases are a 2-wise
 covering array (``parity.covering``) of the CPU half tests' grid: dtype,
 layout, C (a thread, a "warp", a block per row), target kind, weights,
 smoothing, reduction, the LLM options, and the gradient's destination.
+``nll_loss`` and ``binary_cross_entropy_with_logits`` are held the same way
+to the CPU and to float64 (``tests/reference.py``), BCE over a 2-wise
+covering array of shape, weights, reduction, destination and the dtype of
+its target and weights.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from fastxent import _cuda
 from fastxent import _cuda_kernels as K
 from tests import parity
 from tests import reference as ref
-from tests.parity import GPU_CLASSES, LAYOUTS, LLM_OPTIONS, REDUCTIONS, SMOOTHINGS, TARGETS
-from tests.test_half import CANCEL, HALF, IDS, check_grad, check_loss, half_problem, ulp
+from tests.parity import (BCE_SHAPES, BCE_WEIGHTS, GPU_CLASSES, HARD_TARGETS, LAYOUTS,
+                          LLM_OPTIONS, REDUCTIONS, SMOOTHINGS, TARGETS)
+from tests.test_half import (CANCEL, HALF, IDS, LOSS_RTOL, check_grad, check_loss, half_problem,
+                             ulp)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
@@ -297,19 +303,230 @@ def test_out_of_another_dtype_refused_before_writes(dtype):
 
 
 def test_functions_without_gpu_half_refuse_by_name():
-    """On the GPU only cross_entropy(_with_grad), softmax, log_softmax,
-    logsumexp and the divergences (tests/cuda_sim/test_divergences_gpu.py)
-    take 16-bit inputs; the others say which function refuses."""
+    """On the GPU the softmax Jacobian family does not take 16-bit inputs
+    yet (every other function does: cross_entropy, nll_loss, the softmax
+    family and BCE with logits above, the divergences in
+    tests/cuda_sim/test_divergences_gpu.py); it says which function refuses."""
     x = np.ones((3, 4), F16)
     y = np.zeros(3, np.int64)
     xd, yd = put(x), put(y)
-    calls = {"nll_loss": lambda: fastxent.nll_loss(xd, yd),
-             "binary_cross_entropy_with_logits":
-                 lambda: fastxent.binary_cross_entropy_with_logits(xd, xd),
-             "cross_entropy_hvp": lambda: fastxent.cross_entropy_hvp(xd, yd, put(x.astype(
-                 np.float32)))}
-    for name, call in calls.items():
-        with pytest.raises(TypeError, match=f"{name} does not take float16"):
-            call()
+    with pytest.raises(TypeError, match="cross_entropy_hvp does not take float16"):
+        fastxent.cross_entropy_hvp(xd, yd, put(x.astype(np.float32)))
     with pytest.raises(TypeError, match="float16"):
         fastxent.softmax_backward(xd, xd)
+
+
+# --------------------------------------------------------------------------
+# nll_loss: the 16-bit log-probability of each row's class read as 16 bits
+
+
+def _nll_calls(lp, y, w, axis, kw):
+    """nll_loss on the GPU and on the CPU, each reduction: {reduction: (gpu, cpu)}."""
+    out = {}
+    for reduction in REDUCTIONS:
+        ours = fastxent.nll_loss(put(lp), put(y), weight=put(w), axis=axis, reduction=reduction,
+                                 **kw)
+        if reduction == "none":
+            assert _cuda._is_numba_array(ours) and ours.dtype == np.float32, type(ours)
+        else:
+            assert type(ours) is np.float32, type(ours)
+        out[reduction] = (get(ours), fastxent.nll_loss(lp, y, weight=w, axis=axis,
+                                                       reduction=reduction, **kw))
+    return out
+
+
+NLL_CASES = parity.covering(dict(dtype=HALF, layout=list(LAYOUTS), C=GPU_CLASSES,
+                                 target=HARD_TARGETS, weighted=[False, True]), strength=2)
+
+
+@pytest.mark.parametrize("case", NLL_CASES, ids=_case_id)
+def test_nll_loss_matches_the_cpu(case):
+    """Every reduction: float32 losses, each row's as the CPU's bit for bit
+    (the same float32 value times the same weight), reduced within
+    ``SUM_ORDER``; both within the CPU tests' bound of float64."""
+    dtype = case["dtype"]
+    (x, y, w), (x64, y64, _), axis, options = half_problem(case["layout"], dtype, case["target"],
+                                                           case["C"])
+    lp = ref.log_softmax(x64, axis=axis).astype(dtype)
+    w = w if case["weighted"] else None
+    for reduction, (ours, cpu) in _nll_calls(lp, y, w, axis, options).items():
+        if reduction == "none":
+            np.testing.assert_array_equal(ours, cpu)
+        else:
+            np.testing.assert_allclose(ours, cpu, rtol=SUM_ORDER, atol=1e-7)
+        expect = ref.nll_loss(lp.astype(np.float64), y64, axis=axis, reduction=reduction,
+                              weight=None if w is None else w.astype(np.float64), **options)
+        check_loss(np.float32(ours) if reduction != "none" else ours, expect, reduction,
+                   f"nll_loss {reduction}")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_nll_loss_strided_and_host_inputs(dtype):
+    """A transposed device view of 16-bit log-probabilities with 16-bit
+    weights; host 16-bit arrays with device="cuda" (NumPy float32 results)."""
+    (x, y, w), (x64, _, _), _, _ = half_problem("2d", dtype, "hard_ignored", 12)
+    lp = ref.log_softmax(x64, axis=-1).astype(dtype)
+    view = put(np.ascontiguousarray(lp.T)).T  # lp's values, strided along the classes
+    for reduction in REDUCTIONS:
+        cpu = fastxent.nll_loss(lp, y, weight=w, reduction=reduction)
+        ours = get(fastxent.nll_loss(view, put(y), weight=put(w), reduction=reduction))
+        np.testing.assert_allclose(ours, cpu, rtol=SUM_ORDER, atol=1e-7, err_msg=reduction)
+        host = fastxent.nll_loss(lp, y, weight=w, reduction=reduction, device="cuda")
+        assert np.asarray(host).dtype == np.float32
+        if reduction == "none":
+            assert isinstance(host, np.ndarray)
+        np.testing.assert_allclose(host, cpu, rtol=SUM_ORDER, atol=1e-7, err_msg=reduction)
+
+
+# --------------------------------------------------------------------------
+# binary_cross_entropy_with_logits: 16-bit logits, targets and weights read
+# as 16 bits, the gradient written as 16 bits (or float32 into such an out=)
+
+
+def _bce_operands(case):
+    """(x, t, kw) of ``parity.bce_problem`` with 16-bit logits; the target and
+    weights in the logits' dtype ("same"), the other 16-bit dtype ("other")
+    or float32."""
+    dtype = case["dtype"]
+    x, t, kw = parity.bce_problem(case["shape"], np.float32, case["weights"])
+    other = {"same": dtype, "other": BF16 if dtype == F16 else F16,
+             "float32": np.dtype(np.float32)}[case["operands"]]
+    return x.astype(dtype), t.astype(other), {k: v.astype(other) for k, v in kw.items()}
+
+
+def _bce_call(x, t, kw, reduction, dest, on_gpu):
+    """The loss alone, then binary_cross_entropy_with_logits_with_grad into
+    ``dest``: (loss, grad, loss alone), on the host."""
+    x = x.copy()
+    if on_gpu:
+        x, t = put(x), put(t)
+        kw = {k: put(v) for k, v in kw.items()}
+    extra = {}
+    out = None
+    if dest == "inplace":
+        extra["inplace"] = True
+    elif dest in ("out16", "out32"):
+        host = np.full(x.shape, np.nan, x.dtype if dest == "out16" else np.float32)
+        out = put(host) if on_gpu else host
+        extra["out"] = out
+    loss_only = fastxent.binary_cross_entropy_with_logits(x, t, reduction=reduction, **kw)
+    loss, grad = fastxent.binary_cross_entropy_with_logits_with_grad(
+        x, t, reduction=reduction, **kw, **extra)
+    assert grad is (x if dest == "inplace" else out if out is not None else grad)
+    if on_gpu:
+        assert _cuda._is_numba_array(grad), type(grad)
+        for value in (loss, loss_only):
+            if reduction == "none":
+                assert _cuda._is_numba_array(value) and value.dtype == np.float32, value.dtype
+            else:
+                assert type(value) is np.float32, type(value)
+    return get(loss), get(grad), get(loss_only)
+
+
+BCE_CASES = parity.covering(dict(dtype=HALF, shape=list(BCE_SHAPES), weights=BCE_WEIGHTS,
+                                 reduction=REDUCTIONS, dest=DESTINATIONS,
+                                 operands=["same", "other", "float32"]), strength=2)
+
+
+@pytest.mark.parametrize("case", BCE_CASES, ids=_case_id)
+def test_bce_with_logits_matches_the_cpu(case):
+    """Loss (float32) and gradient (the logits' dtype, or a float32 out=)
+    as the CPU's on the same inputs, and both within the CPU tests' bounds
+    of float64 (``tests/test_half.py::test_binary_cross_entropy``)."""
+    dtype, reduction, dest = case["dtype"], case["reduction"], case["dest"]
+    x, t, kw = _bce_operands(case)
+    g_loss, g_grad, g_only = _bce_call(x, t, kw, reduction, dest, on_gpu=True)
+    c_loss, c_grad, c_only = _bce_call(x, t, kw, reduction, dest, on_gpu=False)
+    x64, t64 = x.astype(np.float64), t.astype(np.float64)
+    kw64 = {k: v.astype(np.float64) for k, v in kw.items()}
+    r_loss, r_grad = ref.bce_with_logits_with_grad(x64, t64, reduction=reduction, **kw64)
+    # the elementwise terms cancel (see parity.check_bce): held to their size
+    w_, pw_ = kw64.get("weight", 1.0), kw64.get("pos_weight", 1.0)
+    terms = (np.abs(x64) + (1 + (pw_ - 1) * t64) * (np.abs(x64) + 1.0)) * w_
+    size = {"none": terms, "sum": terms.sum(), "mean": terms.mean()}[reduction]
+    for ours, cpu in ((g_loss, c_loss), (g_only, c_only)):
+        assert np.asarray(ours).dtype == np.float32
+        ours64, cpu64 = np.asarray(ours, np.float64), np.asarray(cpu, np.float64)
+        assert np.all(np.abs(ours64 - cpu64) <= SUM_ORDER * np.abs(cpu64) + 2e-7 * size), \
+            (ours, cpu)
+        assert np.all(np.abs(ours64 - r_loss) <= LOSS_RTOL * np.abs(r_loss) + 2e-7 * size), \
+            (ours, r_loss)
+    if dest == "out32":
+        assert g_grad.dtype == np.float32
+        np.testing.assert_allclose(g_grad, c_grad, rtol=1e-6, atol=1e-7, err_msg="grad")
+    else:
+        within_one_ulp(g_grad, c_grad, dtype, "grad")
+        check_grad(g_grad, r_grad, dtype)
+
+
+def test_bce_cases_cover_the_grid():
+    """Every value of every dimension runs at least once (2-wise: every pair)."""
+    dims = dict(dtype=HALF, shape=list(BCE_SHAPES), weights=BCE_WEIGHTS, reduction=REDUCTIONS,
+                dest=DESTINATIONS, operands=["same", "other", "float32"])
+    for name, values in dims.items():
+        assert {repr(c[name]) for c in BCE_CASES} == {repr(v) for v in values}, name
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_bce_strided_host_inputs_and_module(dtype):
+    """A transposed device view of 16-bit logits written in place, with a
+    strided 16-bit target; host 16-bit arrays with device="cuda" (NumPy
+    results: float32 loss, 16-bit gradient); ``BCEWithLogitsLoss`` on device
+    arrays."""
+    x, t, kw = parity.bce_problem("2d", np.float32, "both")
+    x, t = x.astype(dtype), t.astype(dtype)
+    kw = {k: v.astype(dtype) for k, v in kw.items()}
+    c_loss, c_grad = fastxent.binary_cross_entropy_with_logits_with_grad(x, t, **kw)
+    base = put(np.ascontiguousarray(x.T))
+    view = base.T  # x's values, strided
+    t_view = put(np.ascontiguousarray(t.T)).T
+    loss, grad = fastxent.binary_cross_entropy_with_logits_with_grad(
+        view, t_view, inplace=True, **{k: put(v) for k, v in kw.items()})
+    assert grad is view and type(loss) is np.float32
+    np.testing.assert_allclose(loss, c_loss, rtol=SUM_ORDER)
+    within_one_ulp(get(base).T, c_grad, dtype, "strided in place")
+    loss, grad = fastxent.binary_cross_entropy_with_logits_with_grad(x, t, device="cuda", **kw)
+    assert isinstance(grad, np.ndarray) and type(loss) is np.float32
+    np.testing.assert_allclose(loss, c_loss, rtol=SUM_ORDER)
+    within_one_ulp(grad, c_grad, dtype, "host")
+    criterion = fastxent.BCEWithLogitsLoss(reduction="sum", **{k: put(v) for k, v in kw.items()})
+    loss = criterion(put(x), put(t))
+    c_sum, c_sum_grad = fastxent.binary_cross_entropy_with_logits_with_grad(
+        x, t, reduction="sum", **kw)
+    assert type(loss) is np.float32
+    np.testing.assert_allclose(loss, c_sum, rtol=SUM_ORDER)
+    within_one_ulp(get(criterion.backward()), c_sum_grad, dtype, "module")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_nll_and_bce_read_16_bit_operands_as_they_are(dtype, monkeypatch):
+    """16-bit log-probabilities, and BCE's 16-bit logits, target, full-size
+    weight and per-class pos_weight, reach the kernels as 16-bit arrays:
+    no kernel widens them to a float32 copy first (``_cuda_kernels.widen``)."""
+    def no_widening(storage):
+        raise AssertionError(f"a {storage} operand was widened before its kernel")
+
+    monkeypatch.setattr(K, "widen", no_widening)
+    (x, y, w), (x64, _, _), _, _ = half_problem("2d", dtype, "hard_ignored", 12)
+    lp = ref.log_softmax(x64, axis=-1).astype(dtype)
+    np.testing.assert_allclose(fastxent.nll_loss(put(lp), put(y)), fastxent.nll_loss(lp, y),
+                               rtol=SUM_ORDER)
+    x, t, kw = parity.bce_problem("3d", np.float32, "full")
+    x, t = x.astype(dtype), t.astype(dtype)
+    kw = {k: v.astype(dtype) for k, v in kw.items()}
+    loss, grad = fastxent.binary_cross_entropy_with_logits_with_grad(
+        put(x), put(t), **{k: put(v) for k, v in kw.items()})
+    c_loss, c_grad = fastxent.binary_cross_entropy_with_logits_with_grad(x, t, **kw)
+    np.testing.assert_allclose(loss, c_loss, rtol=SUM_ORDER)
+    within_one_ulp(get(grad), c_grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_bce_out_of_another_dtype_refused_before_writes(dtype):
+    x, t, _ = parity.bce_problem("2d", np.float32, "none")
+    xh, th = x.astype(dtype), t.astype(dtype)
+    for other in (BF16 if dtype == F16 else F16, np.float64):
+        out = put(np.full(x.shape, 7, other))
+        with pytest.raises(TypeError, match="out has dtype"):
+            fastxent.binary_cross_entropy_with_logits_with_grad(put(xh), put(th), out=out)
+        assert np.all(get(out).astype(np.float64) == 7)
