@@ -231,7 +231,9 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
 GPU_HALF_FUNCTIONS = frozenset(("cross_entropy", "cross_entropy_with_grad", "softmax",
                                 "log_softmax", "logsumexp", "kl_div", "binary_cross_entropy",
                                 "linear_cross_entropy", "distillation_loss",
-                                "distillation_loss_with_grad"))
+                                "distillation_loss_with_grad", "softmax_backward",
+                                "log_softmax_backward", "softmax_jacobian",
+                                "cross_entropy_hvp"))
 
 
 def half_on_gpu(device, function, *arrays):
@@ -315,14 +317,19 @@ def bce_spec(logits, target, weight, pos_weight, reduction, device) -> BCESpec:
     return BCESpec(shape, dtype, reduction, device)
 
 
-def grad_destination(logits, out, inplace, shape, dtype):
-    """Where the gradient goes: ``"new"``, ``out`` (checked), or the logits."""
+def grad_destination(logits, out, inplace, shape, dtype, storage=None):
+    """Where the gradient goes: ``"new"``, ``out`` (checked), or the logits.
+
+    ``storage``: the call's 16-bit dtype, where another input than the
+    logits may be the one that has it; the logits' dtype by default."""
     if inplace:
         if out is not None and out is not logits:
             raise ValueError("pass either out= or inplace=True, not both")
         return logits
     if out is not None:
-        check_grad_out(out, shape, dtype, storage=np.dtype(_describe(logits).dtype))
+        if storage is None:
+            storage = np.dtype(_describe(logits).dtype)
+        check_grad_out(out, shape, dtype, storage=storage)
         return out
     return "new"
 
@@ -404,10 +411,32 @@ def _same_shape(a, b, name_a, name_b):
                          f"{tuple(a.shape)}: they must be the same")
 
 
+def half_call_dtype(named):
+    """The 16-bit dtype of a call of the softmax Jacobian family, or None.
+
+    ``named``: (argument name, dtype) of the call's float array inputs.
+    Where one of them is float16 or bfloat16 the call computes in float32
+    and returns that dtype; every other one must then be of that dtype or
+    float32 (no mixed 16-bit dtypes, no float64 or integers beside them).
+    """
+    first = next(((name, np.dtype(d)) for name, d in named if half_dtype(d)), None)
+    if first is None:
+        return None
+    first_name, storage = first
+    for name, dtype in named:
+        dtype = np.dtype(dtype)
+        if dtype != storage and dtype != np.dtype(np.float32):
+            raise TypeError(f"{name} has dtype {dtype}, but {first_name} has dtype {storage}: "
+                            f"with 16-bit inputs (computed in float32) pass {name} as "
+                            f"{storage} or float32")
+    return storage
+
+
 def softmax_backward_call(grad_output, output, axis, out, inplace, device):
     """(backend, spec, (grad_output, output), destination): the spec's dtype
-    is the one both arrays compute in (float64 if either is), the
-    destination ``"new"``, ``out`` (checked) or ``grad_output`` itself."""
+    is the one both arrays compute in (float64 if either is; float32 for
+    16-bit inputs, whose result is their 16-bit dtype: ``half_call_dtype``),
+    the destination ``"new"``, ``out`` (checked) or ``grad_output`` itself."""
     if inplace:
         check_inplace(grad_output, "grad_output")
     if out is not None and not (hasattr(out, "shape") and hasattr(out, "dtype")):
@@ -416,26 +445,35 @@ def softmax_backward_call(grad_output, output, axis, out, inplace, device):
     go, o = _arrays((grad_output, output))
     gd, od = _describe(go), _describe(o)
     _same_shape(gd, od, "grad_output", "output")
-    dtypes = {float_dtype(gd.dtype, "grad_output"), float_dtype(od.dtype, "output")}
+    dtypes = {float_dtype(gd.dtype, "grad_output", half=True),
+              float_dtype(od.dtype, "output", half=True)}
+    storage = half_call_dtype((("grad_output", gd.dtype), ("output", od.dtype)))
     dtype = np.dtype(np.float64) if np.dtype(np.float64) in dtypes else np.dtype(np.float32)
     if inplace and np.dtype(gd.dtype) != np.dtype(od.dtype):
         raise TypeError(f"inplace=True needs grad_output and output of one dtype, got "
                         f"{gd.dtype} and {od.dtype}")
     problem = class_problem(_Described(tuple(gd.shape), dtype), axis, "grad_output",
                             allow_empty=True)
-    dest = grad_destination(go, out, inplace, problem.shape, dtype)
+    dest = grad_destination(go, out, inplace, problem.shape, dtype,
+                            storage=dtype if storage is None else storage)
     return _dispatch.backend(device), SoftmaxSpec(problem, device), (go, o), dest
 
 
 def softmax_jacobian_call(x, axis, device):
+    """(backend, spec, x): 16-bit ``x`` computes in float32 (the spec's
+    dtype) and its Jacobian comes back in ``x``'s dtype."""
     device = device_arg(device, x)
     (xa,) = _arrays((x,))
-    spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True), device)
+    spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True, half=True), device)
     return _dispatch.backend(device), spec, xa
 
 
 def cross_entropy_hvp_call(logits, target, vector, weight, ignore_index, reduction,
                            label_smoothing, z_loss, logit_scale, softcap, axis, device, out):
+    """(backend, spec, (logits, target, vector, weight), out): 16-bit logits
+    or vector (``half_call_dtype``) compute in float32 and the product comes
+    back in their 16-bit dtype (``out=`` of it or float32); 16-bit soft
+    targets and weights are taken as ``cross_entropy`` takes them."""
     if out is not None and not (hasattr(out, "shape") and hasattr(out, "dtype")):
         raise TypeError(f"out must be an array, got {type(out).__name__}")
     device = device_arg(device, logits, target, vector, weight, out)
@@ -443,11 +481,12 @@ def cross_entropy_hvp_call(logits, target, vector, weight, ignore_index, reducti
     spec = cross_entropy_spec(x, t, w, ignore_index, reduction, label_smoothing, axis, device,
                               z_loss=z_loss, logit_scale=logit_scale, softcap=softcap,
                               function="cross_entropy_hvp")
-    vd = _describe(v)
-    _same_shape(_describe(x), vd, "logits", "vector")
-    float_dtype(vd.dtype, "vector")
+    xd, vd = _describe(x), _describe(v)
+    _same_shape(xd, vd, "logits", "vector")
+    float_dtype(vd.dtype, "vector", half=True)
+    storage = half_call_dtype((("logits", xd.dtype), ("vector", vd.dtype)))
     if out is not None:
-        check_grad_out(out, spec.problem.shape, spec.problem.dtype)
+        check_grad_out(out, spec.problem.shape, spec.problem.dtype, storage=storage)
     return _dispatch.backend(device), spec, (x, t, v, w), out
 
 
