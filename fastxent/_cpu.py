@@ -16,7 +16,7 @@ import numpy as np
 from . import _cpu_kernels as K
 from ._fastmath import native_vector_bytes
 from ._formulas import mean_scale
-from ._half import half_dtype, narrow, narrow_into, widen
+from ._half import half_dtype, half_of, narrow, narrow_into, widen
 from ._host import (bad_uint64_target, finish_loss, raise_bad_target, row_stats,
                     scan_hard_targets)
 from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec, ReductionSpec
@@ -567,6 +567,27 @@ def _strided_classes(rows, form) -> bool:
     return not (form == ROWS and rows.strides[1] == rows.itemsize)
 
 
+def _half_family(compute, arrays, dest):
+    """A call of the Jacobian family with 16-bit inputs, in one place for the
+    four functions: ``arrays`` (the 16-bit ones widened to float32), the
+    float32 call ``compute(*arrays, dest)`` (``dest`` None: a new array),
+    and its result rounded to nearest even into a new array of the call's
+    16-bit dtype or into a 16-bit ``dest`` (``out=``, or ``grad_output`` in
+    place). A float32 ``dest`` takes the float32 result itself. The
+    rounding writes only after the float32 call has checked the targets.
+    Widening copies the inputs: simple, not the fastest (these functions
+    are not the bandwidth-bound ones of training loops)."""
+    storage = half_of(*arrays)
+    wide = tuple(widen(a) if a is not None and half_dtype(a.dtype) else a for a in arrays)
+    if dest is not None and dest.dtype == np.float32:
+        return compute(*wide, dest)
+    values = np.ascontiguousarray(compute(*wide, None))
+    if dest is None:
+        return narrow(values, storage)
+    narrow_into(dest, values)
+    return dest
+
+
 def softmax_backward(problem: ClassProblem, grad_output, output, dest, log: bool):
     """Gradient through softmax (``log``: log_softmax) along the class axis.
 
@@ -575,6 +596,9 @@ def softmax_backward(problem: ClassProblem, grad_output, output, dest, log: bool
     from . import _jacobian_kernels as J
 
     dest = None if isinstance(dest, str) else dest
+    if half_of(grad_output, output) is not None:
+        return _half_family(lambda go, o, d: softmax_backward(problem, go, o, d, log),
+                            (grad_output, output), dest)
     if problem.n_rows == 0 or problem.n_classes == 0:
         return _empty_result(problem, dest)
     go = np.asarray(grad_output, dtype=problem.dtype)
@@ -593,6 +617,8 @@ def softmax_jacobian(problem: ClassProblem, x):
     """diag(p) - p p^T per row: an array of the batch shape + (C, C)."""
     from . import _jacobian_kernels as J
 
+    if half_dtype(x.dtype):
+        return _half_family(lambda xa, _: softmax_jacobian(problem, xa), (x,), None)
     C = problem.n_classes
     out = np.empty((problem.n_rows, C, C), problem.dtype)
     if problem.n_rows and C:
@@ -606,6 +632,9 @@ def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, ou
     ``vector``, into a new array or ``out``."""
     from . import _jacobian_kernels as J
 
+    if half_of(logits, vector) is not None:
+        return _half_family(lambda x, v, d: cross_entropy_hvp(spec, x, target, v, weight, d),
+                            (logits, vector), out)
     problem = spec.problem
     dtype = problem.dtype
     x = np.asarray(logits, dtype=dtype)

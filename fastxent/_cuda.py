@@ -70,7 +70,7 @@ from numba import cuda
 
 from . import _cuda_kernels as K
 from ._formulas import mean_scale
-from ._half import half_dtype
+from ._half import half_dtype, half_of
 from ._host import (bad_uint64_target, finish_loss, on_gpu, raise_bad_target, row_stats,
                     scan_hard_targets)
 from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec, ReductionSpec
@@ -731,40 +731,59 @@ def bce_with_logits(spec: BCESpec, logits, target, weight, pos_weight, grad):
 # The softmax Jacobian family (``_cuda_jacobian_kernels``)
 
 
+def _result_dtype(dest, half, dtype):
+    """The dtype a Jacobian-family kernel writes: the caller's ``dest``'s, or
+    for a new result the call's 16-bit dtype ``half`` (None: ``dtype``)."""
+    if isinstance(dest, str):
+        return np.dtype(half or dtype)
+    return np.dtype(dest.dtype)
+
+
 def softmax_backward(problem: ClassProblem, grad_output, output, dest, log: bool):
-    """Gradient through softmax (``log``: log_softmax); ``dest`` as in ``_cpu``."""
+    """Gradient through softmax (``log``: log_softmax); ``dest`` as in ``_cpu``.
+    16-bit arrays are read and written as they are (computed in float32)."""
     from . import _cuda_jacobian_kernels as J
 
     device_go, device_o = to_device_args((grad_output, output))
     dest = _gradient_destination(dest, (grad_output, device_go))
     dtype = problem.dtype
-    go = _contiguous(device_go, dtype)
-    o = _contiguous(device_o, dtype)
-    written, caller_dest = _destination(dest, device_go, go, problem.shape, dtype, (go, o))
+    go = _contiguous(device_go, _storage_dtype(device_go, dtype))
+    o = _contiguous(device_o, _storage_dtype(device_o, dtype))
+    written, caller_dest = _destination(dest, device_go, go, problem.shape,
+                                        _result_dtype(dest, half_of(go, o), dtype), (go, o))
+    storages = tuple(np.dtype(a.dtype).name for a in (go, o, written))
     if problem.n_rows and problem.n_classes:
-        _launch_rows(lambda cached: J.softmax_backward(dtype, cached, log), problem,
+        _launch_rows(lambda cached: J.softmax_backward(dtype, cached, log, *storages), problem,
                      1 if log else 2,
-                     lambda group: (_flat(go), _flat(o), _flat(written), problem.n_rows,
+                     lambda group: (_flat(_kernel_array(go)), _flat(_kernel_array(o)),
+                                    _flat(_kernel_array(written)), problem.n_rows,
                                     problem.n_classes, problem.inner, group))
     return _finish_destination(written, caller_dest, device_go)
 
 
 def softmax_jacobian(problem: ClassProblem, x):
-    """diag(p) - p p^T per row: batch shape + (C, C)."""
+    """diag(p) - p p^T per row: batch shape + (C, C), in ``x``'s dtype (16-bit
+    read and written as it is, computed in float32)."""
     from . import _cuda_jacobian_kernels as J
 
     x = _to_device(x)
     C = problem.n_classes
-    out = cuda.device_array(problem.n_rows * C * C, dtype=problem.dtype)
+    storage = _storage_dtype(x, problem.dtype)
+    out = cuda.device_array(problem.n_rows * C * C, dtype=storage)
     if problem.n_rows and C:
-        xd = _contiguous(x, problem.dtype)
-        _launch_rows(lambda cached: J.softmax_jacobian(problem.dtype), problem, 0,
-                     lambda group: (_flat(xd), out, problem.n_rows, C, problem.inner, group))
+        xd = _contiguous(x, storage)
+        _launch_rows(lambda cached: J.softmax_jacobian(problem.dtype, storage.name, storage.name),
+                     problem, 0,
+                     lambda group: (_flat(_kernel_array(xd)), _kernel_array(out), problem.n_rows,
+                                    C, problem.inner, group))
     return _to_caller(out.reshape(problem.batch_shape + (C, C)), x)
 
 
 def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, out):
-    """Hessian of the cross-entropy (w.r.t. the logits) times ``vector``."""
+    """Hessian of the cross-entropy (w.r.t. the logits) times ``vector``.
+    16-bit logits and vector are read as they are and a 16-bit product
+    written as it is (computed in float32); soft targets and weights are
+    read as float32."""
     from . import _cuda_jacobian_kernels as J
 
     device_logits, target, vector, weight = to_device_args((logits, target, vector, weight))
@@ -780,28 +799,31 @@ def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, ou
         denominator = float(problem.n_rows)
     else:
         (y, denominator), q = _hard_targets(spec, target, w_host), None
-    x = _contiguous(logits, dtype)
-    v = _contiguous(vector, dtype)
+    x = _contiguous(logits, _storage_dtype(logits, dtype))
+    v = _contiguous(vector, _storage_dtype(vector, dtype))
     options = CEOptions(w, spec.ignore_index, spec.smoothing, spec.reduction == "mean",
                         spec.z_loss, spec.logit_scale, spec.softcap)
     scale = mean_scale(options.mean, denominator)
     # written directly only into an ``out`` that overlaps no input (the
     # vector is read after the logits: never over them in place)
+    result_dtype = _result_dtype(dest, half_of(x, v), dtype)
     if isinstance(dest, str):
-        written, caller_dest = cuda.device_array(problem.shape, dtype=dtype), None
+        written, caller_dest = cuda.device_array(problem.shape, dtype=result_dtype), None
     elif _is_contiguous(dest) and not any(_overlaps(dest, a)
                                           for a in (x, q, v, logits, vector, target)):
         written = caller_dest = dest
     else:
-        written, caller_dest = cuda.device_array(problem.shape, dtype=dtype), dest
+        written, caller_dest = cuda.device_array(problem.shape, dtype=result_dtype), dest
+    storages = tuple(np.dtype(a.dtype).name for a in (x, v, written))
     if problem.n_rows:
         # the options that transform the logits: a kernel of their own (two
         # more parameters), the plain one unchanged
         kernel, extra = ((J.cross_entropy_hvp_transformed,
                           (options.logit_scale, options.softcap)) if spec.transformed
                          else (J.cross_entropy_hvp, ()))
-        _launch_rows(lambda cached: kernel(dtype, cached), problem, 2,
-                     lambda group: (_flat(x), y, q, _flat(v), _flat(written), problem.n_rows, C,
+        _launch_rows(lambda cached: kernel(dtype, cached, *storages), problem, 2,
+                     lambda group: (_flat(_kernel_array(x)), y, q, _flat(_kernel_array(v)),
+                                    _flat(_kernel_array(written)), problem.n_rows, C,
                                     problem.inner, group, wsum, scale, options.weight,
                                     options.ignore_index, options.smoothing, options.mean,
                                     options.z_loss) + extra)

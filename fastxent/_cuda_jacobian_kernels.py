@@ -12,6 +12,12 @@ Memory traffic per element, cached: ``softmax_backward`` reads
 once; ``log_softmax_backward`` keeps ``grad_output`` and reads ``output``
 in its second pass; ``cross_entropy_hvp`` keeps the logits and the vector
 (class indices; probabilities are read once more, in the first pass).
+
+float16 and bfloat16 arrays (the ``*_storage`` dtype names of the kernels'
+builders) are read and written as their 16 bits and computed in float32
+(``_cuda_kernels._io``): the shared-memory copies hold float32 values, and
+16-bit results are rounded to nearest even as they are stored. Soft targets
+and class weights reach the kernels as float32.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from numba import cuda
 
 from . import _formulas as F
 from ._cuda_kernels import (NEG_INF, SCRATCH, _finish_sum, _float_type, _group_max_sum,
-                            _group_sum, _online, _online_row_pass, _row_slot, _row_start,
-                            _shared_type, gradient_element, hard_target_row, smoothed_target,
-                            soft_target_row, softcap_slope, softcapped, softmax_element)
+                            _group_sum, _io, _online, _online_row_pass, _row_slot, _row_start,
+                            _shared_type, _storage, gradient_element, hard_target_row,
+                            smoothed_target, soft_target_row, softcap_slope, softcapped,
+                            softmax_element)
 from ._spec import CEOptions
 
 _device = cuda.jit(device=True, inline=True)
@@ -40,14 +47,27 @@ softcap_second_slope = _device(F.softcap_second_slope)
 transformed_hvp_element = _device(F.transformed_hvp_element)
 
 
+def _loader(storage, dtype):
+    """``load(a, i)`` of an array of dtype name ``storage`` (None: ``dtype``)."""
+    return _io(storage or np.dtype(dtype).name, _float_type(dtype))[0]
+
+
+def _storer(storage, dtype):
+    """``store(a, i, v)`` into an array of dtype name ``storage`` (None: ``dtype``)."""
+    return _io(storage or np.dtype(dtype).name, _float_type(dtype))[1]
+
+
 @lru_cache(maxsize=None)
-def softmax_backward_py(dtype, cached, log):
+def softmax_backward_py(dtype, cached, log, go_storage=None, o_storage=None, g_storage=None):
     """``g`` <- the gradient through softmax (``log``: log_softmax) of the
     rows of ``go`` (the gradient of the output) and ``o`` (the output);
-    ``g`` may be ``go``. Dynamic shared memory (cached): 2C values (C for
-    ``log``)."""
+    ``g`` may be ``go``. ``*_storage``: the arrays' dtype names where they
+    differ from ``dtype`` (16-bit, computed in float32). Dynamic shared
+    memory (cached): 2C values (C for ``log``)."""
     FT = _float_type(dtype)
     ST = _shared_type(FT)
+    load_go, load_o = _loader(go_storage, dtype), _loader(o_storage, dtype)
+    store_g = _storer(g_storage, dtype)
 
     def softmax_backward(go, o, g, n_rows, n_classes, inner, group):
         scratch = cuda.shared.array(SCRATCH, ST)
@@ -61,13 +81,13 @@ def softmax_backward_py(dtype, cached, log):
             if active:
                 for c in range(lane, n_classes, group):
                     i = start + c * inner
-                    gv = go[i]
+                    gv = load_go(go, i)
                     if cached:
                         cache[c] = gv
                     if log:
                         acc += gv
                     else:
-                        ov = o[i]
+                        ov = load_o(o, i)
                         if cached:
                             cache[n_classes + c] = ov
                         acc += gv * ov
@@ -78,26 +98,29 @@ def softmax_backward_py(dtype, cached, log):
                     if cached:
                         gv = cache[c]
                     else:
-                        gv = go[i]
+                        gv = load_go(go, i)
                     if log:
-                        g[i] = log_softmax_backward_element(gv, math.exp(o[i]), acc)
+                        store_g(g, i, log_softmax_backward_element(gv, math.exp(load_o(o, i)),
+                                                                   acc))
                     else:
                         if cached:
                             ov = cache[n_classes + c]
                         else:
-                            ov = o[i]
-                        g[i] = softmax_backward_element(ov, gv, acc)
+                            ov = load_o(o, i)
+                        store_g(g, i, softmax_backward_element(ov, gv, acc))
             base += step
 
     return softmax_backward
 
 
 @lru_cache(maxsize=None)
-def softmax_jacobian_py(dtype):
-    """``out[r*C*C + i*C + j]`` <- p_i (delta_ij - p_j), p the softmax of row r."""
+def softmax_jacobian_py(dtype, x_storage=None, out_storage=None):
+    """``out[r*C*C + i*C + j]`` <- p_i (delta_ij - p_j), p the softmax of row r.
+    Storage as in ``softmax_backward_py``."""
     FT = _float_type(dtype)
     ST = _shared_type(FT)
-    first_pass = _online_row_pass(dtype, False)
+    first_pass = _online_row_pass(dtype, False, x_storage)
+    load_x, store_out = _loader(x_storage, dtype), _storer(out_storage, dtype)
 
     def softmax_jacobian(x, out, n_rows, n_classes, inner, group):
         scratch = cuda.shared.array(SCRATCH, ST)
@@ -115,24 +138,29 @@ def softmax_jacobian_py(dtype):
                 for k in range(lane, n_classes * n_classes, group):
                     i = k // n_classes
                     j = k - i * n_classes
-                    p_i = softmax_element(math.exp(x[start + i * inner] - m), inv_s)
-                    p_j = softmax_element(math.exp(x[start + j * inner] - m), inv_s)
-                    out[first + k] = softmax_jacobian_element(p_i, p_j, one if i == j else zero)
+                    p_i = softmax_element(math.exp(load_x(x, start + i * inner) - m), inv_s)
+                    p_j = softmax_element(math.exp(load_x(x, start + j * inner) - m), inv_s)
+                    store_out(out, first + k,
+                              softmax_jacobian_element(p_i, p_j, one if i == j else zero))
             base += step
 
     return softmax_jacobian
 
 
 @lru_cache(maxsize=None)
-def cross_entropy_hvp_py(dtype, cached):
+def cross_entropy_hvp_py(dtype, cached, x_storage=None, v_storage=None, g_storage=None):
     """``g`` <- the Hessian of the cross-entropy (w.r.t. the logits ``x``)
     times ``v``, row by row: class indices ``y`` (int64) or probabilities
     ``q`` (the other None); ``wsum``, ``scale`` and the ``CEOptions`` fields
     as in ``_cuda_kernels.ce_py``. Three passes: the online max and sum (and
     the targets' mass), sum exp(x - m) v, the product. Dynamic shared memory
-    (cached): 2C values (the logits, then their exponentials; the vector)."""
+    (cached): 2C values (the logits, then their exponentials; the vector).
+    Storage of the logits, the vector and the product as in
+    ``softmax_backward_py``."""
     FT = _float_type(dtype)
     ST = _shared_type(FT)
+    load_x, load_v = _loader(x_storage, dtype), _loader(v_storage, dtype)
+    store_g = _storer(g_storage, dtype)
 
     def hvp(x, y, q, v, g, n_rows, n_classes, inner, group, wsum, scale,
             w, ignore_index, smooth, mean, z_loss):
@@ -160,10 +188,10 @@ def cross_entropy_hvp_py(dtype, cached):
             if take:
                 for c in range(lane, n_classes, group):
                     i = start + c * inner
-                    xv = x[i]
+                    xv = load_x(x, i)
                     if cached:
                         cache[c] = xv
-                        cache[n_classes + c] = v[i]
+                        cache[n_classes + c] = load_v(v, i)
                     m, s = _online(m, s, xv, one)
                     if q is not None:
                         qc = smoothed_target(q[i], keep_q, uniform_q)
@@ -183,7 +211,7 @@ def cross_entropy_hvp_py(dtype, cached):
                         dot += e * cache[n_classes + c]
                     else:
                         i = start + c * inner
-                        dot += math.exp(x[i] - m) * v[i]
+                        dot += math.exp(load_x(x, i) - m) * load_v(v, i)
             dot = _group_sum(dot, group, scratch)
             m64, s64 = np.float64(m), np.float64(s)
             lse = m64 + math.log(s64)
@@ -204,19 +232,20 @@ def cross_entropy_hvp_py(dtype, cached):
                         e = cache[c]
                         vv = cache[n_classes + c]
                     else:
-                        e = math.exp(x[i] - m)
-                        vv = v[i]
-                    g[i] = hessian_vector_element(e, vv, k1, k2)
+                        e = math.exp(load_x(x, i) - m)
+                        vv = load_v(v, i)
+                    store_g(g, i, hessian_vector_element(e, vv, k1, k2))
             elif active:
                 for c in range(lane, n_classes, group):
-                    g[start + c * inner] = zero
+                    store_g(g, start + c * inner, zero)
             base += step
 
     return hvp
 
 
-
-def cross_entropy_hvp_transformed_py(dtype, cached):
+@lru_cache(maxsize=None)
+def cross_entropy_hvp_transformed_py(dtype, cached, x_storage=None, v_storage=None,
+                                     g_storage=None):
     """``cross_entropy_hvp_py`` when the options transform the logits,
     u = f(x) (``logit_scale``, ``softcap``; two more parameters): per element
     f' (H_u (f' v)) + r f'' v, r = d loss / d u (``transformed_hvp_element``).
@@ -225,9 +254,11 @@ def cross_entropy_hvp_transformed_py(dtype, cached):
     sum w u for label smoothing; pass 2: sum exp(u - m) f' v; pass 3: the
     product, e recomputed from u. A kernel of its own, so that the plain
     one's loads stay as they were. Dynamic shared memory (cached): 2C values
-    (u; the vector)."""
+    (u; the vector). Storage as in ``cross_entropy_hvp_py``."""
     FT = _float_type(dtype)
     ST = _shared_type(FT)
+    load_x, load_v = _loader(x_storage, dtype), _loader(v_storage, dtype)
+    store_g = _storer(g_storage, dtype)
 
     def hvp(x, y, q, v, g, n_rows, n_classes, inner, group, wsum, scale,
             w, ignore_index, smooth, mean, z_loss, logit_scale, softcap):
@@ -264,12 +295,13 @@ def cross_entropy_hvp_transformed_py(dtype, cached):
             if take:
                 for c in range(lane, n_classes, group):
                     i = start + c * inner
-                    u = x[i] * k
+                    xv = load_x(x, i)
+                    u = xv * k
                     if cap != zero:
-                        u = softcapped(math.tanh(x[i] * cap_arg), cap)
+                        u = softcapped(math.tanh(xv * cap_arg), cap)
                     if cached:
                         cache[c] = u
-                        cache[n_classes + c] = v[i]
+                        cache[n_classes + c] = load_v(v, i)
                     m, s = _online(m, s, u, one)
                     if q is not None:
                         qc = smoothed_target(q[i], keep_q, uniform_q)
@@ -297,10 +329,11 @@ def cross_entropy_hvp_transformed_py(dtype, cached):
                         vv = cache[n_classes + c]
                     else:
                         i = start + c * inner
-                        u = x[i] * k
+                        xv = load_x(x, i)
+                        u = xv * k
                         if cap != zero:
-                            u = softcapped(math.tanh(x[i] * cap_arg), cap)
-                        vv = v[i]
+                            u = softcapped(math.tanh(xv * cap_arg), cap)
+                        vv = load_v(v, i)
                     dot += math.exp(u - m) * softcap_slope(u, k, inv_cap) * vv
             dot = _group_sum(dot, group, scratch)
             m64, s64 = np.float64(m), np.float64(s)
@@ -332,10 +365,11 @@ def cross_entropy_hvp_transformed_py(dtype, cached):
                         u = cache[c]
                         vv = cache[n_classes + c]
                     else:
-                        u = x[i] * k
+                        xv = load_x(x, i)
+                        u = xv * k
                         if cap != zero:
-                            u = softcapped(math.tanh(x[i] * cap_arg), cap)
-                        vv = v[i]
+                            u = softcapped(math.tanh(xv * cap_arg), cap)
+                        vv = load_v(v, i)
                     e = math.exp(u - m)
                     slope = softcap_slope(u, k, inv_cap)
                     if q is not None:
@@ -350,33 +384,43 @@ def cross_entropy_hvp_transformed_py(dtype, cached):
                         grad_u = gradient_element(e, k1_f, k2w)
                         if c == t:
                             grad_u -= kt_f
-                    g[i] = transformed_hvp_element(
+                    store_g(g, i, transformed_hvp_element(
                         hessian_vector_element(e, slope * vv, ka, kb), slope, grad_u,
-                        softcap_second_slope(u, slope, k, inv_cap), vv)
+                        softcap_second_slope(u, slope, k, inv_cap), vv))
             elif active:
                 for c in range(lane, n_classes, group):
-                    g[start + c * inner] = zero
+                    store_g(g, start + c * inner, zero)
             base += step
 
     return hvp
 
-# Compiled (lazily, per argument types) kernels.
+
+# Compiled (lazily, per argument types) kernels. Storage names equal to the
+# compute dtype are None (``_cuda_kernels._storage``): one cache key each.
 
 @lru_cache(maxsize=None)
-def softmax_backward(dtype, cached, log):
-    return cuda.jit(softmax_backward_py(np.dtype(dtype).name, cached, log))
-
-
-@lru_cache(maxsize=None)
-def softmax_jacobian(dtype):
-    return cuda.jit(softmax_jacobian_py(np.dtype(dtype).name))
-
-
-@lru_cache(maxsize=None)
-def cross_entropy_hvp(dtype, cached):
-    return cuda.jit(cross_entropy_hvp_py(np.dtype(dtype).name, cached))
+def softmax_backward(dtype, cached, log, go_storage=None, o_storage=None, g_storage=None):
+    return cuda.jit(softmax_backward_py(np.dtype(dtype).name, cached, log,
+                                        *(_storage(n, dtype)
+                                          for n in (go_storage, o_storage, g_storage))))
 
 
 @lru_cache(maxsize=None)
-def cross_entropy_hvp_transformed(dtype, cached):
-    return cuda.jit(cross_entropy_hvp_transformed_py(np.dtype(dtype).name, cached))
+def softmax_jacobian(dtype, x_storage=None, out_storage=None):
+    return cuda.jit(softmax_jacobian_py(np.dtype(dtype).name, _storage(x_storage, dtype),
+                                        _storage(out_storage, dtype)))
+
+
+@lru_cache(maxsize=None)
+def cross_entropy_hvp(dtype, cached, x_storage=None, v_storage=None, g_storage=None):
+    return cuda.jit(cross_entropy_hvp_py(np.dtype(dtype).name, cached,
+                                         *(_storage(n, dtype)
+                                           for n in (x_storage, v_storage, g_storage))))
+
+
+@lru_cache(maxsize=None)
+def cross_entropy_hvp_transformed(dtype, cached, x_storage=None, v_storage=None,
+                                  g_storage=None):
+    return cuda.jit(cross_entropy_hvp_transformed_py(
+        np.dtype(dtype).name, cached, *(_storage(n, dtype)
+                                        for n in (x_storage, v_storage, g_storage))))

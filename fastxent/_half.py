@@ -44,6 +44,15 @@ def half_dtype(dtype) -> bool:
     return dtype.itemsize == 2 and dtype.name in HALF_NAMES
 
 
+def half_of(*arrays):
+    """The dtype of the first 16-bit array of ``arrays`` (None skipped), or
+    None: the one 16-bit dtype of a call that ``_validate`` allows only one of."""
+    for a in arrays:
+        if a is not None and half_dtype(a.dtype):
+            return np.dtype(a.dtype)
+    return None
+
+
 @intrinsic
 def _f16_to_f32(typingctx, bits):
     """The float32 value of float16 ``bits`` (a uint16)."""

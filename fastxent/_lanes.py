@@ -54,7 +54,6 @@ strided one is gathered (and scattered) lane by lane: same order, same bits.
 
 from __future__ import annotations
 
-import functools
 import math
 
 from llvmlite import ir
@@ -240,7 +239,7 @@ def _bf16_bits_avx512(builder, value):
     instruction flushes those to zero, ``_bf16_bits`` rounds them (a branch
     that gradients of ordinary rows never take)."""
     n = value.type.count
-    i32, i16 = ir.VectorType(ir.IntType(32), n), ir.IntType(16)
+    i16 = ir.IntType(16)
     f16x = ir.VectorType(ir.FloatType(), 16)
     convert = ir.FunctionType(ir.VectorType(_BFloat(), 32), [f16x, f16x])
     fn = builder.module.declare_intrinsic("llvm.x86.avx512bf16.cvtne2ps2bf16.512", (), convert)

@@ -185,9 +185,8 @@ def class_problem(logits, axis, name="logits", allow_empty=False, half=False) ->
 
 def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_smoothing,
                        axis, device, name="logits", z_loss=0.0, logit_scale=1.0, softcap=None,
-                       return_stats=False, function="cross_entropy") -> CrossEntropySpec:
+                       return_stats=False) -> CrossEntropySpec:
     problem = class_problem(logits, axis, name, half=True)
-    half_on_gpu(device, function, logits, target, weight)
     target, weight = _describe(target), _describe(weight)
     reduction = reduction_arg(reduction)
     smoothing = smoothing_arg(label_smoothing)
@@ -224,25 +223,6 @@ def cross_entropy_spec(logits, target, weight, ignore_index, reduction, label_sm
         check_weight(weight, problem.n_classes, "weight")
     return CrossEntropySpec(problem, soft, reduction, smoothing, ignore_index, device, z_loss,
                             logit_scale, softcap, return_stats)
-
-
-#: The public functions whose GPU kernels take float16 and bfloat16 inputs
-#: (the others take them on the CPU only, for now).
-GPU_HALF_FUNCTIONS = frozenset(("cross_entropy", "cross_entropy_with_grad", "nll_loss",
-                                "softmax", "log_softmax", "logsumexp",
-                                "binary_cross_entropy_with_logits", "kl_div",
-                                "binary_cross_entropy", "linear_cross_entropy",
-                                "distillation_loss", "distillation_loss_with_grad"))
-
-
-def half_on_gpu(device, function, *arrays):
-    """Refuse 16-bit float inputs on the GPU for ``function`` unless its GPU
-    kernels take them (``GPU_HALF_FUNCTIONS``)."""
-    if device != "cpu" and function not in GPU_HALF_FUNCTIONS:
-        for a in arrays:
-            if a is not None and half_dtype(a.dtype):
-                raise TypeError(f"{function} does not take float16 or bfloat16 inputs on the "
-                                f"GPU yet (got {a.dtype}): cast them to float32")
 
 
 def check_weight(weight, length, name):
@@ -296,7 +276,6 @@ def bce_spec(logits, target, weight, pos_weight, reduction, device) -> BCESpec:
     weight, pos_weight = _describe(weight), _describe(pos_weight)
     shape = tuple(logits.shape)
     dtype = float_dtype(logits.dtype, half=True)
-    half_on_gpu(device, "binary_cross_entropy_with_logits", logits, target, weight, pos_weight)
     reduction = reduction_arg(reduction)
     if tuple(target.shape) != shape:
         raise ValueError(f"target shape {tuple(target.shape)} must equal the logits' shape {shape}")
@@ -316,14 +295,19 @@ def bce_spec(logits, target, weight, pos_weight, reduction, device) -> BCESpec:
     return BCESpec(shape, dtype, reduction, device)
 
 
-def grad_destination(logits, out, inplace, shape, dtype):
-    """Where the gradient goes: ``"new"``, ``out`` (checked), or the logits."""
+def grad_destination(logits, out, inplace, shape, dtype, storage=None):
+    """Where the gradient goes: ``"new"``, ``out`` (checked), or the logits.
+
+    ``storage``: the call's 16-bit dtype, where another input than the
+    logits may be the one that has it; the logits' dtype by default."""
     if inplace:
         if out is not None and out is not logits:
             raise ValueError("pass either out= or inplace=True, not both")
         return logits
     if out is not None:
-        check_grad_out(out, shape, dtype, storage=np.dtype(_describe(logits).dtype))
+        if storage is None:
+            storage = np.dtype(_describe(logits).dtype)
+        check_grad_out(out, shape, dtype, storage=storage)
         return out
     return "new"
 
@@ -341,8 +325,7 @@ def cross_entropy_call(logits, target, weight, ignore_index, reduction, label_sm
     arrays = _arrays((logits, target, weight))
     spec = cross_entropy_spec(*arrays, ignore_index, reduction, label_smoothing, axis, device,
                               z_loss=z_loss, logit_scale=logit_scale, softcap=softcap,
-                              return_stats=return_stats,
-                              function="cross_entropy_with_grad" if with_grad else "cross_entropy")
+                              return_stats=return_stats)
     grad = None
     if with_grad:
         grad = grad_destination(arrays[0], out, inplace, spec.problem.shape, spec.problem.dtype)
@@ -355,8 +338,7 @@ def nll_call(log_probs, target, weight, ignore_index, reduction, axis, device):
     t_dtype = np.dtype(_describe(arrays[1]).dtype)
     if t_dtype.kind not in "iu":
         raise TypeError(f"nll_loss needs integer class indices as target, got dtype {t_dtype}")
-    spec = cross_entropy_spec(*arrays, ignore_index, reduction, 0.0, axis, device, "log_probs",
-                              function="nll_loss")
+    spec = cross_entropy_spec(*arrays, ignore_index, reduction, 0.0, axis, device, "log_probs")
     return _dispatch.backend(device), spec, arrays
 
 
@@ -368,7 +350,6 @@ def softmax_call(x, axis, out, device):
     (xa,) = _arrays((x,))
     # zero classes: an empty result, as torch.softmax gives
     spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True, half=True), device)
-    half_on_gpu(device, "softmax", xa)
     if out is not None:
         check_grad_out(out, spec.problem.shape, spec.problem.dtype,
                        storage=np.dtype(_describe(xa).dtype))
@@ -379,7 +360,6 @@ def logsumexp_call(x, axis, device):
     device = device_arg(device, x)
     (xa,) = _arrays((x,))
     spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True, half=True), device)
-    half_on_gpu(device, "logsumexp", xa)
     return _dispatch.backend(device), spec, xa
 
 
@@ -405,10 +385,32 @@ def _same_shape(a, b, name_a, name_b):
                          f"{tuple(a.shape)}: they must be the same")
 
 
+def half_call_dtype(named):
+    """The 16-bit dtype of a call of the softmax Jacobian family, or None.
+
+    ``named``: (argument name, dtype) of the call's float array inputs.
+    Where one of them is float16 or bfloat16 the call computes in float32
+    and returns that dtype; every other one must then be of that dtype or
+    float32 (no mixed 16-bit dtypes, no float64 or integers beside them).
+    """
+    first = next(((name, np.dtype(d)) for name, d in named if half_dtype(d)), None)
+    if first is None:
+        return None
+    first_name, storage = first
+    for name, dtype in named:
+        dtype = np.dtype(dtype)
+        if dtype != storage and dtype != np.dtype(np.float32):
+            raise TypeError(f"{name} has dtype {dtype}, but {first_name} has dtype {storage}: "
+                            f"with 16-bit inputs (computed in float32) pass {name} as "
+                            f"{storage} or float32")
+    return storage
+
+
 def softmax_backward_call(grad_output, output, axis, out, inplace, device):
     """(backend, spec, (grad_output, output), destination): the spec's dtype
-    is the one both arrays compute in (float64 if either is), the
-    destination ``"new"``, ``out`` (checked) or ``grad_output`` itself."""
+    is the one both arrays compute in (float64 if either is; float32 for
+    16-bit inputs, whose result is their 16-bit dtype: ``half_call_dtype``),
+    the destination ``"new"``, ``out`` (checked) or ``grad_output`` itself."""
     if inplace:
         check_inplace(grad_output, "grad_output")
     if out is not None and not (hasattr(out, "shape") and hasattr(out, "dtype")):
@@ -417,38 +419,47 @@ def softmax_backward_call(grad_output, output, axis, out, inplace, device):
     go, o = _arrays((grad_output, output))
     gd, od = _describe(go), _describe(o)
     _same_shape(gd, od, "grad_output", "output")
-    dtypes = {float_dtype(gd.dtype, "grad_output"), float_dtype(od.dtype, "output")}
+    dtypes = {float_dtype(gd.dtype, "grad_output", half=True),
+              float_dtype(od.dtype, "output", half=True)}
+    storage = half_call_dtype((("grad_output", gd.dtype), ("output", od.dtype)))
     dtype = np.dtype(np.float64) if np.dtype(np.float64) in dtypes else np.dtype(np.float32)
     if inplace and np.dtype(gd.dtype) != np.dtype(od.dtype):
         raise TypeError(f"inplace=True needs grad_output and output of one dtype, got "
                         f"{gd.dtype} and {od.dtype}")
     problem = class_problem(_Described(tuple(gd.shape), dtype), axis, "grad_output",
                             allow_empty=True)
-    dest = grad_destination(go, out, inplace, problem.shape, dtype)
+    dest = grad_destination(go, out, inplace, problem.shape, dtype,
+                            storage=dtype if storage is None else storage)
     return _dispatch.backend(device), SoftmaxSpec(problem, device), (go, o), dest
 
 
 def softmax_jacobian_call(x, axis, device):
+    """(backend, spec, x): 16-bit ``x`` computes in float32 (the spec's
+    dtype) and its Jacobian comes back in ``x``'s dtype."""
     device = device_arg(device, x)
     (xa,) = _arrays((x,))
-    spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True), device)
+    spec = SoftmaxSpec(class_problem(xa, axis, "x", allow_empty=True, half=True), device)
     return _dispatch.backend(device), spec, xa
 
 
 def cross_entropy_hvp_call(logits, target, vector, weight, ignore_index, reduction,
                            label_smoothing, z_loss, logit_scale, softcap, axis, device, out):
+    """(backend, spec, (logits, target, vector, weight), out): 16-bit logits
+    or vector (``half_call_dtype``) compute in float32 and the product comes
+    back in their 16-bit dtype (``out=`` of it or float32); 16-bit soft
+    targets and weights are taken as ``cross_entropy`` takes them."""
     if out is not None and not (hasattr(out, "shape") and hasattr(out, "dtype")):
         raise TypeError(f"out must be an array, got {type(out).__name__}")
     device = device_arg(device, logits, target, vector, weight, out)
     x, t, v, w = _arrays((logits, target, vector, weight))
     spec = cross_entropy_spec(x, t, w, ignore_index, reduction, label_smoothing, axis, device,
-                              z_loss=z_loss, logit_scale=logit_scale, softcap=softcap,
-                              function="cross_entropy_hvp")
-    vd = _describe(v)
-    _same_shape(_describe(x), vd, "logits", "vector")
-    float_dtype(vd.dtype, "vector")
+                              z_loss=z_loss, logit_scale=logit_scale, softcap=softcap)
+    xd, vd = _describe(x), _describe(v)
+    _same_shape(xd, vd, "logits", "vector")
+    float_dtype(vd.dtype, "vector", half=True)
+    storage = half_call_dtype((("logits", xd.dtype), ("vector", vd.dtype)))
     if out is not None:
-        check_grad_out(out, spec.problem.shape, spec.problem.dtype)
+        check_grad_out(out, spec.problem.shape, spec.problem.dtype, storage=storage)
     return _dispatch.backend(device), spec, (x, t, v, w), out
 
 
@@ -460,7 +471,6 @@ def logsumexp_axes_call(x, axis, keepdims, device):
     described = _describe(xa)
     shape = tuple(described.shape)
     dtype = float_dtype(described.dtype, "x", half=True)
-    half_on_gpu(device, "logsumexp", xa)
     axes = axis if isinstance(axis, tuple) else (axis,)
     normalized = tuple(axis_arg(a, max(len(shape), 1), "x") for a in axes)
     if len(set(normalized)) != len(normalized):
@@ -527,7 +537,7 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
     params = list(inspect.signature(cross_entropy_spec).parameters)
     # the options after the arguments (the per-row statistics are not gathered across chunks)
     known = [p for p in params[params.index("name") + 1:]
-             if p not in ("return_stats", "function")]
+             if p != "return_stats"]
     unknown = sorted(set(ce_options) - set(known))
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)} for linear_cross_entropy "
@@ -535,7 +545,7 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
     batch_shape = x_shape[:-1]
     logits = _Described(batch_shape + (n_classes,), dtype)
     ce = cross_entropy_spec(logits, t, cw, ignore_index, reduction, label_smoothing, -1, device,
-                            function="linear_cross_entropy", **ce_options)
+                            **ce_options)
     n_rows = ce.problem.n_rows
     rows_problem = ClassProblem((n_rows, n_classes), 1, dtype)
     ce = dataclasses.replace(ce, problem=rows_problem)  # keeps every option field
@@ -596,7 +606,6 @@ def kl_div_call(input, target, reduction, log_target, axis, device, out, inplace
     arrays = _arrays((input, target))
     reduction = kl_reduction_arg(reduction)
     shape, dtype = _divergence_operands(arrays[0], arrays[1], None, reduction)
-    half_on_gpu(device, "kl_div", *arrays[:2])
     axis_arg(axis, max(1, len(shape)), "input")
     # batchmean's divisor, as torch: input.size(0) (none for a 0-d input)
     n_rows = shape[0] if shape else 1
@@ -617,7 +626,6 @@ def binary_cross_entropy_call(input, target, weight, reduction, device, out, inp
     arrays = _arrays((input, target, weight))
     reduction = reduction_arg(reduction)
     shape, dtype = _divergence_operands(*arrays, reduction)
-    half_on_gpu(device, "binary_cross_entropy", *arrays)
     spec = DivergenceSpec(shape, dtype, reduction, "bce", 1, device)
     grad = grad_destination(arrays[0], out, inplace, shape, dtype) if with_grad else None
     return _dispatch.backend(device), spec, arrays, grad
@@ -684,8 +692,6 @@ def distillation_call(student_logits, teacher_logits, divergence, beta, temperat
     problem = class_problem(x, axis, "student_logits", half=True)
     xd, vd = _describe(x), _describe(tv)
     vdtype = float_dtype(vd.dtype, "teacher_logits", half=True)
-    half_on_gpu(device, "distillation_loss_with_grad" if with_grad else "distillation_loss",
-                xd, vd)
     dtype = problem.dtype
     if vdtype == np.dtype(np.float64) and dtype != vdtype:
         dtype = vdtype

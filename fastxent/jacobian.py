@@ -7,6 +7,11 @@ it is the Hessian of logsumexp, so also of cross-entropy up to each row's
 weight in the loss (see ``docs/design.md``). Each function goes the way of
 ``losses``: arguments checked into one spec (``_validate``), then the
 backend of the arrays' device runs one fused pass per row.
+
+float16 and bfloat16 arrays compute in float32 and give their result in
+their 16-bit dtype, rounded to nearest even. The 16-bit arrays of one call
+share one 16-bit dtype; the others beside them must be float32 (another
+16-bit dtype, float64 or integers: a TypeError naming the argument).
 """
 
 from __future__ import annotations
@@ -39,17 +44,19 @@ def softmax_backward(grad_output: ArrayLike, output: ArrayLike, *, axis: int = -
     axis : int, default -1
         The class axis softmax was taken along.
     out : ndarray, optional
-        Array of the inputs' shape and dtype to write the result into.
+        Array of the inputs' shape and of the result's dtype to write the
+        result into (with 16-bit inputs: that 16-bit dtype or float32).
     inplace : bool, default False
-        Write the result over ``grad_output`` (a writable float32 or
-        float64 array of ``output``'s dtype) and return it.
+        Write the result over ``grad_output`` (a writable float array of
+        ``output``'s dtype) and return it.
     device : {"auto", "cpu", "cuda"}, default "auto"
         ``auto`` runs where the arrays are.
 
     Returns
     -------
     ndarray (or a device array for GPU inputs) of the inputs' shape, in
-    float64 if either input is float64, else float32.
+    float64 if either input is float64, in the 16-bit dtype if either is
+    float16 or bfloat16 (computed in float32), else float32.
     """
     return _backward(grad_output, output, axis, out, inplace, device, log=False)
 
@@ -84,7 +91,8 @@ def softmax_jacobian(x: ArrayLike, *, axis: int = -1, device: Device = "auto") -
     -------
     ndarray of shape ``batch_shape + (C, C)``, ``batch_shape`` being the
     shape of ``x`` without ``axis``; ``result[..., i, j]`` = d p_i / d x_j
-    = p_i (delta_ij - p_j).
+    = p_i (delta_ij - p_j). In ``x``'s dtype: float16 and bfloat16 ``x``
+    compute in float32, rounded to nearest even at the end.
     """
     backend, spec, xa = _validate.softmax_jacobian_call(x, axis, device)
     return backend.softmax_jacobian(spec.problem, xa)
@@ -119,12 +127,17 @@ def cross_entropy_hvp(logits: ArrayLike, target: ArrayLike, vector: ArrayLike, *
     vector : array_like
         The direction, of the logits' shape.
     out : ndarray, optional
-        Array of the logits' shape and dtype to write the product into.
+        Array of the logits' shape and of the result's dtype to write the
+        product into (with 16-bit inputs: that 16-bit dtype or float32).
     device : {"auto", "cpu", "cuda"}, default "auto"
 
     Returns
     -------
-    ndarray (or a device array for GPU inputs) of the logits' shape and dtype.
+    ndarray (or a device array for GPU inputs) of the logits' shape and
+    dtype; float16 or bfloat16 where the logits or ``vector`` are (computed in
+    float32, the other one float32 or of the same 16-bit dtype; 16-bit soft
+    targets and weights are taken as :func:`~fastxent.cross_entropy` takes
+    them and do not set the result's dtype).
     """
     backend, spec, (x, t, v, w), out = _validate.cross_entropy_hvp_call(
         logits, target, vector, weight, ignore_index, reduction, label_smoothing, z_loss,

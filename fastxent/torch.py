@@ -986,12 +986,6 @@ def _softmax_call(op, name, input, dim, dtype):
                         f"dimension is deprecated)")
     if dtype is not None:
         input = input.to(dtype)
-    if (input.dtype in (torch.float16, torch.bfloat16) and torch.is_grad_enabled()
-            and input.requires_grad):
-        # fastxent's softmax_backward takes float32 and float64 only
-        raise TypeError(f"fastxent.torch.{name}: the backward of {input.dtype} inputs is not "
-                        f"supported yet: cast the input to float32 (dtype=torch.float32), or "
-                        f"call it under torch.no_grad() for the forward alone")
     return op(input, int(dim))
 
 

@@ -498,3 +498,80 @@ def test_half_distillation_moves_two_bytes_per_element(storage):
     widths = _global_widths(ptx, loops)
     assert widths and all(t in ("u16", "b16") for _, t in widths), widths
     assert {op for op, _ in widths} == {"ld", "st"}, widths
+
+
+@pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_half_backward_moves_two_bytes_per_element(storage, log):
+    """16-bit grad_output, output and result: cached, two global loads and
+    one store per element, as the float32 kernel (the uncached variant as
+    many as it: 3 or 4 loads), each as 16 bits."""
+    a = HALF_ARRAYS[storage]
+    sig = (a, a, a, i64, i64, i64, i64)
+    for cached, expected in ((True, 2), (False, 3 if log else 4)):
+        ptx = _ptx(J.softmax_backward_py("float32", cached, log, storage, storage, storage), sig)
+        assert "ld.local" not in ptx and "st.local" not in ptx
+        loads, stores, loops = _traffic(ptx, (1 if log else 2) if cached else 0)
+        assert loads == expected and stores == 1, loops
+        widths = _global_widths(ptx, loops)
+        assert widths and all(t in ("u16", "b16") for _, t in widths), widths
+        assert {op for op, _ in widths} == {"ld", "st"}, widths
+        if storage == "float16":  # converted by the hardware, rounded to nearest even
+            assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx
+
+
+@pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))
+@pytest.mark.parametrize("transformed", [False, True], ids=["plain", "logit_scale_softcap"])
+def test_half_hvp_moves_two_bytes_per_element(storage, transformed):
+    """16-bit logits, vector and product, class indices, rows cached: two
+    global loads (logits, vector) and one store per element, each as 16 bits."""
+    a = HALF_ARRAYS[storage]
+    sig = list(_hvp_sig(T.float32, False, False, transformed))
+    sig[0] = sig[3] = sig[4] = a
+    builder = J.cross_entropy_hvp_transformed_py if transformed else J.cross_entropy_hvp_py
+    ptx = _ptx(builder("float32", True, storage, storage, storage), tuple(sig))
+    assert "ld.local" not in ptx and "st.local" not in ptx
+    loads, stores, loops = _traffic(ptx, 2)
+    assert loads == 2 and stores == 1, loops
+    widths = _global_widths(ptx, loops)
+    assert widths and all(t in ("u16", "b16") for _, t in widths), widths
+    assert {op for op, _ in widths} == {"ld", "st"}, widths
+    if storage == "float16":
+        assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx
+
+
+@pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))
+def test_half_jacobian_kernels_compile_without_spills(storage):
+    """Every 16-bit variant of the family: read twice, float32 ``out=``
+    (result stored as float32), soft targets and class weights (float32);
+    the Jacobian reads and writes its 16-bit values as 16 bits."""
+    a, f32 = HALF_ARRAYS[storage], T.float32[::1]
+    kernels = [("softmax_jacobian", J.softmax_jacobian_py("float32", storage, storage),
+                (a, a, i64, i64, i64, i64))]
+    for cached in (False, True):
+        for log in (False, True):
+            kernels.append((f"softmax_backward out32 log={log} cached={cached}",
+                            J.softmax_backward_py("float32", cached, log, storage, storage),
+                            (a, a, f32, i64, i64, i64, i64)))
+        for soft in (False, True):
+            for transformed in (False, True):
+                builder = (J.cross_entropy_hvp_transformed_py if transformed
+                           else J.cross_entropy_hvp_py)
+                sig = list(_hvp_sig(T.float32, soft, True, transformed))
+                sig[0] = sig[3] = sig[4] = a
+                kernels.append((f"hvp soft={soft} transformed={transformed} cached={cached}",
+                                builder("float32", cached, storage, storage, storage),
+                                tuple(sig)))
+                sig[4] = f32
+                kernels.append((f"hvp out32 soft={soft} transformed={transformed} "
+                                f"cached={cached}",
+                                builder("float32", cached, storage, storage), tuple(sig)))
+    for name, fn, sig in kernels:
+        ptx = _ptx(fn, sig)
+        assert ".target sm_90" in ptx, name
+        assert "ld.local" not in ptx and "st.local" not in ptx, f"{name} spills to local memory"
+        assert "shfl.sync.bfly" in ptx and not re.search(r"\s(atom|red)\.", ptx), name
+        if name == "softmax_jacobian":
+            widths = _global_widths(ptx, innermost_loops(ptx))
+            assert widths and all(t in ("u16", "b16") for _, t in widths), (name, widths)
+            assert {op for op, _ in widths} == {"ld", "st"}, widths

@@ -9,7 +9,10 @@ promise). The parity table's grid (``tests/parity.py``) runs on the 16-bit
 dtypes: every layout, weight, target kind, smoothing, reduction and LLM
 option, in place, into ``out=`` (16-bit and float32) and into a new array.
 The 16-bit sweeps of ``_lanes`` and the direct 16-bit kernel built on them
-are held to the float32 path's bits on the widened values.
+are held to the float32 path's bits on the widened values. The softmax
+Jacobian family (``tests/jacobian_parity.py``'s float64 torch twins) is held
+to the same per-element bound, its 16-bit results to the float32 call's on
+the widened values, rounded.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from fastxent import _half
 from fastxent._fastmath import FASTMATH
 from fastxent._lanes import (BLOCK, LANES, exp_sum_inplace, half_exp_sum, half_row_max, row_max,
                              scale_minus, scale_minus_half)
+from tests import jacobian_parity as jp
 from tests import parity
 from tests import reference as ref
 from tests.parity import LAYOUTS, LLM_OPTIONS, REDUCTIONS, SMOOTHINGS, TARGETS
@@ -255,6 +259,141 @@ def test_binary_cross_entropy(dtype, shape):
 
 
 # --------------------------------------------------------------------------
+# the softmax Jacobian family: computed in float32, results in the 16-bit dtype
+
+JACOBIAN_LAYOUTS = jp.TABLE_LAYOUTS  # rows, (N, C, d), the class axis first
+
+
+def half_backward_problem(layout, dtype, log, C=None):
+    """(grad_output, output, axis, float64 torch result): 16-bit
+    ``grad_output`` and the 16-bit (log_)softmax of 16-bit logits."""
+    x, g, axis = jp.inputs(layout, np.float32, C=C)
+    x, g = x.astype(dtype), g.astype(dtype)
+    o = (fastxent.log_softmax if log else fastxent.softmax)(x, axis=axis)
+    assert o.dtype == dtype
+    return g, o, axis, jp.torch_backward(g.astype(np.float64), o.astype(np.float64), axis, log)
+
+
+def check_float32(ours, expect, what):
+    """A float32 result (``out=`` float32) against float64: float32 arithmetic."""
+    assert ours.dtype == np.float32, what
+    scale = max(1.0, float(np.abs(expect).max(initial=0.0)))
+    np.testing.assert_allclose(ours, expect, rtol=2e-5, atol=2e-7 * scale, err_msg=what)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+@pytest.mark.parametrize("layout", JACOBIAN_LAYOUTS)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_backward(dtype, layout, log):
+    """New, into 16-bit and float32 ``out=``, in place (a strided view too),
+    with a float32 grad_output or output beside the 16-bit one; the 16-bit
+    result is the float32 result rounded to nearest even, bit for bit."""
+    fn = fastxent.log_softmax_backward if log else fastxent.softmax_backward
+    g, o, axis, expect = half_backward_problem(layout, dtype, log)
+    g_before = g.copy()
+    new = fn(g, o, axis=axis)
+    check_grad(new, expect, dtype, "new")
+    np.testing.assert_array_equal(g.view(np.uint16), g_before.view(np.uint16))
+    out = np.full(g.shape, np.nan, dtype)
+    assert fn(g, o, axis=axis, out=out) is out
+    out32 = np.full(g.shape, np.nan, np.float32)
+    assert fn(g, o, axis=axis, out=out32) is out32
+    check_float32(out32, expect, "out32")
+    np.testing.assert_array_equal(out.view(np.uint16), new.view(np.uint16))
+    np.testing.assert_array_equal(new.view(np.uint16), out32.astype(dtype).view(np.uint16))
+    inplace = g.copy()
+    assert fn(inplace, o, axis=axis, inplace=True) is inplace
+    np.testing.assert_array_equal(inplace.view(np.uint16), new.view(np.uint16))
+    base = np.ascontiguousarray(np.swapaxes(g, 0, -1))
+    view = np.swapaxes(base, 0, -1)  # g's values, strided
+    assert fn(view, o, axis=axis, inplace=True) is view
+    np.testing.assert_array_equal(np.swapaxes(base, 0, -1).view(np.uint16), new.view(np.uint16))
+    # a float32 array beside the 16-bit one: the result is still 16-bit
+    for what, (go, oo) in (("float32 grad_output", (g.astype(np.float32), o)),
+                           ("float32 output", (g, o.astype(np.float32)))):
+        check_grad(fn(go, oo, axis=axis), expect, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+@pytest.mark.parametrize("layout", JACOBIAN_LAYOUTS)
+def test_softmax_jacobian(dtype, layout):
+    """The (..., C, C) Jacobian in the 16-bit dtype, against float64 torch;
+    a logit of 60 (exp overflows float16 without the max shift)."""
+    x, _, axis = jp.inputs(layout, np.float32)
+    x = x.astype(dtype)
+    x.flat[0] = 60.0
+    got = fastxent.softmax_jacobian(x, axis=axis)
+    expect = jp.torch_jacobian(x.astype(np.float64), axis)
+    assert got.shape == expect.shape
+    check_grad(got, expect, dtype)
+    wide = fastxent.softmax_jacobian(x.astype(np.float32), axis=axis)
+    np.testing.assert_array_equal(got.view(np.uint16), wide.astype(dtype).view(np.uint16))
+    empty = fastxent.softmax_jacobian(np.zeros((0, 3), dtype))
+    assert empty.dtype == dtype and empty.shape == (0, 3, 3)
+
+
+def half_hvp_problem(layout, dtype, target, C=None):
+    """``jp.hvp_problem`` with 16-bit logits, vector, weights and soft
+    targets, and the same values in float64."""
+    x, y, v, w, axis, options = jp.hvp_problem(layout, np.float32, target, C=C)
+    x, v, w = x.astype(dtype), v.astype(dtype), w.astype(dtype)
+    if y.dtype.kind == "f":
+        y = y.astype(dtype)
+    wide = lambda a: a.astype(np.float64) if a.dtype.kind != "i" else a  # noqa: E731
+    return (x, y, v, w), (wide(x), wide(y), wide(v), wide(w)), axis, options
+
+
+#: The product's options, every pair of values at least once (``parity.covering``):
+#: the 16-bit path adds widening and rounding around the float32 kernels,
+#: whose whole grid is ``tests/test_jacobian.py``'s.
+HVP_OPTIONS = parity.covering(dict(weighted=[False, True], smoothing=[0.0, 0.2],
+                                   reduction=REDUCTIONS, z_loss=[0.0, jp.Z_LOSS],
+                                   llm=list(jp.HVP_LLM)), strength=2)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+@pytest.mark.parametrize("layout", JACOBIAN_LAYOUTS)
+@pytest.mark.parametrize("target", jp.HVP_TARGETS)
+def test_cross_entropy_hvp(dtype, layout, target):
+    """Weights, smoothing, reductions, z-loss, logit_scale and softcap
+    against torch's float64 double backward: new, into 16-bit and float32
+    ``out=``, the 16-bit result the float32 one rounded."""
+    (x, y, v, w), (x64, y64, v64, w64), axis, options = half_hvp_problem(layout, dtype, target)
+    for case in HVP_OPTIONS:
+        weighted, smoothing, reduction, z_loss, llm = case.values()
+        kw = dict(reduction=reduction, label_smoothing=smoothing, z_loss=z_loss, **options,
+                  **jp.HVP_LLM[llm])
+        case = str(case)
+        expect = jp.torch_hvp(x64, y64, v64, axis=axis, weight=w64 if weighted else None, **kw)
+        kw["weight"] = w if weighted else None
+        new = fastxent.cross_entropy_hvp(x, y, v, axis=axis, **kw)
+        check_grad(new, expect, dtype, case)
+        out32 = np.full(x.shape, np.nan, np.float32)
+        assert fastxent.cross_entropy_hvp(x, y, v, axis=axis, out=out32, **kw) is out32
+        check_float32(out32, expect, case)
+        np.testing.assert_array_equal(new.view(np.uint16), out32.astype(dtype).view(np.uint16))
+    out = np.full(x.shape, np.nan, dtype)
+    assert fastxent.cross_entropy_hvp(x, y, v, axis=axis, out=out, **options) is out
+    np.testing.assert_array_equal(
+        out.view(np.uint16), fastxent.cross_entropy_hvp(x, y, v, axis=axis,
+                                                        **options).view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_cross_entropy_hvp_of_mixed_and_overlapping_arrays(dtype):
+    """16-bit logits with a float32 vector, float32 logits with a 16-bit
+    vector: a 16-bit product; ``out=`` the 16-bit logits themselves."""
+    (x, y, v, _), (x64, y64, v64, _), axis, _ = half_hvp_problem("2d", dtype, "hard")
+    expect = jp.torch_hvp(x64, y64, v64, axis=axis)
+    for what, (xa, va) in (("float32 vector", (x, v.astype(np.float32))),
+                           ("float32 logits", (x.astype(np.float32), v))):
+        check_grad(fastxent.cross_entropy_hvp(xa, y, va), expect, dtype, what)
+    xo = x.copy()
+    assert fastxent.cross_entropy_hvp(xo, y, xo, out=xo) is xo
+    check_grad(xo, jp.torch_hvp(x64, y64, x64), dtype, "out= the logits and vector")
+
+
+# --------------------------------------------------------------------------
 # bad input, refused before anything is written
 
 
@@ -286,18 +425,60 @@ def test_out_of_another_dtype_refused(dtype):
         assert np.all(out.astype(np.float64) == 7)
 
 
-def test_functions_without_half_refuse_by_name():
-    """The Jacobian family does not take 16-bit inputs yet:
-    a TypeError that says so, not a wrong result."""
-    x = np.ones((3, 4), F16)
+def test_jacobian_family_refuses_mixed_dtypes_by_name():
+    """The Jacobian family's 16-bit inputs share one 16-bit dtype (float32
+    beside them is fine): the other 16-bit dtype, or float64, is a TypeError
+    naming the argument, raised before anything is written; so is an ``out=``
+    of the other 16-bit dtype or of float64, and in place over a grad_output
+    of another dtype than the output's."""
+    g = np.full((3, 4), 0.25, F16)
     y = np.zeros(3, np.int64)
-    calls = [lambda: fastxent.softmax_backward(x, x),
-             lambda: fastxent.log_softmax_backward(x, x),
-             lambda: fastxent.softmax_jacobian(x),
-             lambda: fastxent.cross_entropy_hvp(x, y, x)]
-    for call in calls:
-        with pytest.raises(TypeError, match="float16"):
-            call()
+    for other in (BF16, np.dtype(np.float64)):
+        o = np.full((3, 4), 0.25, other)
+        # named: the argument not of the first 16-bit argument's dtype
+        if other == BF16:
+            reversed_ = "output has dtype float16, but grad_output has dtype bfloat16"
+            reversed_hvp = "vector has dtype float16, but logits has dtype bfloat16"
+        else:
+            reversed_ = "grad_output has dtype float64, but output has dtype float16"
+            reversed_hvp = "logits has dtype float64, but vector has dtype float16"
+        for fn in (fastxent.softmax_backward, fastxent.log_softmax_backward):
+            with pytest.raises(TypeError, match=f"output has dtype {other}, but grad_output "
+                                                f"has dtype float16"):
+                fn(g, o)
+            with pytest.raises(TypeError, match=reversed_):
+                fn(o, g)
+        with pytest.raises(TypeError, match=f"vector has dtype {other}, but logits has dtype "
+                                            f"float16"):
+            fastxent.cross_entropy_hvp(g, y, o)
+        with pytest.raises(TypeError, match=reversed_hvp):
+            fastxent.cross_entropy_hvp(o, y, g)
+        out = np.full((3, 4), 7, other)
+        with pytest.raises(TypeError, match="out has dtype"):
+            fastxent.softmax_backward(g, g, out=out)
+        with pytest.raises(TypeError, match="out has dtype"):
+            fastxent.cross_entropy_hvp(g, y, g, out=out)
+        assert np.all(out.astype(np.float64) == 7)
+    inplace = g.copy()
+    with pytest.raises(TypeError, match="inplace=True needs grad_output and output of one"):
+        fastxent.softmax_backward(inplace, g.astype(np.float32), inplace=True)
+    np.testing.assert_array_equal(inplace.view(np.uint16), g.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_hvp_bad_target_refused_before_writes(dtype):
+    """A class index out of range: an IndexError before the 16-bit ``out=``
+    (the logits themselves, too) is written."""
+    x = (np.random.default_rng(5).standard_normal((4, 3)) * 3).astype(dtype)
+    bad = np.array([0, 1, 3, 1])
+    out = np.full(x.shape, 7, dtype)
+    with pytest.raises(IndexError, match=r"target 3 at position \(2,\)"):
+        fastxent.cross_entropy_hvp(x, bad, x, out=out)
+    assert np.all(out.astype(np.float64) == 7)
+    xo = x.copy()
+    with pytest.raises(IndexError):
+        fastxent.cross_entropy_hvp(xo, bad, xo, out=xo)
+    np.testing.assert_array_equal(xo.view(np.uint16), x.view(np.uint16))
 
 
 def test_conversions_match_ml_dtypes_and_numpy():

@@ -15,7 +15,9 @@ smoothing, reduction, the LLM options, and the gradient's destination.
 ``nll_loss`` and ``binary_cross_entropy_with_logits`` are held the same way
 to the CPU and to float64 (``tests/reference.py``), BCE over a 2-wise
 covering array of shape, weights, reduction, destination and the dtype of
-its target and weights.
+its target and weights. The softmax Jacobian family runs on tiny shapes,
+held the same way to the CPU's 16-bit results and to
+``tests/jacobian_parity.py``'s float64 twins.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from numba import cuda
 import fastxent
 from fastxent import _cuda
 from fastxent import _cuda_kernels as K
+from tests import jacobian_parity as jp
 from tests import parity
 from tests import reference as ref
 from tests.parity import (BCE_SHAPES, BCE_WEIGHTS, GPU_CLASSES, HARD_TARGETS, LAYOUTS,
                           LLM_OPTIONS, REDUCTIONS, SMOOTHINGS, TARGETS)
-from tests.test_half import (CANCEL, HALF, IDS, LOSS_RTOL, check_grad, check_loss, half_problem,
-                             ulp)
+from tests.test_half import (CANCEL, HALF, IDS, LOSS_RTOL, check_float32, check_grad, check_loss,
+                             half_backward_problem, half_hvp_problem, half_problem, ulp)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
@@ -280,6 +283,120 @@ def _store_kernel(storage):
 
 
 # --------------------------------------------------------------------------
+# the softmax Jacobian family: 16-bit arrays read and written as they are
+
+#: (layout, C, SHARED_BYTES_CAP): a thread, a "warp" and the block on a row,
+#: the block's rows kept in shared memory (None) or read twice (0)
+JACOBIAN_CASES = [("2d", 3, None), ("ncd", 12, None), ("axis0", 40, None), ("2d", 40, 0)]
+
+
+def _jacobian_id(case):
+    layout, C, cap = case
+    return f"{layout}-C{C}" + ("-read_twice" if cap == 0 else "")
+
+
+@pytest.mark.parametrize("case", JACOBIAN_CASES, ids=_jacobian_id)
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_softmax_backward_matches_the_cpu(dtype, case, monkeypatch):
+    """softmax_backward and log_softmax_backward new, into 16-bit and
+    float32 ``out=``, in place, and with a float32 output beside the 16-bit
+    grad_output."""
+    layout, C, cap = case
+    monkeypatch.setattr(_cuda, "SHARED_BYTES_CAP", cap)
+    for log in (False, True):
+        fn = fastxent.log_softmax_backward if log else fastxent.softmax_backward
+        g, o, axis, expect = half_backward_problem(layout, dtype, log, C)
+        cpu = fn(g, o, axis=axis)
+        ours = fn(put(g), put(o), axis=axis)
+        assert _cuda._is_numba_array(ours)
+        within_one_ulp(get(ours), cpu, dtype, f"{fn.__name__} new")
+        check_grad(get(ours), expect, dtype, fn.__name__)
+        out = put(np.full(g.shape, np.nan, dtype))
+        assert fn(put(g), put(o), axis=axis, out=out) is out
+        within_one_ulp(get(out), cpu, dtype, f"{fn.__name__} out=")
+        out32 = put(np.full(g.shape, np.nan, np.float32))
+        assert fn(put(g), put(o), axis=axis, out=out32) is out32
+        check_float32(get(out32), expect, f"{fn.__name__} out32")
+        gd = put(g)
+        assert fn(gd, put(o), axis=axis, inplace=True) is gd
+        within_one_ulp(get(gd), cpu, dtype, f"{fn.__name__} in place")
+        mixed = get(fn(put(g), put(o.astype(np.float32)), axis=axis))
+        within_one_ulp(mixed, cpu, dtype, f"{fn.__name__} float32 output")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+@pytest.mark.parametrize("layout,C", [("2d", 3), ("ncd", 5), ("axis0", 12)])
+def test_softmax_jacobian_matches_the_cpu(dtype, layout, C):
+    x, _, axis = jp.inputs(layout, np.float32, C=C)
+    x = x.astype(dtype)
+    x.flat[0] = 60.0
+    cpu = fastxent.softmax_jacobian(x, axis=axis)
+    ours = get(fastxent.softmax_jacobian(put(x), axis=axis))
+    assert ours.shape == cpu.shape
+    within_one_ulp(ours, cpu, dtype, "jacobian")
+    check_grad(ours, jp.torch_jacobian(x.astype(np.float64), axis), dtype, "jacobian")
+
+
+#: (layout, C, SHARED_BYTES_CAP, target, llm option) of the product: the
+#: plain and the transformed kernel (``llm``), each cached (C = 40) and read
+#: twice
+HVP_CASES = [("2d", 3, None, "hard_ignored", "none"), ("ncd", 12, None, "soft", "cap"),
+             ("axis0", 40, None, "hard_ii_valid", "scale"), ("2d", 40, None, "hard", "none"),
+             ("2d", 40, 0, "soft", "cap")]
+
+
+@pytest.mark.parametrize("case", HVP_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_cross_entropy_hvp_matches_the_cpu(dtype, case, monkeypatch):
+    """Class weights, smoothing, z-loss, 16-bit soft targets: new, into
+    16-bit and float32 ``out=``, and with a float32 vector beside 16-bit
+    logits."""
+    layout, C, cap, target, llm = case
+    monkeypatch.setattr(_cuda, "SHARED_BYTES_CAP", cap)
+    (x, y, v, w), (x64, y64, v64, w64), axis, options = half_hvp_problem(layout, dtype, target,
+                                                                         C)
+    kw = dict(label_smoothing=0.2, z_loss=jp.Z_LOSS, **options, **jp.HVP_LLM[llm])
+    expect = jp.torch_hvp(x64, y64, v64, axis=axis, weight=w64, **kw)
+    cpu = fastxent.cross_entropy_hvp(x, y, v, axis=axis, weight=w, **kw)
+    ours = fastxent.cross_entropy_hvp(put(x), put(y), put(v), axis=axis, weight=put(w), **kw)
+    assert _cuda._is_numba_array(ours)
+    within_one_ulp(get(ours), cpu, dtype, "new")
+    check_grad(get(ours), expect, dtype, "new")
+    out = put(np.full(x.shape, np.nan, dtype))
+    assert fastxent.cross_entropy_hvp(put(x), put(y), put(v), axis=axis, weight=put(w),
+                                      out=out, **kw) is out
+    within_one_ulp(get(out), cpu, dtype, "out=")
+    out32 = put(np.full(x.shape, np.nan, np.float32))
+    fastxent.cross_entropy_hvp(put(x), put(y), put(v), axis=axis, weight=put(w), out=out32,
+                               **kw)
+    check_float32(get(out32), expect, "out32")
+    mixed = fastxent.cross_entropy_hvp(put(x), put(y), put(v.astype(np.float32)), axis=axis,
+                                       weight=put(w), **kw)
+    within_one_ulp(get(mixed), cpu, dtype, "float32 vector")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+def test_jacobian_family_strided_views_and_host_arrays(dtype):
+    """Transposed 16-bit device views (gathered, written back in place);
+    host 16-bit arrays with device="cuda" (NumPy results in their dtype)."""
+    g, o, _, _ = half_backward_problem("2d", dtype, False)
+    cpu = fastxent.softmax_backward(g.T, o.T, axis=0)
+    base = put(np.ascontiguousarray(g))
+    view = base.T
+    assert fastxent.softmax_backward(view, put(np.ascontiguousarray(o)).T, axis=0,
+                                     inplace=True) is view
+    within_one_ulp(get(base).T, cpu, dtype, "strided in place")
+    host = fastxent.softmax_backward(g, o, device="cuda")
+    assert isinstance(host, np.ndarray)
+    within_one_ulp(host, fastxent.softmax_backward(g, o), dtype, "host")
+    (x, y, v, _), _, _, _ = half_hvp_problem("2d", dtype, "hard")
+    out = put(np.full(x.shape[::-1], np.nan, dtype)).T
+    got = fastxent.cross_entropy_hvp(put(np.ascontiguousarray(x.T)).T, put(y), put(v), out=out)
+    assert got is out
+    within_one_ulp(get(out), fastxent.cross_entropy_hvp(x, y, v), dtype, "strided out=")
+
+
+# --------------------------------------------------------------------------
 # bad input, refused before anything is written
 
 
@@ -300,20 +417,14 @@ def test_out_of_another_dtype_refused_before_writes(dtype):
     with pytest.raises(IndexError):
         fastxent.cross_entropy_with_grad(xd, put(bad), inplace=True)
     np.testing.assert_array_equal(get(xd).view(np.uint16), xh.view(np.uint16))
-
-
-def test_functions_without_gpu_half_refuse_by_name():
-    """On the GPU the softmax Jacobian family does not take 16-bit inputs
-    yet (every other function does: cross_entropy, nll_loss, the softmax
-    family and BCE with logits above, the divergences in
-    tests/cuda_sim/test_divergences_gpu.py); it says which function refuses."""
-    x = np.ones((3, 4), F16)
-    y = np.zeros(3, np.int64)
-    xd, yd = put(x), put(y)
-    with pytest.raises(TypeError, match="cross_entropy_hvp does not take float16"):
-        fastxent.cross_entropy_hvp(xd, yd, put(x.astype(np.float32)))
-    with pytest.raises(TypeError, match="float16"):
-        fastxent.softmax_backward(xd, xd)
+    with pytest.raises(IndexError):
+        fastxent.cross_entropy_hvp(xd, put(bad), xd, out=xd)
+    np.testing.assert_array_equal(get(xd).view(np.uint16), xh.view(np.uint16))
+    other = BF16 if dtype == F16 else F16
+    with pytest.raises(TypeError, match=f"output has dtype {other}, but grad_output has dtype "
+                                        f"{dtype}"):
+        fastxent.softmax_backward(xd, put(xh.astype(other)), inplace=True)
+    np.testing.assert_array_equal(get(xd).view(np.uint16), xh.view(np.uint16))
 
 
 # --------------------------------------------------------------------------
