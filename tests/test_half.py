@@ -346,21 +346,21 @@ def half_hvp_problem(layout, dtype, target, C=None):
 #: The product's options, every pair of values at least once (``parity.covering``):
 #: the 16-bit path adds widening and rounding around the float32 kernels,
 #: whose whole grid is ``tests/test_jacobian.py``'s.
-HVP_OPTIONS = parity.covering(dict(weighted=[False, True], smoothing=[0.0, 0.2],
+HVP_OPTIONS = parity.covering(dict(dtype=HALF, weighted=[False, True], smoothing=[0.0, 0.2],
                                    reduction=REDUCTIONS, z_loss=[0.0, jp.Z_LOSS],
                                    llm=list(jp.HVP_LLM)), strength=2)
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=IDS)
 @pytest.mark.parametrize("layout", JACOBIAN_LAYOUTS)
 @pytest.mark.parametrize("target", jp.HVP_TARGETS)
-def test_cross_entropy_hvp(dtype, layout, target):
-    """Weights, smoothing, reductions, z-loss, logit_scale and softcap
-    against torch's float64 double backward: new, into 16-bit and float32
-    ``out=``, the 16-bit result the float32 one rounded."""
-    (x, y, v, w), (x64, y64, v64, w64), axis, options = half_hvp_problem(layout, dtype, target)
+def test_cross_entropy_hvp(layout, target):
+    """Weights, smoothing, reductions, z-loss, logit_scale and softcap, in
+    either 16-bit dtype, against torch's float64 double backward: new, into
+    16-bit and float32 ``out=``, the 16-bit result the float32 one rounded."""
     for case in HVP_OPTIONS:
-        weighted, smoothing, reduction, z_loss, llm = case.values()
+        dtype, weighted, smoothing, reduction, z_loss, llm = case.values()
+        (x, y, v, w), (x64, y64, v64, w64), axis, options = half_hvp_problem(layout, dtype,
+                                                                             target)
         kw = dict(reduction=reduction, label_smoothing=smoothing, z_loss=z_loss, **options,
                   **jp.HVP_LLM[llm])
         case = str(case)
@@ -372,11 +372,9 @@ def test_cross_entropy_hvp(dtype, layout, target):
         assert fastxent.cross_entropy_hvp(x, y, v, axis=axis, out=out32, **kw) is out32
         check_float32(out32, expect, case)
         np.testing.assert_array_equal(new.view(np.uint16), out32.astype(dtype).view(np.uint16))
-    out = np.full(x.shape, np.nan, dtype)
-    assert fastxent.cross_entropy_hvp(x, y, v, axis=axis, out=out, **options) is out
-    np.testing.assert_array_equal(
-        out.view(np.uint16), fastxent.cross_entropy_hvp(x, y, v, axis=axis,
-                                                        **options).view(np.uint16))
+        out = np.full(x.shape, np.nan, dtype)
+        assert fastxent.cross_entropy_hvp(x, y, v, axis=axis, out=out, **kw) is out
+        np.testing.assert_array_equal(out.view(np.uint16), new.view(np.uint16))
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=IDS)
