@@ -362,6 +362,24 @@ def test_half_cross_entropy_moves_two_bytes_per_element(storage, cached, llm):
     assert "shfl.sync.bfly" in ptx and not re.search(r"\s(atom|red)\.", ptx)
 
 
+def _two_loads_one_store_of_16_bits(ptx, storage, *variants):
+    """An elementwise 16-bit kernel's PTX (and its ``variants``, only
+    compiled): no spills; per element two loads and one store, each global
+    access 2 bytes; float16 through the hardware conversions."""
+    for p in (ptx, *variants):
+        assert ".target sm_90" in p
+        assert "ld.local" not in p and "st.local" not in p
+    loops = innermost_loops(ptx)
+    assert loops, ptx[-2000:]
+    assert max(lp.loads_per_element for lp in loops) == 2, loops
+    assert max(lp.stores_per_element for lp in loops) == 1, loops
+    widths = _global_widths(ptx, loops)
+    assert widths and all(t in ("u16", "b16") for _, t in widths), widths
+    assert {op for op, _ in widths} == {"ld", "st"}, widths
+    if storage == "float16":  # converted by the hardware, rounded to nearest even
+        assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx
+
+
 @pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))
 @pytest.mark.parametrize("kind", ["kl", "kl_log_target", "bce"])
 def test_half_divergence_moves_two_bytes_per_element(storage, kind):
@@ -375,18 +393,7 @@ def test_half_divergence_moves_two_bytes_per_element(storage, kind):
     fn = D.divergence_py("float32", kind, storage, storage, storage)
     ptx = _ptx(fn, _sig(a, a, None, a, None, f64[::1], i64, f64))
     full = _ptx(fn, _sig(a, a, f32, a, f32, f64[::1], i64, f64))
-    for p in (ptx, full):
-        assert ".target sm_90" in p
-        assert "ld.local" not in p and "st.local" not in p
-    loops = innermost_loops(ptx)
-    assert loops, ptx[-2000:]
-    assert max(lp.loads_per_element for lp in loops) == 2, loops
-    assert max(lp.stores_per_element for lp in loops) == 1, loops
-    widths = _global_widths(ptx, loops)
-    assert widths and all(t in ("u16", "b16") for _, t in widths), widths
-    assert {op for op, _ in widths} == {"ld", "st"}, widths
-    if storage == "float16":  # converted by the hardware, rounded to nearest even
-        assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx
+    _two_loads_one_store_of_16_bits(ptx, storage, full)
     check = _ptx(D.outside_unit_py(storage), (a, i64[::1], i64))
     loops = innermost_loops(check)
     assert loops and max(lp.loads_per_element for lp in loops) == 1, loops
@@ -408,18 +415,7 @@ def test_half_bce_with_logits_moves_two_bytes_per_element(storage):
     full = _ptx(fn, _sig(a, a, a, a, a, f32, f64[::1], i64, f64))
     out32 = _ptx(K.bce_py("float32", storage, storage, storage, storage, None),
                  _sig(a, a, a, a, f32, f32, f64[::1], i64, f64))
-    for p in (ptx, full, out32):
-        assert ".target sm_90" in p
-        assert "ld.local" not in p and "st.local" not in p
-    loops = innermost_loops(ptx)
-    assert loops, ptx[-2000:]
-    assert max(lp.loads_per_element for lp in loops) == 2, loops
-    assert max(lp.stores_per_element for lp in loops) == 1, loops
-    widths = _global_widths(ptx, loops)
-    assert widths and all(t in ("u16", "b16") for _, t in widths), widths
-    assert {op for op, _ in widths} == {"ld", "st"}, widths
-    if storage == "float16":  # converted by the hardware, rounded to nearest even
-        assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx
+    _two_loads_one_store_of_16_bits(ptx, storage, full, out32)
     widths = _global_widths(full, innermost_loops(full))
     assert widths and all(t in ("u16", "b16") for op, t in widths if op == "ld"), widths
     assert {t for op, t in widths if op == "st"} <= {"u16", "b16", "f32"}, widths

@@ -71,6 +71,19 @@ def within_one_ulp(ours, cpu, dtype, what):
     assert (same | close).all(), (what, a[~(same | close)][:4], b[~(same | close)][:4])
 
 
+def _destination(dest, x, on_gpu):
+    """The keyword arguments for a gradient ``dest`` ("new", "inplace",
+    "out16" of ``x``'s dtype, "out32") and the ``out=`` array (or None),
+    on the device where ``on_gpu``."""
+    if dest == "inplace":
+        return {"inplace": True}, None
+    if dest in ("out16", "out32"):
+        host = np.full(x.shape, np.nan, x.dtype if dest == "out16" else np.float32)
+        out = put(host) if on_gpu else host
+        return {"out": out}, out
+    return {}, None
+
+
 def _call(x, y, axis, kw, dest, on_gpu):
     """cross_entropy_with_grad into ``dest``; (loss, grad, stats or None) on the host."""
     x = x.copy()
@@ -79,14 +92,7 @@ def _call(x, y, axis, kw, dest, on_gpu):
         kw = {k: put(v) for k, v in kw.items()}
     else:
         xd, yd = x, y
-    extra = {}
-    out = None
-    if dest == "inplace":
-        extra["inplace"] = True
-    elif dest in ("out16", "out32"):
-        host = np.full(x.shape, np.nan, x.dtype if dest == "out16" else np.float32)
-        out = put(host) if on_gpu else host
-        extra["out"] = out
+    extra, out = _destination(dest, x, on_gpu)
     result = fastxent.cross_entropy_with_grad(xd, yd, axis=axis, **kw, **extra)
     loss, grad = result[0], result[1]
     if dest == "inplace":
@@ -512,14 +518,7 @@ def _bce_call(x, t, kw, reduction, dest, on_gpu):
     if on_gpu:
         x, t = put(x), put(t)
         kw = {k: put(v) for k, v in kw.items()}
-    extra = {}
-    out = None
-    if dest == "inplace":
-        extra["inplace"] = True
-    elif dest in ("out16", "out32"):
-        host = np.full(x.shape, np.nan, x.dtype if dest == "out16" else np.float32)
-        out = put(host) if on_gpu else host
-        extra["out"] = out
+    extra, out = _destination(dest, x, on_gpu)
     loss_only = fastxent.binary_cross_entropy_with_logits(x, t, reduction=reduction, **kw)
     loss, grad = fastxent.binary_cross_entropy_with_logits_with_grad(
         x, t, reduction=reduction, **kw, **extra)
