@@ -243,23 +243,21 @@ def _bf16_bits_avx512(builder, value):
     f16x = ir.VectorType(ir.FloatType(), 16)
     convert = ir.FunctionType(ir.VectorType(_BFloat(), 32), [f16x, f16x])
     fn = builder.module.declare_intrinsic("llvm.x86.avx512bf16.cvtne2ps2bf16.512", (), convert)
-    parts = []
-    for k in range(0, n, 32):
-        lo = builder.shuffle_vector(value, value, _indices(range(k, k + 16)))
-        hi = builder.shuffle_vector(value, value, _indices(range(k + 16, k + 32)))
-        # the first operand goes to the upper half
-        parts.append(builder.bitcast(builder.call(fn, [hi, lo]), ir.VectorType(i16, 32)))
-    while len(parts) > 1:
-        parts = [builder.shuffle_vector(a, b, _indices(range(2 * a.type.count)))
-                 for a, b in zip(parts[0::2], parts[1::2])]
     # vfpclassps's subnormal test, one instruction per register
     classify = builder.module.declare_intrinsic(
         "llvm.x86.avx512.fpclass.ps.512", (),
         ir.FunctionType(ir.VectorType(ir.IntType(1), 16), [f16x, ir.IntType(32)]))
+    registers = [builder.shuffle_vector(value, value, _indices(range(k, k + 16)))
+                 for k in range(0, n, 16)]
+    # the first operand goes to the upper half
+    parts = [builder.bitcast(builder.call(fn, [hi, lo]), ir.VectorType(i16, 32))
+             for lo, hi in zip(registers[0::2], registers[1::2])]
+    while len(parts) > 1:
+        parts = [builder.shuffle_vector(a, b, _indices(range(2 * a.type.count)))
+                 for a, b in zip(parts[0::2], parts[1::2])]
     subnormal = None
-    for k in range(0, n, 16):
-        part = builder.shuffle_vector(value, value, _indices(range(k, k + 16)))
-        found = builder.bitcast(builder.call(classify, [part, _i32(0x20)]), ir.IntType(16))
+    for register in registers:
+        found = builder.bitcast(builder.call(classify, [register, _i32(0x20)]), ir.IntType(16))
         subnormal = found if subnormal is None else builder.or_(subnormal, found)
     any_subnormal = builder.icmp_unsigned("!=", subnormal, ir.Constant(ir.IntType(16), 0))
     result = cgutils.alloca_once_value(builder, parts[0])
