@@ -20,7 +20,7 @@ def test_gpu_kernels_under_the_cuda_simulator():
     # GPU silently produces inf or NaN (rows of -inf, an infinite max).
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
            "-W", "ignore::RuntimeWarning", str(ROOT / "tests" / "cuda_sim")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     report = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, report
     summary = proc.stdout.strip().splitlines()[-1]
