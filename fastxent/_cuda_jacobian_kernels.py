@@ -29,11 +29,11 @@ import numpy as np
 from numba import cuda
 
 from . import _formulas as F
-from ._cuda_kernels import (NEG_INF, SCRATCH, _finish_sum, _float_type, _group_max_sum,
-                            _group_sum, _io, _online, _online_row_pass, _row_slot, _row_start,
-                            _shared_type, _storage, gradient_element, hard_target_row,
-                            smoothed_target, soft_target_row, softcap_slope, softcapped,
-                            softmax_element)
+from ._cuda_kernels import (NEG_INF, SCRATCH, _cap_factors, _finish_sum, _float_type,
+                            _group_max_sum, _group_sum, _hard_gradient, _hard_row, _hard_sums,
+                            _io, _online, _online_row_pass, _row_slot, _row_start, _row_target,
+                            _shared_type, _storage, _target_mass, _transformed,
+                            gradient_element, soft_target_row, softcap_slope, softmax_element)
 from ._spec import CEOptions
 
 _device = cuda.jit(device=True, inline=True)
@@ -175,12 +175,7 @@ def cross_entropy_hvp_py(dtype, cached, x_storage=None, v_storage=None, g_storag
         while base < n_rows:
             r = base + offset
             active = r < n_rows
-            t = np.int64(0)
-            take = active
-            if y is not None:
-                if active:
-                    t = y[r]
-                    take = t != ignore_index
+            t, take = _row_target(y, r, active, ignore_index)
             start = _row_start(r, n_classes, inner)
             m = FT(NEG_INF)
             s = zero
@@ -194,10 +189,7 @@ def cross_entropy_hvp_py(dtype, cached, x_storage=None, v_storage=None, g_storag
                         cache[n_classes + c] = load_v(v, i)
                     m, s = _online(m, s, xv, one)
                     if q is not None:
-                        qc = smoothed_target(q[i], keep_q, uniform_q)
-                        if w is not None:
-                            qc *= w[c]
-                        total += qc
+                        total += _target_mass(q, i, w, c, keep_q, uniform_q)
             m, s = _group_max_sum(m, s, group, scratch)
             if q is not None:
                 total = _group_sum(total, group, scratch)
@@ -272,21 +264,13 @@ def cross_entropy_hvp_transformed_py(dtype, cached, x_storage=None, v_storage=No
         scale_f = FT(scale)
         k = FT(logit_scale)
         cap = FT(softcap)
-        cap_arg = zero  # logit_scale / softcap
-        inv_cap = zero
-        if softcap != 0.0:
-            cap_arg = FT(logit_scale / softcap)
-            inv_cap = FT(1.0 / softcap)
+        cap_arg, inv_cap = _cap_factors(logit_scale, softcap)
+        cap_arg, inv_cap = FT(cap_arg), FT(inv_cap)
         offset, lane, base, step = _row_slot(group)
         while base < n_rows:
             r = base + offset
             active = r < n_rows
-            t = np.int64(0)
-            take = active
-            if y is not None:
-                if active:
-                    t = y[r]
-                    take = t != ignore_index
+            t, take = _row_target(y, r, active, ignore_index)
             start = _row_start(r, n_classes, inner)
             m = FT(NEG_INF)
             s = zero
@@ -295,28 +279,17 @@ def cross_entropy_hvp_transformed_py(dtype, cached, x_storage=None, v_storage=No
             if take:
                 for c in range(lane, n_classes, group):
                     i = start + c * inner
-                    xv = load_x(x, i)
-                    u = xv * k
-                    if cap != zero:
-                        u = softcapped(math.tanh(xv * cap_arg), cap)
+                    u = _transformed(load_x(x, i), k, cap, cap_arg)
                     if cached:
                         cache[c] = u
                         cache[n_classes + c] = load_v(v, i)
                     m, s = _online(m, s, u, one)
                     if q is not None:
-                        qc = smoothed_target(q[i], keep_q, uniform_q)
-                        if w is not None:
-                            qc *= w[c]
+                        qc = _target_mass(q, i, w, c, keep_q, uniform_q)
                         a1 += qc
                         a2 += qc * u
                     else:
-                        if c == t:
-                            a1 = u
-                        if smooth > 0.0:
-                            if w is None:
-                                a2 += u
-                            else:
-                                a2 += w[c] * u
+                        a1, a2 = _hard_sums(a1, a2, u, c, t, w, smooth)
             m, s = _group_max_sum(m, s, group, scratch)
             a1 = _group_sum(a1, group, scratch)
             a2 = _group_sum(a2, group, scratch)
@@ -329,31 +302,21 @@ def cross_entropy_hvp_transformed_py(dtype, cached, x_storage=None, v_storage=No
                         vv = cache[n_classes + c]
                     else:
                         i = start + c * inner
-                        xv = load_x(x, i)
-                        u = xv * k
-                        if cap != zero:
-                            u = softcapped(math.tanh(xv * cap_arg), cap)
+                        u = _transformed(load_x(x, i), k, cap, cap_arg)
                         vv = load_v(v, i)
                     dot += math.exp(u - m) * softcap_slope(u, k, inv_cap) * vv
             dot = _group_sum(dot, group, scratch)
             m64, s64 = np.float64(m), np.float64(s)
             log_s = math.log(s64)
             lse = m64 + log_s
-            wt = 1.0
             if q is not None:
                 _, k1 = soft_target_row(m64, log_s, s64, np.float64(a1),
                                         np.float64(a2) - np.float64(a1) * m64, opts, scale)
                 k2 = kt = 0.0
                 alpha, beta = soft_target_curvature(np.float64(a1), lse, opts, scale)
             else:
-                if w is not None:
-                    if take:
-                        wt = np.float64(w[t])
-                w_dot = 0.0
-                if smooth > 0.0:
-                    w_dot = np.float64(a2) - m64 * wsum
-                _, k1, k2, kt = hard_target_row(m64, log_s, s64, np.float64(a1), wt, wsum,
-                                                w_dot, opts, scale, n_classes)
+                _, k1, k2, kt, wt = _hard_row(m64, log_s, s64, a1, a2, t, take, w, wsum,
+                                              smooth, opts, scale, n_classes)
                 alpha, beta = hard_target_curvature(wt, wsum, lse, opts, scale, n_classes)
             ka = FT(alpha / s64)
             kb = FT((alpha - beta) * (np.float64(dot) / s64) / s64)
@@ -365,25 +328,15 @@ def cross_entropy_hvp_transformed_py(dtype, cached, x_storage=None, v_storage=No
                         u = cache[c]
                         vv = cache[n_classes + c]
                     else:
-                        xv = load_x(x, i)
-                        u = xv * k
-                        if cap != zero:
-                            u = softcapped(math.tanh(xv * cap_arg), cap)
+                        u = _transformed(load_x(x, i), k, cap, cap_arg)
                         vv = load_v(v, i)
                     e = math.exp(u - m)
                     slope = softcap_slope(u, k, inv_cap)
                     if q is not None:
-                        qc = smoothed_target(q[i], keep_q, uniform_q)
-                        if w is not None:
-                            qc *= w[c]
-                        grad_u = gradient_element(e, k1_f, scale_f * qc)
+                        grad_u = gradient_element(
+                            e, k1_f, scale_f * _target_mass(q, i, w, c, keep_q, uniform_q))
                     else:
-                        k2w = k2_f
-                        if w is not None:
-                            k2w = k2_f * w[c]
-                        grad_u = gradient_element(e, k1_f, k2w)
-                        if c == t:
-                            grad_u -= kt_f
+                        grad_u = _hard_gradient(e, k1_f, k2_f, kt_f, w, c, t)
                     store_g(g, i, transformed_hvp_element(
                         hessian_vector_element(e, slope * vv, ka, kb), slope, grad_u,
                         softcap_second_slope(u, slope, k, inv_cap), vv))

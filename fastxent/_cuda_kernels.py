@@ -121,6 +121,88 @@ def _row_slot(group):
 
 
 @cuda.jit(device=True, inline=True)
+def _row_target(y, r, active, ignore_index):
+    """(row ``r``'s class index, whether the row counts): class 0 and
+    ``active`` for probabilities (``y`` None)."""
+    t = np.int64(0)
+    take = active
+    if y is not None:
+        if active:
+            t = y[r]
+            take = t != ignore_index
+    return t, take
+
+
+@cuda.jit(device=True, inline=True)
+def _cap_factors(logit_scale, softcap):
+    """(logit_scale / softcap, 1 / softcap) in float64; zeros without a cap."""
+    if softcap != 0.0:
+        return logit_scale / softcap, 1.0 / softcap
+    return 0.0, 0.0
+
+
+@cuda.jit(device=True, inline=True)
+def _transformed(v, x_scale, cap, cap_arg):
+    """A loaded logit under the options' transform: cap tanh(v x_scale / cap)
+    (``cap_arg`` = x_scale / cap), or v x_scale without a cap."""
+    if cap != 0.0:
+        return softcapped(math.tanh(v * cap_arg), cap)
+    return v * x_scale
+
+
+@cuda.jit(device=True, inline=True)
+def _target_mass(q, i, w, c, keep, uniform):
+    """Class ``c``'s smoothed probability (element ``i`` of ``q``), times
+    its class weight."""
+    qc = smoothed_target(q[i], keep, uniform)
+    if w is not None:
+        qc *= w[c]
+    return qc
+
+
+@cuda.jit(device=True, inline=True)
+def _hard_sums(a1, a2, v, c, t, w, smooth):
+    """The first pass's running sums for class indices, with class ``c``'s
+    logit ``v``: (the target's logit, sum w v when smoothing)."""
+    if c == t:
+        a1 = v
+    if smooth > 0.0:
+        if w is None:
+            a2 += v
+        else:
+            a2 += w[c] * v
+    return a1, a2
+
+
+@cuda.jit(device=True, inline=True)
+def _hard_row(m, log_s, s, a1, a2, t, take, w, wsum, smooth, opts, scale, n_classes):
+    """A class-index row's (loss, k1, k2, kt, the target's weight) from its
+    max, log-sum and sum (float64) and ``_hard_sums``' totals."""
+    wt = 1.0
+    if w is not None:
+        if take:
+            wt = np.float64(w[t])
+    w_dot = 0.0
+    if smooth > 0.0:  # sum w (x - m) from the first pass's sum w x
+        w_dot = np.float64(a2) - m * wsum
+    loss, k1, k2, kt = hard_target_row(m, log_s, s, np.float64(a1), wt, wsum, w_dot, opts,
+                                       scale, n_classes)
+    return loss, k1, k2, kt, wt
+
+
+@cuda.jit(device=True, inline=True)
+def _hard_gradient(e, k1, k2, kt, w, c, t):
+    """d loss / d x_c of a class-index row from e = exp(x_c - m) and the
+    row's coefficients (float32 or the logits' float type)."""
+    if w is not None:
+        k2 = k2 * w[c]
+    g = gradient_element(e, k1, k2)
+    if c == t:
+        g -= kt
+    return g
+
+
+@cuda.jit(device=True, inline=True)
 def _online(m, s, v, one):
     """Add ``v`` to a running (max ``m``, sum of exp(x - m) ``s``).
 
@@ -367,21 +449,13 @@ def ce_py(dtype, cached, x_storage=None, g_storage=None):
         scale_f = FT(scale)
         transform = logit_scale != 1.0 or softcap != 0.0
         x_scale, cap = FT(logit_scale), FT(softcap)
-        cap_arg = zero  # logit_scale / softcap
-        inv_cap = zero
-        if softcap != 0.0:
-            cap_arg = FT(logit_scale / softcap)
-            inv_cap = FT(1.0 / softcap)
+        cap_arg, inv_cap = _cap_factors(logit_scale, softcap)
+        cap_arg, inv_cap = FT(cap_arg), FT(inv_cap)
         offset, lane, base, step = _row_slot(group)
         while base < n_rows:
             r = base + offset
             active = r < n_rows
-            t = np.int64(0)
-            take = active
-            if y is not None:
-                if active:
-                    t = y[r]
-                    take = t != ignore_index
+            t, take = _row_target(y, r, active, ignore_index)
             start = _row_start(r, n_classes, inner)
             m = FT(NEG_INF)
             s = zero
@@ -398,29 +472,18 @@ def ce_py(dtype, cached, x_storage=None, g_storage=None):
                         if _beats(best, best_at, v, np.int64(c), n_classes):
                             best, best_at = v, np.int64(c)
                     if transform:
-                        if cap != zero:
-                            v = softcapped(math.tanh(v * cap_arg), cap)
-                        else:
-                            v = v * x_scale
+                        v = _transformed(v, x_scale, cap, cap_arg)
                     if cached:
                         cache[c] = v
                     m, s = _online(m, s, v, one)
                     if q is not None:
-                        qc = smoothed_target(q[i], keep_q, uniform_q)
-                        if w is not None:
-                            qc *= w[c]
+                        qc = _target_mass(q, i, w, c, keep_q, uniform_q)
                         if cached:
                             cache[n_classes + c] = qc
                         a1 += qc
                         a2 += qc * v
                     else:
-                        if c == t:
-                            a1 = v
-                        if smooth > 0.0:
-                            if w is None:
-                                a2 += v
-                            else:
-                                a2 += w[c] * v
+                        a1, a2 = _hard_sums(a1, a2, v, c, t, w, smooth)
             m, s = _group_max_sum(m, s, group, scratch)
             a1 = _group_sum(a1, group, scratch)
             a2 = _group_sum(a2, group, scratch)
@@ -434,21 +497,14 @@ def ce_py(dtype, cached, x_storage=None, g_storage=None):
                     lse[r] = log_sum_exp(m64, log_s)
                 if predicted is not None:
                     predicted[r] = best_at if best_at < n_classes else 0
-            wt = 1.0
             if q is not None:
                 # sum q' (x - m) from the online pass's sum q' x
                 loss, k1 = soft_target_row(m64, log_s, s64, np.float64(a1),
                                            np.float64(a2) - np.float64(a1) * m64, opts, scale)
                 k2 = kt = 0.0
             else:
-                if w is not None:
-                    if take:
-                        wt = np.float64(w[t])
-                w_dot = 0.0
-                if smooth > 0.0:  # sum w (x - m) from the online pass's sum w x
-                    w_dot = np.float64(a2) - m64 * wsum
-                loss, k1, k2, kt = hard_target_row(m64, log_s, s64, np.float64(a1), wt, wsum,
-                                                   w_dot, opts, scale, n_classes)
+                loss, k1, k2, kt, _ = _hard_row(m64, log_s, s64, a1, a2, t, take, w, wsum,
+                                                smooth, opts, scale, n_classes)
             if active and lane == 0:
                 losses[r] = loss if take else 0.0
             if g is not None:
@@ -461,10 +517,7 @@ def ce_py(dtype, cached, x_storage=None, g_storage=None):
                         else:
                             v = load_x(x, i)
                             if transform:
-                                if cap != zero:
-                                    v = softcapped(math.tanh(v * cap_arg), cap)
-                                else:
-                                    v = v * x_scale
+                                v = _transformed(v, x_scale, cap, cap_arg)
                         slope = one  # dz/dx of the transform
                         if transform:
                             if cap != zero:
@@ -475,19 +528,12 @@ def ce_py(dtype, cached, x_storage=None, g_storage=None):
                             if cached:
                                 qc = cache[n_classes + c]
                             else:
-                                qc = smoothed_target(q[i], keep_q, uniform_q)
-                                if w is not None:
-                                    qc *= w[c]
+                                qc = _target_mass(q, i, w, c, keep_q, uniform_q)
                             store_g(g, i, slope * gradient_element(math.exp(v - m), k1_f,
                                                                    scale_f * qc))
                         else:
-                            k2w = k2_f
-                            if w is not None:
-                                k2w = k2_f * w[c]
-                            e = gradient_element(math.exp(v - m), k1_f, k2w)
-                            if c == t:
-                                e -= kt_f
-                            store_g(g, i, slope * e)
+                            store_g(g, i, slope * _hard_gradient(math.exp(v - m), k1_f, k2_f,
+                                                                 kt_f, w, c, t))
                 elif active:
                     for c in range(lane, n_classes, group):
                         store_g(g, start + c * inner, zero)
