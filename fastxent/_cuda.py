@@ -523,6 +523,20 @@ def _hard_targets(spec: CrossEntropySpec, target, w_host):
     return cuda.to_device(y), denominator
 
 
+def _targets_and_weights(spec: CrossEntropySpec, target, weight):
+    """(class weights on the host and on the device, or None twice, their
+    sum (C without them), class indices y or None, probabilities q or None,
+    the mean's denominator) of a cross-entropy call."""
+    problem = spec.problem
+    dtype = problem.dtype
+    w_host, w = (None, None) if weight is None else _small_to_device(weight, dtype)
+    wsum = float(problem.n_classes) if w_host is None else float(w_host.sum(dtype=np.float64))
+    if spec.soft:
+        return w_host, w, wsum, None, _flat(_contiguous(target, dtype)), float(problem.n_rows)
+    y, denominator = _hard_targets(spec, target, w_host)
+    return w_host, w, wsum, y, None, denominator
+
+
 def _storage_dtype(d, dtype):
     """The dtype a kernel reads ``d`` in: its own if 16-bit (computed in
     float32), else ``dtype``, the problem's."""
@@ -552,13 +566,7 @@ def cross_entropy(spec: CrossEntropySpec, logits, target, weight, grad):
     problem = spec.problem
     dtype = problem.dtype
     C = problem.n_classes
-    w_host, w = (None, None) if weight is None else _small_to_device(weight, dtype)
-    wsum = float(C) if w_host is None else float(w_host.sum(dtype=np.float64))
-    if spec.soft:
-        y, q = None, _flat(_contiguous(target, dtype))
-        denominator = float(problem.n_rows)
-    else:
-        (y, denominator), q = _hard_targets(spec, target, w_host), None
+    w_host, w, wsum, y, q, denominator = _targets_and_weights(spec, target, weight)
     # 16-bit logits stay 16-bit: the kernel reads them (2 bytes an element)
     # and computes in float32 (``dtype``)
     storage = _storage_dtype(logits, dtype)
@@ -792,13 +800,7 @@ def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, ou
     problem = spec.problem
     dtype = problem.dtype
     C = problem.n_classes
-    w_host, w = (None, None) if weight is None else _small_to_device(weight, dtype)
-    wsum = float(C) if w_host is None else float(w_host.sum(dtype=np.float64))
-    if spec.soft:
-        y, q = None, _flat(_contiguous(target, dtype))
-        denominator = float(problem.n_rows)
-    else:
-        (y, denominator), q = _hard_targets(spec, target, w_host), None
+    _, w, wsum, y, q, denominator = _targets_and_weights(spec, target, weight)
     x = _contiguous(logits, _storage_dtype(logits, dtype))
     v = _contiguous(vector, _storage_dtype(vector, dtype))
     options = CEOptions(w, spec.ignore_index, spec.smoothing, spec.reduction == "mean",
