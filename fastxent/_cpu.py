@@ -17,8 +17,8 @@ from . import _cpu_kernels as K
 from ._fastmath import native_vector_bytes
 from ._formulas import mean_scale
 from ._half import half_dtype, half_of, narrow, narrow_into, widen
-from ._host import (bad_uint64_target, finish_loss, raise_bad_target, row_stats,
-                    scan_hard_targets)
+from ._host import (bad_uint64_target, finish_loss, raise_bad_target, raise_outside_unit,
+                    row_stats, scan_hard_targets)
 from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec, ReductionSpec
 from ._tiles import TILE
 
@@ -659,8 +659,6 @@ def cross_entropy_hvp(spec: CrossEntropySpec, logits, target, vector, weight, ou
         raise_bad_target(bad, y, problem.batch_shape, problem.n_classes, spec.ignore_index)
     return result.result()
 
-# Fused linear + cross-entropy (the loop is ``_linear``'s)
-
 # --------------------------------------------------------------------------
 # Divergences on probabilities (``_divergence_kernels``): KL and BCE, laid
 # out as ``bce_with_logits``.
@@ -673,7 +671,6 @@ def divergence(spec, input, target, weight, grad):
     ``bce_with_logits``. BCE's inputs are checked to lie in [0, 1] first,
     before anything is written."""
     from . import _divergence_kernels as D
-    from ._validate import raise_outside_unit
     if half_dtype(input.dtype):
         return _divergence_half(spec, input, target, weight, grad)
     shape, dtype = spec.shape, spec.dtype
@@ -746,7 +743,6 @@ def divergence_small(input, target, kind, reduction, axis, inplace, with_grad):
     one): C-contiguous arrays of one float dtype and shape, a reduced loss;
     the serial kernel on them as one flat row, as ``divergence`` runs them."""
     from . import _divergence_kernels as D
-    from ._validate import raise_outside_unit
     n = input.size
     x2, t2 = input.reshape(1, n), target.reshape(1, n)
     if kind == "bce":
@@ -764,9 +760,6 @@ def divergence_small(input, target, kind, reduction, axis, inplace, with_grad):
     if g2 is None:
         return loss, None
     return loss, (input if inplace else g2.reshape(input.shape))
-
-
-from ._cpu_linear import linear_cross_entropy  # noqa: E402,F401  (after the names it uses)
 
 
 # --------------------------------------------------------------------------

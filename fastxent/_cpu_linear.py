@@ -1,7 +1,7 @@
 """The CPU backend's fused linear + cross-entropy: NumPy's ``matmul`` (the
 BLAS NumPy is built with) for the products, ``_cpu.cross_entropy`` (the
 fused in-place kernel) for each chunk's loss and gradient. The loop itself
-is ``_linear.run``; ``_cpu`` re-exports :func:`linear_cross_entropy`.
+is ``_linear.run``.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _blas, _linear
+from ._cpu import cross_entropy
 from ._half import narrow, widen
 from ._host import bad_uint64_target, finish_loss, raise_bad_target, scan_hard_targets
 from ._spec import LinearCrossEntropySpec
@@ -67,8 +68,6 @@ def linear_cross_entropy(spec: LinearCrossEntropySpec, x, w, b, target, weight,
     gradients are summed in float32 and rounded to the 16-bit dtype once,
     at the end (so ``grad_input`` is held in float32 until then too).
     """
-    from ._cpu import cross_entropy
-
     dtype = spec.ce.problem.dtype
     denominator = _denominator(spec, target, weight)
     storage = spec.storage

@@ -71,8 +71,8 @@ from numba import cuda
 from . import _cuda_kernels as K
 from ._formulas import mean_scale
 from ._half import half_dtype, half_of
-from ._host import (bad_uint64_target, finish_loss, on_gpu, raise_bad_target, row_stats,
-                    scan_hard_targets)
+from ._host import (bad_uint64_target, finish_loss, on_gpu, raise_bad_target,
+                    raise_outside_unit, row_stats, scan_hard_targets)
 from ._spec import BCESpec, CEOptions, ClassProblem, CrossEntropySpec, ReductionSpec
 
 #: Threads per block (a power of two, at most 1024; at least 32 on a GPU).
@@ -841,7 +841,6 @@ def divergence(spec, input, target, weight, grad):
     ``bce_with_logits``. BCE's inputs are checked to lie in [0, 1] by a
     kernel of their own, before anything is written."""
     from . import _cuda_divergence_kernels as D
-    from ._validate import raise_outside_unit
 
     device_x, target, weight = to_device_args((input, target, weight))
     shape, dtype = spec.shape, spec.dtype
@@ -883,11 +882,6 @@ def divergence(spec, input, target, weight, grad):
         total = _device_sum(partials) if n else 0.0
         loss = finish_loss(total, denominator, "mean" if mean else spec.reduction, dtype)
     return loss, (None if g is None else _finish_destination(g, dest, device_x))
-
-
-# Fused linear + cross-entropy (the loop is ``_linear``'s; unverified on hardware)
-
-from ._cuda_linear import linear_cross_entropy  # noqa: E402,F401  (after the names it uses)
 
 
 # --------------------------------------------------------------------------

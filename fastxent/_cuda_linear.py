@@ -8,7 +8,6 @@ float16 and bfloat16 inputs stay 16-bit: the library multiplies them as
 they are (float32 sums, CuPy and PyTorch's own), the 16-bit kernel reads
 and writes each 16-bit logits chunk, ``grad_linear_weight`` and
 ``grad_linear_bias`` are summed in float32 and cast at the end.
-``_cuda`` re-exports :func:`linear_cross_entropy`.
 
 Unverified on hardware: this path has run only under Numba's CUDA
 simulator, with a NumPy stand-in for the products (``STAND_INS``, which the
@@ -22,6 +21,7 @@ import sys
 import numpy as np
 
 from . import _linear
+from ._cuda import _hard_targets, _small_to_device, cross_entropy
 from ._spec import LinearCrossEntropySpec
 
 #: ``(probe(array) -> bool, ops_factory(array, dtype) -> MatrixOps)`` for
@@ -120,8 +120,6 @@ def linear_cross_entropy(spec: LinearCrossEntropySpec, x, w, b, target, weight,
                          with_grad: bool):
     """Loss and, with ``with_grad``, ``(grad_input, grad_w, grad_b)``, as device
     arrays of the caller's library."""
-    from ._cuda import _hard_targets, _small_to_device, cross_entropy
-
     ce = spec.ce
     dtype = ce.problem.dtype
     x, w, b = (None if a is None else _detached(a) for a in (x, w, b))

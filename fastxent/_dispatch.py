@@ -1,4 +1,5 @@
-"""Selects the backend module that runs a checked call: ``_cpu`` or ``_cuda``.
+"""Selects the backend module that runs a checked call: ``_cpu`` or ``_cuda``
+(``_cpu_linear`` or ``_cuda_linear`` for the fused linear head).
 
 ``_cuda`` (and with it ``numba.cuda``) is imported only when a call runs on
 the GPU, never with ``fastxent`` itself.
@@ -16,6 +17,19 @@ def backend(device: str):
     from . import _cuda
 
     return _cuda
+
+
+def linear_backend(device: str):
+    """The fused linear + cross-entropy's module for a device: ``_cpu_linear``
+    or ``_cuda_linear``, each above its backend (it runs the backend's
+    cross-entropy on every chunk)."""
+    if device == "cpu":
+        from . import _cpu_linear
+
+        return _cpu_linear
+    from . import _cuda_linear
+
+    return _cuda_linear
 
 
 def gpu_description() -> str:

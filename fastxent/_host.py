@@ -85,6 +85,13 @@ def raise_bad_target(bad_row: int, targets_flat, batch_shape: tuple, n_classes: 
         f"(valid: 0 to {n_classes - 1}, or ignore_index={ignore_index})")
 
 
+def raise_outside_unit(count):
+    """BCE's input check: ``count`` elements outside [0, 1] (or NaN)."""
+    raise ValueError(f"input must hold probabilities in [0, 1] (binary_cross_entropy takes "
+                     f"probabilities; use binary_cross_entropy_with_logits for logits): "
+                     f"{count} element(s) outside [0, 1] or NaN")
+
+
 def finish_loss(total: float, denominator: float, reduction: str, dtype):
     """A mean or sum reduction as a NumPy scalar of the logits' dtype."""
     if reduction == "sum":

@@ -494,7 +494,8 @@ def chunk_size_arg(chunk_size):
 
 def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight, ignore_index,
                               reduction, label_smoothing, chunk_size, device, ce_options):
-    """The backend, the checked spec and the arrays ``(x, w, b, target, weight)``.
+    """The linear head's module (``_dispatch.linear_backend``), the checked
+    spec and the arrays ``(x, w, b, target, weight)``.
 
     ``x`` is the input as (N, H) and the target as (N,) indices or (N, C)
     probabilities (views where the layout allows). ``ce_options`` are the
@@ -557,7 +558,7 @@ def linear_cross_entropy_call(input, linear_weight, target, linear_bias, weight,
     xa, wa, ta, ba, cwa = arrays
     xa = xa.reshape(n_rows, hidden)
     ta = ta.reshape((n_rows, n_classes) if ce.soft else (n_rows,))
-    return _dispatch.backend(device), spec, (xa, wa, ba, ta, cwa)
+    return _dispatch.linear_backend(device), spec, (xa, wa, ba, ta, cwa)
 
 
 # --------------------------------------------------------------------------
@@ -629,13 +630,6 @@ def binary_cross_entropy_call(input, target, weight, reduction, device, out, inp
     spec = DivergenceSpec(shape, dtype, reduction, "bce", 1, device)
     grad = grad_destination(arrays[0], out, inplace, shape, dtype) if with_grad else None
     return _dispatch.backend(device), spec, arrays, grad
-
-
-def raise_outside_unit(count):
-    """BCE's input check: ``count`` elements outside [0, 1] (or NaN)."""
-    raise ValueError(f"input must hold probabilities in [0, 1] (binary_cross_entropy takes "
-                     f"probabilities; use binary_cross_entropy_with_logits for logits): "
-                     f"{count} element(s) outside [0, 1] or NaN")
 
 
 # Distillation losses (``distillation``)
