@@ -354,12 +354,19 @@ def test_half_cross_entropy_moves_two_bytes_per_element(storage, cached, llm):
                                                             for lp in second)
     assert loads <= (1 if cached else 2), loops
     assert all(lp.stores_per_element <= 1 for lp in loops), loops
+    _global_accesses_of_16_bits(ptx, loops, storage)
+    assert "shfl.sync.bfly" in ptx and not re.search(r"\s(atom|red)\.", ptx)
+
+
+def _global_accesses_of_16_bits(ptx, loops, storage=None):
+    """Every global load and store in the innermost ``loops`` moves 2 bytes
+    (both kinds present); with ``storage`` "float16", through the hardware
+    conversions (rounded to nearest even)."""
     widths = _global_widths(ptx, loops)
     assert widths and all(t in ("u16", "b16") for _, t in widths), widths
     assert {op for op, _ in widths} == {"ld", "st"}, widths
-    if storage == "float16":  # converted by the hardware, rounded to nearest even
+    if storage == "float16":
         assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx
-    assert "shfl.sync.bfly" in ptx and not re.search(r"\s(atom|red)\.", ptx)
 
 
 def _two_loads_one_store_of_16_bits(ptx, storage, *variants):
@@ -373,11 +380,7 @@ def _two_loads_one_store_of_16_bits(ptx, storage, *variants):
     assert loops, ptx[-2000:]
     assert max(lp.loads_per_element for lp in loops) == 2, loops
     assert max(lp.stores_per_element for lp in loops) == 1, loops
-    widths = _global_widths(ptx, loops)
-    assert widths and all(t in ("u16", "b16") for _, t in widths), widths
-    assert {op for op, _ in widths} == {"ld", "st"}, widths
-    if storage == "float16":  # converted by the hardware, rounded to nearest even
-        assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx
+    _global_accesses_of_16_bits(ptx, loops, storage)
 
 
 @pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))
@@ -491,9 +494,7 @@ def test_half_distillation_moves_two_bytes_per_element(storage):
     loads, stores, loops = _traffic(ptx, 2)
     assert loads == 2 and stores == 1, loops
     assert "ld.local" not in ptx and "st.local" not in ptx
-    widths = _global_widths(ptx, loops)
-    assert widths and all(t in ("u16", "b16") for _, t in widths), widths
-    assert {op for op, _ in widths} == {"ld", "st"}, widths
+    _global_accesses_of_16_bits(ptx, loops)
 
 
 @pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))
@@ -509,11 +510,7 @@ def test_half_backward_moves_two_bytes_per_element(storage, log):
         assert "ld.local" not in ptx and "st.local" not in ptx
         loads, stores, loops = _traffic(ptx, (1 if log else 2) if cached else 0)
         assert loads == expected and stores == 1, loops
-        widths = _global_widths(ptx, loops)
-        assert widths and all(t in ("u16", "b16") for _, t in widths), widths
-        assert {op for op, _ in widths} == {"ld", "st"}, widths
-        if storage == "float16":  # converted by the hardware, rounded to nearest even
-            assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx
+        _global_accesses_of_16_bits(ptx, loops, storage)
 
 
 @pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))
@@ -529,11 +526,7 @@ def test_half_hvp_moves_two_bytes_per_element(storage, transformed):
     assert "ld.local" not in ptx and "st.local" not in ptx
     loads, stores, loops = _traffic(ptx, 2)
     assert loads == 2 and stores == 1, loops
-    widths = _global_widths(ptx, loops)
-    assert widths and all(t in ("u16", "b16") for _, t in widths), widths
-    assert {op for op, _ in widths} == {"ld", "st"}, widths
-    if storage == "float16":
-        assert "cvt.f32.f16" in ptx and "cvt.rn.f16.f32" in ptx
+    _global_accesses_of_16_bits(ptx, loops, storage)
 
 
 @pytest.mark.parametrize("storage", sorted(HALF_ARRAYS))
